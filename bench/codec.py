@@ -1,0 +1,105 @@
+"""Codec throughput: kitebus decode paths beside Kite's official parser, in packets/s.
+
+    .venv/bin/python bench/codec.py [--seconds 1.0]
+
+Frames hold 100 packets of one kind. "payloads" is the publisher's hot path (frame ->
+ready-to-publish msgpack); "dicts+packb" is the straightforward alternative it replaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable
+
+import msgpack
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from publisher import codec  # noqa: E402
+
+PACKETS_PER_FRAME = 100
+
+
+def make_frame(mode: str, rng: random.Random) -> bytes:
+    packets = []
+    for _ in range(PACKETS_PER_FRAME):
+        token = rng.randrange(1, 2**24) << 8 | 1
+        price = rng.randrange(10_000, 500_000) / 100
+        tick: dict = {"instrument_token": token, "mode": mode, "last_price": price}
+        if mode != "ltp":
+            tick |= {
+                "last_traded_quantity": rng.randrange(1, 500),
+                "average_traded_price": price,
+                "volume_traded": rng.randrange(10**7),
+                "total_buy_quantity": rng.randrange(10**6),
+                "total_sell_quantity": rng.randrange(10**6),
+                "ohlc": {"open": price, "high": price + 5, "low": price - 5, "close": price - 1},
+            }
+        if mode == "full":
+            tick |= {
+                "last_trade_time": 1764330000, "oi": 0, "oi_day_high": 0, "oi_day_low": 0,
+                "exchange_timestamp": 1764330000,
+                "depth": {
+                    side: [{"quantity": 10 * i, "price": price + i, "orders": i} for i in range(5)]
+                    for side in ("buy", "sell")
+                },
+            }  # fmt: skip
+        packets.append(codec.encode_packet(tick))
+    return codec.encode_frame(packets)
+
+
+def rate(fn: Callable[[bytes], object], frame: bytes, seconds: float) -> float:
+    """Best of three runs, packets per second."""
+    best = 0.0
+    for _ in range(3):
+        frames, start = 0, time.perf_counter()
+        deadline = start + seconds / 3
+        while time.perf_counter() < deadline:
+            for _ in range(10):
+                fn(frame)
+            frames += 10
+        best = max(best, frames * PACKETS_PER_FRAME / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.5, help="time per measurement")
+    args = parser.parse_args()
+    try:
+        from kiteconnect import KiteTicker
+    except ImportError:
+        sys.exit("bench/codec.py needs kiteconnect (the test extras) for the comparison")
+    official = KiteTicker("bench", "bench")
+    rng = random.Random(1)
+
+    def dicts_packb(frame: bytes) -> None:
+        now = time.time_ns()
+        for tick in codec.decode_frame(frame)[0]:
+            tick["received_at_ns"] = now
+            msgpack.packb(tick)
+
+    paths = {
+        "official parser": official._parse_binary,
+        "kitebus dicts": codec.decode_frame,
+        "dicts+packb": dicts_packb,
+        "payloads": lambda frame: codec.frame_payloads(frame, time.time_ns()),
+    }
+    print(f"# {platform.python_implementation()} {platform.python_version()}, "
+          f"{platform.machine()}, {os.cpu_count()} cpus; packets/s, best of 3")  # fmt: skip
+    print(f"{'mode':6} " + " ".join(f"{name:>16}" for name in paths) + f" {'payloads/official':>18}")
+    for mode in ("full", "quote", "ltp"):
+        frame = make_frame(mode, rng)
+        rates = {name: rate(fn, frame, args.seconds) for name, fn in paths.items()}
+        ratio = rates["payloads"] / rates["official parser"]
+        cells = " ".join(f"{value:16,.0f}" for value in rates.values())
+        print(f"{mode:6} {cells} {ratio:17.2f}x")
+
+
+if __name__ == "__main__":
+    main()

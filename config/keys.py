@@ -1,0 +1,55 @@
+"""Every Redis key and channel name of the contract, derived from the namespace."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONTROL_GROUP = "publisher"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one namespace (`{ns}` in the contract)."""
+
+    ns: str = "kite"
+
+    @property
+    def control(self) -> str:
+        return f"{self.ns}:control"
+
+    @property
+    def control_results(self) -> str:
+        return f"{self.ns}:control:results"
+
+    @property
+    def token_conn(self) -> str:
+        return f"{self.ns}:token_conn"
+
+    @property
+    def token_mode(self) -> str:
+        return f"{self.ns}:token_mode"
+
+    @property
+    def status(self) -> str:
+        return f"{self.ns}:status"
+
+    @property
+    def last(self) -> str:
+        return f"{self.ns}:last"
+
+    @property
+    def clients(self) -> str:
+        return f"{self.ns}:clients"
+
+    @property
+    def ticks_pattern(self) -> str:
+        return f"{self.ns}:ticks:*"
+
+    def ticks(self, token: int) -> str:
+        return f"{self.ns}:ticks:{token}"
+
+    def conn(self, index: int) -> str:
+        return f"{self.ns}:conn:{index}"
+
+    def claims(self, client: str) -> str:
+        return f"{self.ns}:claims:{client}"

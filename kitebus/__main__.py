@@ -1,0 +1,5 @@
+import sys
+
+from kitebus.cli import main
+
+sys.exit(main())
