@@ -48,9 +48,7 @@ class Settings(BaseSettings):
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
             raise ValueError("must be a ws:// or wss:// URL with a host")
         if parts.query:
-            raise ValueError(
-                "must not carry a query; credentials come from KITE_API_KEY/KITE_ACCESS_TOKEN"
-            )
+            raise ValueError("must not carry a query; credentials come from KITE_API_KEY/KITE_ACCESS_TOKEN")
         return value
 
     @field_validator("redis_url")

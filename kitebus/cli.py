@@ -3,20 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
-from config import Settings, SettingsError, load_settings
+from config import SettingsError, load_settings
+from kitebus.logs import configure_logging
+from kitebus.signals import wait_for_stop_signal
+from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY
 
-Handler = Callable[[argparse.Namespace, Settings], int]
+Handler = Callable[[argparse.Namespace], int]
 
 
 def _not_yet(name: str) -> Handler:
-    def handler(args: argparse.Namespace, settings: Settings) -> int:
+    def handler(args: argparse.Namespace) -> int:
+        load_settings()
         print(f"kitebus {name}: not yet available", file=sys.stderr)
         return 2
 
     return handler
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulator.server import TickerServer
+
+    configure_logging("INFO")
+
+    async def run() -> None:
+        server = TickerServer(
+            args.host, args.port, api_key=args.api_key, access_token=args.access_token,
+            rate=args.rate, max_rate=args.max_rate, seed=args.seed,
+        )  # fmt: skip
+        async with server:
+            print(f"simulator: KITE_WS_URL={server.url}", file=sys.stderr)
+            await wait_for_stop_signal()
+
+    asyncio.run(run())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,11 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(handler=_not_yet("publish"))
 
     simulate = commands.add_parser("simulate", help="run a local Kite-protocol ticker server")
-    simulate.set_defaults(handler=_not_yet("simulate"))
+    simulate.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    simulate.add_argument("--port", type=int, default=8765, help="port (0: any free one)")
+    simulate.add_argument("--rate", type=float, default=1.0, help="ticks/s per instrument")
+    simulate.add_argument("--max-rate", type=float, default=20_000.0, help="ticks/s per connection")
+    simulate.add_argument("--seed", type=int, default=0, help="random seed of the market")
+    simulate.add_argument("--api-key", default=DEFAULT_API_KEY, help="api_key to accept")
+    simulate.add_argument("--access-token", default=DEFAULT_ACCESS_TOKEN, help="token to accept")
+    simulate.set_defaults(handler=_simulate)
 
-    demo = commands.add_parser(
-        "demo", help="the whole system on this machine, live ticks on screen"
-    )
+    demo = commands.add_parser("demo", help="the whole system on this machine, live ticks on screen")
     demo.set_defaults(handler=_not_yet("demo"))
 
     ctl = commands.add_parser("ctl", help="send a subscription request and wait for its result")
@@ -51,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings()
-        return args.handler(args, settings)
+        return args.handler(args)
     except SettingsError as exc:
         print(f"kitebus: {exc}", file=sys.stderr)
         return 2

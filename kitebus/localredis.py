@@ -39,9 +39,7 @@ class LocalRedis:
     def start(self, timeout: float = 10.0) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RedisServerError(
-                "redis-server is not installed (Debian: apt-get install redis-server)"
-            )
+            raise RedisServerError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes"],
@@ -57,9 +55,7 @@ class LocalRedis:
                 except redis.ConnectionError:
                     if self.process.poll() is not None or time.monotonic() > deadline:
                         self.stop()
-                        raise RedisServerError(
-                            f"redis-server did not start on port {self.port}"
-                        ) from None
+                        raise RedisServerError(f"redis-server did not start on port {self.port}") from None
                     time.sleep(0.02)
         finally:
             client.close()

@@ -252,9 +252,7 @@ class _PayloadWriter:
     def write(self, frame: bytes, offset: int, received_at_ns: int) -> tuple[int, bytes]:
         raw = self.unpack_from(frame, offset)
         token = raw[0]
-        prices = tuple(
-            map(truediv, self.prices(raw), repeat(_DIVISORS[token & 0xFF], self.nprices))
-        )
+        prices = tuple(map(truediv, self.prices(raw), repeat(_DIVISORS[token & 0xFF], self.nprices)))
         change = 0.0
         if self.has_ohlc:
             close = prices[self.close_k]

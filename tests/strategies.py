@@ -52,9 +52,7 @@ def ticks(draw: st.DrawFn, mode: str | None = None) -> dict[str, Any]:
         tick["exchange_timestamp"] = draw(U32)
         if tick["tradable"]:
             tick["depth"] = {
-                side: [
-                    {"quantity": draw(U32), "price": price(), "orders": draw(U16)} for _ in range(5)
-                ]
+                side: [{"quantity": draw(U32), "price": price(), "orders": draw(U16)} for _ in range(5)]
                 for side in ("buy", "sell")
             }
     return tick

@@ -60,9 +60,7 @@ def test_dotenv_file_is_read(tmp_path) -> None:
         ("REDIS_URL", "localhost:6379"),
     ],
 )
-def test_bad_values_name_the_variable(
-    monkeypatch: pytest.MonkeyPatch, name: str, value: str
-) -> None:
+def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError) as caught:
         load_settings()

@@ -11,8 +11,6 @@ async def test_private_redis_answers_and_is_flushed(redis_url: str) -> None:
         assert await client.dbsize() == 0
         await client.set("k", "v")
         assert await client.get("k") == b"v"
-        assert (await client.info("server"))["tcp_port"] == int(
-            redis_url.rsplit(":", 1)[1].split("/")[0]
-        )
+        assert (await client.info("server"))["tcp_port"] == int(redis_url.rsplit(":", 1)[1].split("/")[0])
     finally:
         await client.aclose()

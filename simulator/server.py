@@ -1,0 +1,313 @@
+"""A Kite-protocol ticker server over real WebSockets, with a synthetic market and faults.
+
+It speaks the wire protocol of ``kite-ticker-protocol.md``: credentials checked at the
+handshake (403 when wrong), at most 3 connections per api_key, at most 3000 instruments
+per connection, ``quote`` after a plain subscribe, binary frames batching packets, a
+1-byte heartbeat when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from publisher import codec
+from publisher.codec import MODE_QUOTE, MODES
+from simulator.market import Market
+
+log = logging.getLogger("kitebus.simulator")
+
+DEFAULT_API_KEY = "kitebus"
+DEFAULT_ACCESS_TOKEN = "simulator"
+MAX_CONNECTIONS_PER_KEY = 3
+MAX_TOKENS_PER_CONNECTION = 3000
+PACKETS_PER_FRAME = 1000
+
+
+@dataclass
+class Session:
+    """One client connection and what it subscribed to (token -> mode)."""
+
+    id: int
+    api_key: str
+    websocket: ServerConnection
+    modes: dict[int, str] = field(default_factory=dict)
+    stalled_until: float = 0.0
+    last_sent: float = 0.0
+    sent_ticks: int = 0
+
+    @property
+    def stalled(self) -> bool:
+        return time.monotonic() < self.stalled_until
+
+
+class TickerServer:
+    """The simulator. ``async with TickerServer(...) as server:`` serves on ``server.url``.
+
+    ``rate`` is ticks per second per instrument; ``max_rate`` the ceiling on ticks per
+    second per connection (instruments then take turns).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        api_key: str = DEFAULT_API_KEY,
+        access_token: str = DEFAULT_ACCESS_TOKEN,
+        rate: float = 1.0,
+        max_rate: float = 20_000.0,
+        seed: int = 0,
+        heartbeat_interval: float = 1.0,
+    ) -> None:
+        if not 0 < rate <= 100:
+            raise ValueError("rate must be in (0, 100] ticks per second per instrument")
+        if max_rate <= 0:
+            raise ValueError("max_rate must be positive")
+        self.host, self._port = host, port
+        self.api_key, self.access_token = api_key, access_token
+        self.rate, self.max_rate = rate, max_rate
+        self.heartbeat_interval = heartbeat_interval
+        self.market = Market(seed)
+        self.sessions: list[Session] = []
+        self._ids = itertools.count()
+        self._refuse_until = 0.0
+        self._server: Server | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._serve,
+            self.host,
+            self._port,
+            process_request=self._check_handshake,
+            max_size=2**20,
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+        log.info("simulator listening url=%s", self.url)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> TickerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.host}:{self._port}"
+
+    # --- handshake ------------------------------------------------------------------------
+
+    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        query = parse_qs(urlsplit(request.path).query)
+        api_key = query.get("api_key", [""])[0]
+        access_token = query.get("access_token", [""])[0]
+        if time.monotonic() < self._refuse_until:
+            log.info("refused connection reason=refusing")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Service unavailable\n")
+        if api_key != self.api_key or access_token != self.access_token:
+            log.info("refused connection reason=bad-credentials")
+            return connection.respond(HTTPStatus.FORBIDDEN, "Invalid api_key or access_token\n")
+        if sum(s.api_key == api_key for s in self.sessions) >= MAX_CONNECTIONS_PER_KEY:
+            log.info("refused connection reason=connection-limit")
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "Maximum 3 connections per api_key\n")
+        return None
+
+    # --- one connection -------------------------------------------------------------------
+
+    async def _serve(self, websocket: ServerConnection) -> None:
+        query = parse_qs(urlsplit(websocket.request.path).query)  # type: ignore[union-attr]
+        session = Session(next(self._ids), query["api_key"][0], websocket)
+        self.sessions.append(session)
+        log.info("connection opened session=%d peer=%s", session.id, websocket.remote_address)
+        sender = asyncio.create_task(self._send_loop(session))
+        try:
+            async for message in websocket:
+                if isinstance(message, str):
+                    await self._handle_request(session, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            self.sessions.remove(session)
+            log.info("connection closed session=%d", session.id)
+
+    async def _handle_request(self, session: Session, text: str) -> None:
+        try:
+            request = json.loads(text)
+            action, value = request["a"], request["v"]
+        except (ValueError, KeyError, TypeError):
+            await self._send_error(session, "Invalid message")
+            return
+        try:
+            if action == "subscribe":
+                await self._subscribe(session, _tokens(value))
+            elif action == "unsubscribe":
+                for token in _tokens(value):
+                    session.modes.pop(token, None)
+            elif action == "mode":
+                mode, tokens = value
+                if mode not in MODES:
+                    raise ValueError(f"Invalid mode {mode}")
+                for token in _tokens(tokens):
+                    if token in session.modes:
+                        session.modes[token] = mode
+            else:
+                raise ValueError(f"Invalid action {action}")
+        except (ValueError, TypeError) as exc:
+            await self._send_error(session, str(exc) or "Invalid message")
+
+    async def _subscribe(self, session: Session, tokens: list[int]) -> None:
+        refused = 0
+        for token in tokens:
+            if token in session.modes:
+                continue
+            if len(session.modes) >= MAX_TOKENS_PER_CONNECTION:
+                refused += 1
+                continue
+            session.modes[token] = MODE_QUOTE
+        if refused:
+            await self._send_error(
+                session,
+                f"Maximum {MAX_TOKENS_PER_CONNECTION} instruments per connection; {refused} not subscribed",
+            )
+
+    async def _send_error(self, session: Session, message: str) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await session.websocket.send(json.dumps({"type": "error", "data": message}))
+
+    async def _send_loop(self, session: Session) -> None:
+        """Every 1/rate seconds, one tick per instrument (up to the ceiling), else heartbeats."""
+        period = 1.0 / self.rate
+        budget = max(1, int(self.max_rate * period))
+        turn = 0
+        next_at = time.monotonic()
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                next_at = max(next_at + period, time.monotonic())  # behind: no catch-up burst
+                await asyncio.sleep(next_at - time.monotonic())
+                if session.stalled:
+                    continue
+                tokens = list(session.modes.items())
+                if len(tokens) > budget:
+                    start = turn % len(tokens)
+                    tokens = (tokens[start:] + tokens[:start])[:budget]
+                    turn += budget
+                if tokens:
+                    now = int(time.time())
+                    packets = [codec.encode_packet(self.market.tick(t, m, now)) for t, m in tokens]
+                    await self._send_packets(session, packets)
+                elif time.monotonic() - session.last_sent >= self.heartbeat_interval:
+                    await session.websocket.send(codec.HEARTBEAT)
+                    session.last_sent = time.monotonic()
+
+    async def _send_packets(self, session: Session, packets: list[bytes]) -> None:
+        for start in range(0, len(packets), PACKETS_PER_FRAME):
+            chunk = packets[start : start + PACKETS_PER_FRAME]
+            await session.websocket.send(codec.encode_frame(chunk))
+            session.sent_ticks += len(chunk)
+        session.last_sent = time.monotonic()
+
+    # --- faults ---------------------------------------------------------------------------
+
+    def _pick(self, session: int | None) -> list[Session]:
+        if session is None:
+            return list(self.sessions)
+        return [s for s in self.sessions if s.id == session]
+
+    def drop(self, session: int | None = None) -> int:
+        """Cut connections abruptly (no close frame, as a network blip does); returns how many."""
+        targets = self._pick(session)
+        for target in targets:
+            target.websocket.transport.abort()
+        return len(targets)
+
+    def stall(self, seconds: float, session: int | None = None) -> None:
+        """Send nothing at all, not even heartbeats, for ``seconds`` (a ghost connection)."""
+        for target in self._pick(session):
+            target.stalled_until = time.monotonic() + seconds
+
+    async def send_malformed(self, session: int | None = None) -> None:
+        """Send a frame whose packet count promises more than the frame holds."""
+        frame = (5).to_bytes(2, "big") + (184).to_bytes(2, "big") + b"\x00" * 30
+        for target in self._pick(session):
+            await target.websocket.send(frame)
+
+    async def send_error(self, message: str, session: int | None = None) -> None:
+        """Send ``{"type": "error", "data": message}``."""
+        for target in self._pick(session):
+            await self._send_error(target, message)
+
+    def refuse_connections(self, seconds: float) -> None:
+        """Refuse every new handshake (HTTP 503) for ``seconds``."""
+        self._refuse_until = time.monotonic() + seconds
+
+    async def flood(self, ticks: int, session: int | None = None) -> int:
+        """Send ``ticks`` ticks per connection for its instruments as fast as the socket takes.
+
+        Packets are prepared first (a few per instrument, cycled) so the flood measures the
+        receiver, not the market model. Returns the ticks sent in all.
+        """
+        targets = [s for s in self._pick(session) if s.modes]
+        sent = await asyncio.gather(*(self._flood_one(s, ticks) for s in targets))
+        return sum(sent)
+
+    async def _flood_one(self, session: Session, ticks: int) -> int:
+        now = int(time.time())
+        variants = [
+            [codec.encode_packet(self.market.tick(t, m, now)) for t, m in session.modes.items()]
+            for _ in range(3)
+        ]
+        pool = [packet for variant in variants for packet in variant]
+        frames = [
+            codec.encode_frame(pool[i : i + PACKETS_PER_FRAME])
+            for i in range(0, len(pool), PACKETS_PER_FRAME)
+        ]
+        sizes = [min(PACKETS_PER_FRAME, len(pool) - i) for i in range(0, len(pool), PACKETS_PER_FRAME)]
+        sent = 0
+        with contextlib.suppress(ConnectionClosed):
+            for frame, size in itertools.cycle(zip(frames, sizes, strict=True)):
+                if sent >= ticks:
+                    break
+                await session.websocket.send(frame)
+                sent += size
+        session.sent_ticks += sent
+        return sent
+
+
+def _tokens(value: object) -> list[int]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**32 for v in value
+    ):
+        raise ValueError("Invalid instrument tokens")
+    return list(value)
+
+
+def subscribed(server: TickerServer) -> dict[int, dict[int, str]]:
+    """Session id -> that connection's subscriptions, for tests and logs."""
+    return {s.id: dict(s.modes) for s in server.sessions}

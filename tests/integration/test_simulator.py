@@ -1,0 +1,172 @@
+"""The simulator over real sockets: Kite's official client, limits, faults, flood."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
+
+from publisher import codec
+from simulator.server import TickerServer
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def server():
+    async with TickerServer(rate=20, heartbeat_interval=0.1) as running:
+        yield running
+
+
+def _url(server: TickerServer, api_key: str = "kitebus", token: str = "simulator") -> str:
+    return f"{server.url}?api_key={api_key}&access_token={token}"
+
+
+async def _next_ticks(ws: ClientConnection, timeout: float = 5.0) -> list[dict]:
+    """Read frames until one carries ticks."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await ws.recv()
+            if isinstance(message, bytes):
+                ticks, _ = codec.decode_frame(message)
+                if ticks:
+                    return ticks
+
+
+async def test_official_kite_client_connects_subscribes_and_parses(server: TickerServer) -> None:
+    script = Path(__file__).with_name("official_client.py")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), server.url, "kitebus", "simulator",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    seen = json.loads(out)
+    assert {t["instrument_token"] for t in seen["quote"]} == {408065, 256265}
+    full = {t["instrument_token"]: t for t in seen["full"]}
+    assert set(full) == {408065, 256265}
+    infy = full[408065]
+    assert len(infy["depth"]["buy"]) == 5 and len(infy["depth"]["sell"]) == 5
+    assert infy["depth"]["buy"][0]["price"] <= infy["last_price"] <= infy["depth"]["sell"][0]["price"]
+    assert infy["tradable"] is True and full[256265]["tradable"] is False
+    assert seen["errors"] == []
+
+
+async def test_plain_subscribe_streams_quote_then_mode_and_unsubscribe(server) -> None:
+    async with connect(_url(server)) as ws:
+        await ws.send(json.dumps({"a": "subscribe", "v": [408065]}))
+        assert {t["mode"] for t in await _next_ticks(ws)} == {"quote"}
+        await ws.send(json.dumps({"a": "mode", "v": ["ltp", [408065]]}))
+        async with asyncio.timeout(5):
+            while (await _next_ticks(ws))[0]["mode"] != "ltp":
+                pass
+        await ws.send(json.dumps({"a": "unsubscribe", "v": [408065]}))
+        async with asyncio.timeout(5):  # heartbeats only from now on
+            while True:
+                message = await ws.recv()
+                if message == codec.HEARTBEAT:
+                    break
+        assert server.sessions[0].modes == {}
+
+
+async def test_bad_credentials_are_refused_at_the_handshake(server) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(_url(server, token="expired")):
+            pass
+    assert refused.value.response.status_code == 403
+    assert server.sessions == []
+
+
+async def test_fourth_connection_per_api_key_is_refused(server) -> None:
+    async with connect(_url(server)), connect(_url(server)), connect(_url(server)):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(_url(server)):
+                pass
+        assert refused.value.response.status_code == 429
+        assert len(server.sessions) == 3
+
+
+async def test_instrument_3001_is_refused_with_an_error_message(server) -> None:
+    async with connect(_url(server)) as ws:
+        await ws.send(json.dumps({"a": "subscribe", "v": list(range(1 << 8 | 1, 3002 << 8 | 1, 256))}))
+        async with asyncio.timeout(5):
+            while not isinstance(message := await ws.recv(), str):
+                pass
+        assert json.loads(message)["type"] == "error"
+        assert "3000" in json.loads(message)["data"]
+        assert len(server.sessions[0].modes) == 3000
+
+
+async def test_drop_cuts_the_socket_without_a_close_frame(server) -> None:
+    async with connect(_url(server)) as ws:
+        await ws.send(json.dumps({"a": "subscribe", "v": [408065]}))
+        await _next_ticks(ws)
+        assert server.drop() == 1
+        with pytest.raises(ConnectionClosedError):
+            async with asyncio.timeout(5):
+                while True:
+                    await ws.recv()
+
+
+async def test_stall_sends_nothing_then_resumes(server) -> None:
+    async with connect(_url(server)) as ws:
+        await ws.send(json.dumps({"a": "subscribe", "v": [408065]}))
+        await _next_ticks(ws)
+        server.stall(1.5)
+        with pytest.raises(TimeoutError):  # frames already in flight drain, then silence
+            async with asyncio.timeout(1.2):
+                while True:
+                    await asyncio.wait_for(ws.recv(), 0.4)
+        assert await _next_ticks(ws, timeout=5)
+
+
+async def test_malformed_frame_and_error_message_reach_the_client(server) -> None:
+    async with connect(_url(server)) as ws:
+        await server.send_malformed()
+        await server.send_error("TokenException: access token expired")
+        frames = []
+        async with asyncio.timeout(5):
+            while len(frames) < 2:
+                message = await ws.recv()
+                if message != codec.HEARTBEAT:
+                    frames.append(message)
+        bad, text = frames
+        assert codec.decode_frame(bad) == ([], 5)
+        assert json.loads(text) == {"type": "error", "data": "TokenException: access token expired"}
+
+
+async def test_refuse_connections_for_a_while(server) -> None:
+    server.refuse_connections(0.3)
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(_url(server)):
+            pass
+    assert refused.value.response.status_code == 503
+    server.refuse_connections(0)
+    async with connect(_url(server)):
+        assert len(server.sessions) == 1
+
+
+async def test_flood_delivers_the_requested_ticks(server) -> None:
+    tokens = [t << 8 | 1 for t in range(1, 501)]
+    async with connect(_url(server), max_size=None) as ws:
+        await ws.send(json.dumps({"a": "subscribe", "v": tokens}))
+        await ws.send(json.dumps({"a": "mode", "v": ["full", tokens]}))
+        async with asyncio.timeout(5):
+            while server.sessions[0].modes.get(tokens[-1]) != "full":
+                await asyncio.sleep(0.01)
+        server.stall(30)  # only the flood from now on
+        flood = asyncio.create_task(server.flood(20_000))
+        received = 0
+        async with asyncio.timeout(30):
+            while received < 20_000:
+                message = await ws.recv()
+                if isinstance(message, bytes) and len(message) > 1:
+                    ticks, malformed = codec.decode_frame(message)
+                    assert malformed == 0
+                    received += sum(t["mode"] == "full" for t in ticks)
+        assert await flood >= 20_000
