@@ -24,6 +24,26 @@ def _not_yet(name: str) -> Handler:
     return handler
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from publisher import app
+
+    settings = load_settings()
+    settings.require_credentials()
+    configure_logging(settings.log_level)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        waiter = asyncio.create_task(wait_for_stop_signal())
+        waiter.add_done_callback(lambda _: stop.set())
+        try:
+            await app.run(settings, stop)
+        finally:
+            waiter.cancel()
+
+    asyncio.run(run())
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from simulator.server import TickerServer
 
@@ -50,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     publish = commands.add_parser("publish", help="run the publisher until SIGINT/SIGTERM")
-    publish.set_defaults(handler=_not_yet("publish"))
+    publish.set_defaults(handler=_publish)
 
     simulate = commands.add_parser("simulate", help="run a local Kite-protocol ticker server")
     simulate.add_argument("--host", default="127.0.0.1", help="address to listen on")

@@ -202,29 +202,32 @@ class TickerServer:
             await session.websocket.send(json.dumps({"type": "error", "data": message}))
 
     async def _send_loop(self, session: Session) -> None:
-        """Every 1/rate seconds, one tick per instrument (up to the ceiling), else heartbeats."""
+        """Every 1/rate seconds one tick per instrument (up to the ceiling); a heartbeat
+        whenever nothing was sent for ``heartbeat_interval``."""
         period = 1.0 / self.rate
+        step = min(period, self.heartbeat_interval)
         budget = max(1, int(self.max_rate * period))
         turn = 0
-        next_at = time.monotonic()
+        next_tick = time.monotonic() + period
         with contextlib.suppress(ConnectionClosed):
             while True:
-                next_at = max(next_at + period, time.monotonic())  # behind: no catch-up burst
-                await asyncio.sleep(next_at - time.monotonic())
+                await asyncio.sleep(step)
+                now = time.monotonic()
                 if session.stalled:
                     continue
-                tokens = list(session.modes.items())
-                if len(tokens) > budget:
-                    start = turn % len(tokens)
-                    tokens = (tokens[start:] + tokens[:start])[:budget]
-                    turn += budget
-                if tokens:
-                    now = int(time.time())
-                    packets = [codec.encode_packet(self.market.tick(t, m, now)) for t, m in tokens]
+                if now >= next_tick and session.modes:
+                    next_tick = max(next_tick + period, now)  # behind: no catch-up burst
+                    tokens = list(session.modes.items())
+                    if len(tokens) > budget:
+                        start = turn % len(tokens)
+                        tokens = (tokens[start:] + tokens[:start])[:budget]
+                        turn += budget
+                    stamp = int(time.time())
+                    packets = [codec.encode_packet(self.market.tick(t, m, stamp)) for t, m in tokens]
                     await self._send_packets(session, packets)
-                elif time.monotonic() - session.last_sent >= self.heartbeat_interval:
+                elif now - session.last_sent >= self.heartbeat_interval:
                     await session.websocket.send(codec.HEARTBEAT)
-                    session.last_sent = time.monotonic()
+                    session.last_sent = now
 
     async def _send_packets(self, session: Session, packets: list[bytes]) -> None:
         for start in range(0, len(packets), PACKETS_PER_FRAME):

@@ -1,0 +1,114 @@
+"""Send subscription requests through ``{ns}:control`` and wait for their results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+
+from config.keys import Keys
+
+
+class ControlTimeout(TimeoutError):
+    """No result arrived in time: is the publisher running?"""
+
+
+class SubscriptionRejected(Exception):
+    """The publisher rejected a request (some or all of its tokens)."""
+
+    def __init__(self, result: ControlResult) -> None:
+        self.result = result
+        names = ",".join(map(str, result.rejected))
+        super().__init__(result.error + (f" (rejected: {names})" if names else ""))
+
+    @property
+    def rejected(self) -> tuple[int, ...]:
+        return self.result.rejected
+
+
+@dataclass(frozen=True)
+class ControlResult:
+    """One entry of ``{ns}:control:results``."""
+
+    request: str
+    op: str
+    client: str
+    ok: bool
+    error: str
+    applied: tuple[int, ...]
+    rejected: tuple[int, ...]
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> ControlResult:
+        def text(name: str) -> str:
+            return fields.get(name.encode(), b"").decode()
+
+        def tokens(name: str) -> tuple[int, ...]:
+            return tuple(int(t) for t in text(name).split(",") if t)
+
+        return cls(
+            text("request"), text("op"), text("client"), text("ok") == "1", text("error"),
+            tokens("applied"), tokens("rejected"),
+        )  # fmt: skip
+
+
+class ControlClient:
+    """``await ControlClient(client).subscribe([408065], mode="full", client="strat-1")``."""
+
+    def __init__(self, client: redis.Redis, namespace: str = "kite") -> None:
+        self._redis = client
+        self._keys = Keys(namespace)
+
+    async def request(
+        self,
+        op: str,
+        tokens: Iterable[int | str],
+        *,
+        mode: str | None = None,
+        client: str = "default",
+        timeout: float = 10.0,
+    ) -> ControlResult:
+        """Write a request and return its result (whatever ``ok`` says)."""
+        latest = await self._redis.xrevrange(self._keys.control_results, count=1)
+        cursor = latest[0][0] if latest else b"0-0"
+        fields = {"op": op, "tokens": ",".join(map(str, tokens)), "client": client}
+        if mode is not None:
+            fields["mode"] = mode
+        entry_id = (await self._redis.xadd(self._keys.control, fields)).decode()
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            reply = await self._redis.xread(
+                {self._keys.control_results: cursor}, count=100, block=max(1, int(min(left, 1.0) * 1000))
+            )
+            for _, entries in reply or []:
+                for result_id, result_fields in entries:
+                    cursor = result_id
+                    if result_fields.get(b"request") == entry_id.encode():
+                        return ControlResult.from_fields(result_fields)
+        raise ControlTimeout(f"no result for request {entry_id} in {timeout:g}s: is the publisher running?")
+
+    async def _checked(self, op: str, tokens: Iterable[int | str], **kwargs: object) -> ControlResult:
+        result = await self.request(op, tokens, **kwargs)  # type: ignore[arg-type]
+        if not result.ok:
+            raise SubscriptionRejected(result)
+        return result
+
+    async def subscribe(
+        self, tokens: Iterable[int | str], mode: str = "quote", client: str = "default", timeout: float = 10.0
+    ) -> ControlResult:
+        """Subscribe; raises SubscriptionRejected naming any token that was refused."""
+        return await self._checked("subscribe", tokens, mode=mode, client=client, timeout=timeout)
+
+    async def unsubscribe(
+        self, tokens: Iterable[int | str], client: str = "default", timeout: float = 10.0
+    ) -> ControlResult:
+        """Release this client's claim on the tokens."""
+        return await self._checked("unsubscribe", tokens, client=client, timeout=timeout)
+
+    async def set_mode(
+        self, tokens: Iterable[int | str], mode: str, client: str = "default", timeout: float = 10.0
+    ) -> ControlResult:
+        """Change the mode this client asks for on tokens it holds."""
+        return await self._checked("mode", tokens, mode=mode, client=client, timeout=timeout)

@@ -1,0 +1,142 @@
+"""Wiring: start in order, stop in reverse order.
+
+Start: Redis reachable -> claims restored into the book -> hashes rewritten -> tick sink
+-> connections (each already knows its tokens) -> monitor -> control loop. So every
+subscription is back before a new request is taken.
+Stop: control loop -> connections (close frames) -> hashes cleared, status ``stopped``
+-> monitor -> sink (drained for a moment) -> Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import redis.asyncio as redis
+
+from config import Keys, Settings
+from publisher.connection import KiteConnection
+from publisher.control import REDIS_DOWN, ControlLoop
+from publisher.monitor import Monitor
+from publisher.sink import TickSink
+from publisher.subscriptions import SubscriptionBook
+
+log = logging.getLogger("kitebus.publisher")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Timings that tests shorten; the defaults suit Kite."""
+
+    stall_timeout: float = 5.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    auth_retry: float = 60.0
+    status_interval: float = 1.0
+    max_buffered: int = 100_000
+
+
+class Publisher:
+    """The whole publisher. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, settings: Settings, tuning: Tuning = Tuning()) -> None:
+        api_key, access_token = settings.require_credentials()
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.redis = redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=10)
+        self.book = SubscriptionBook(settings.connections, settings.tokens_per_connection)
+        self.sink = TickSink(settings.redis_url, self.keys, max_buffered=tuning.max_buffered)
+        self.connections = [
+            KiteConnection(
+                index,
+                settings.kite_ws_url,
+                api_key,
+                access_token,
+                self.sink.publish_frame,
+                stall_timeout=tuning.stall_timeout,
+                backoff_base=tuning.backoff_base,
+                backoff_cap=tuning.backoff_cap,
+                auth_retry=tuning.auth_retry,
+            )
+            for index in range(settings.connections)
+        ]
+        self.control = ControlLoop(self.redis, self.keys, self.book, self.connections)
+        self.monitor = Monitor(
+            self.redis, self.keys, self.book, self.connections, self.sink, self.control.write_all,
+            interval=tuning.status_interval,
+        )  # fmt: skip
+
+    async def start(self) -> None:
+        await self._wait_for_redis()
+        plan, dropped = self.book.restore(await self.control.load_claims())
+        for index, change in plan.items():
+            await self.connections[index].apply(change)
+        await self.control.drop_claims(dropped)
+        await self.control.write_all()
+        await self.control.ensure_group()
+        log.info(
+            "restored tokens=%d clients=%d capacity=%d",
+            len(self.book.placement), len(self.book.claims), self.book.capacity,
+        )  # fmt: skip
+        self.sink.start()
+        for connection in self.connections:
+            connection.start()
+        self.monitor.state = "running"
+        self.monitor.start(self.settings.metrics_port)
+        self.control.start()
+
+    async def stop(self) -> None:
+        self.monitor.state = "stopping"
+        await self.control.close()
+        for connection in self.connections:
+            await connection.close()
+        self.monitor.state = "stopped"
+        await self.monitor.close()
+        try:
+            async with asyncio.timeout(3):
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(self.keys.token_conn, self.keys.token_mode)
+                    pipe.hset(self.keys.status, mapping=self.monitor.status_fields())
+                    for connection in self.connections:
+                        pipe.hset(
+                            self.keys.conn(connection.index),
+                            mapping=self.monitor.connection_fields(connection),
+                        )
+                    await pipe.execute()
+        except (*REDIS_DOWN, TimeoutError) as exc:
+            log.warning("could not mark status stopped error=%s", exc.__class__.__name__)
+        await self.sink.close()
+        await self.redis.aclose()
+        log.info("stopped")
+
+    async def _wait_for_redis(self) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await self.redis.ping()
+                return
+            except REDIS_DOWN as exc:
+                log.warning("waiting for redis error=%s retry_in=%.1fs", exc.__class__.__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+
+
+async def run(settings: Settings, stop: asyncio.Event) -> None:
+    """Run a publisher until ``stop`` is set; a stop during start-up is honoured too."""
+    publisher = Publisher(settings)
+    started = time.monotonic()
+    starting = asyncio.create_task(publisher.start())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()
+            log.info("running in %.2fs", time.monotonic() - started)
+            await stopping
+    finally:
+        for task in (starting, stopping):
+            task.cancel()
+        await asyncio.gather(starting, stopping, return_exceptions=True)
+        await publisher.stop()

@@ -1,0 +1,204 @@
+"""One Kite ticker socket as an owned task: connect, (re)subscribe, read, watchdog, backoff.
+
+The connection owns what it has told Kite. ``apply`` takes a change planned by the
+subscription book; after any reconnect every token is subscribed again and every mode
+set again. A socket that delivers nothing, not even a heartbeat, for ``stall_timeout``
+seconds is treated as dead: a ghost connection fails silently, so it must be cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from urllib.parse import urlencode
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from publisher import messages
+from publisher.codec import MODES
+from publisher.subscriptions import ConnectionChange
+
+log = logging.getLogger("kitebus.connection")
+
+BATCH = 1000  # tokens per subscribe/unsubscribe/mode message
+
+CONNECTING, LIVE, BACKOFF, AUTH_FAILED, STOPPED = "connecting", "live", "backoff", "auth_failed", "stopped"
+
+FrameHandler = Callable[[bytes, int], int]
+
+
+class StalledError(Exception):
+    """Nothing arrived on the socket for too long."""
+
+
+class KiteConnection:
+    """Connection ``index`` of the publisher; ``start`` runs it until ``close``."""
+
+    def __init__(
+        self,
+        index: int,
+        ws_url: str,
+        api_key: str,
+        access_token: str,
+        on_frame: FrameHandler,
+        *,
+        stall_timeout: float = 5.0,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        auth_retry: float = 60.0,
+    ) -> None:
+        self.index = index
+        self._url = f"{ws_url}?{urlencode({'api_key': api_key, 'access_token': access_token})}"
+        self._on_frame = on_frame
+        self.stall_timeout = stall_timeout
+        self.backoff_base, self.backoff_cap, self.auth_retry = backoff_base, backoff_cap, auth_retry
+        self.modes: dict[int, str] = {}  # what this connection holds (and tells Kite)
+        self._socket: ClientConnection | None = None
+        self._lock = asyncio.Lock()  # orders resubscription against live changes
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+        # figures for status and metrics
+        self.state = STOPPED
+        self.ticks = 0
+        self.reconnects = 0
+        self.last_message_at = 0.0
+        self.last_error = ""
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"kite-connection-{self.index}")
+
+    async def close(self) -> None:
+        """Stop: close the socket cleanly and end the task."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self.state = STOPPED
+
+    # --- subscriptions -------------------------------------------------------------------
+
+    async def apply(self, change: ConnectionChange) -> None:
+        """Take a planned change; tell Kite now if live, else at the next (re)connect."""
+        async with self._lock:
+            for token in change.unsubscribe:
+                self.modes.pop(token, None)
+            self.modes.update(change.subscribe)
+            self.modes.update(change.modes)
+            socket = self._socket
+            if socket is None or self.state != LIVE:
+                return
+            try:
+                await _send_batches(socket, messages.unsubscribe, sorted(change.unsubscribe))
+                await _send_batches(socket, messages.subscribe, list(change.subscribe))
+                for mode, tokens in _by_mode({**change.subscribe, **change.modes}).items():
+                    await _send_batches(socket, lambda batch, m=mode: messages.set_mode(m, batch), tokens)
+            except ConnectionClosed:
+                pass  # the reader sees it too and reconnects; the resubscription covers this change
+
+    # --- the task ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        try:
+            while True:
+                if self.state != AUTH_FAILED:  # stays visible until a handshake succeeds
+                    self.state = CONNECTING
+                started = time.monotonic()
+                try:
+                    await self._session()
+                except InvalidStatus as exc:
+                    status = exc.response.status_code
+                    if status in (HTTPStatus.FORBIDDEN, HTTPStatus.UNAUTHORIZED):
+                        self._fail(AUTH_FAILED, f"handshake refused: HTTP {status} (check KITE_ACCESS_TOKEN)")
+                        log.error(
+                            "connection=%d auth refused status=%d retry_in=%.0fs",
+                            self.index, status, self.auth_retry,
+                        )  # fmt: skip
+                        await asyncio.sleep(self.auth_retry * random.uniform(0.9, 1.1))
+                        attempt = 0
+                        self.reconnects += 1
+                        continue
+                    self._fail(BACKOFF, f"handshake refused: HTTP {status}")
+                except StalledError:
+                    self._fail(BACKOFF, f"stalled: nothing received for {self.stall_timeout:g}s")
+                except ConnectionClosed as exc:
+                    self._fail(BACKOFF, f"closed: code {exc.rcvd.code if exc.rcvd else 1006}")
+                except (OSError, InvalidHandshake, TimeoutError) as exc:
+                    self._fail(BACKOFF, f"{exc.__class__.__name__}: {exc}"[:200])
+                if time.monotonic() - started > 30:
+                    attempt = 0  # it was healthy for a while: start the backoff over
+                delay = min(self.backoff_cap, self.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)
+                attempt += 1
+                log.warning("connection=%d down error=%r retry_in=%.2fs", self.index, self.last_error, delay)
+                await asyncio.sleep(delay)
+                self.reconnects += 1
+        finally:
+            self.connected.clear()
+            self._socket = None
+
+    def _fail(self, state: str, error: str) -> None:
+        self.state = state
+        self.last_error = error
+        self.connected.clear()
+        self._socket = None
+
+    async def _session(self) -> None:
+        async with connect(
+            self._url, open_timeout=10, ping_interval=2.5, ping_timeout=5, close_timeout=2,
+            max_size=2**23, max_queue=64,
+        ) as socket:  # fmt: skip
+            self.last_message_at = time.time()
+            async with self._lock:
+                self._socket = socket
+                modes = dict(self.modes)
+                await _send_batches(socket, messages.subscribe, list(modes))
+                for mode, tokens in _by_mode(modes).items():
+                    await _send_batches(socket, lambda batch, m=mode: messages.set_mode(m, batch), tokens)
+                self.state = LIVE
+                self.connected.set()
+            log.info("connection=%d live tokens=%d", self.index, len(modes))
+            await self._read(socket)
+
+    async def _read(self, socket: ClientConnection) -> None:
+        on_frame = self._on_frame
+        while True:
+            try:
+                async with asyncio.timeout(self.stall_timeout):
+                    message = await socket.recv()
+            except TimeoutError:
+                socket.transport.abort()  # a ghost socket would not answer a close handshake
+                raise StalledError from None
+            self.last_message_at = time.time()
+            if isinstance(message, bytes):
+                self.ticks += on_frame(message, time.time_ns())
+                continue
+            event = messages.parse_server_text(message)
+            if isinstance(event, messages.ServerError):
+                self.last_error = f"kite: {event.message}"[:200]
+                log.warning("connection=%d kite error=%r", self.index, event.message[:200])
+            elif isinstance(event, messages.ServerMessage):
+                log.info("connection=%d kite message=%r", self.index, event.message[:200])
+
+
+async def _send_batches(
+    socket: ClientConnection, build: Callable[[list[int]], str], tokens: list[int]
+) -> None:
+    for start in range(0, len(tokens), BATCH):
+        await socket.send(build(tokens[start : start + BATCH]))
+
+
+def _by_mode(modes: dict[int, str]) -> dict[str, list[int]]:
+    grouped: dict[str, list[int]] = {mode: [] for mode in MODES}
+    for token, mode in modes.items():
+        grouped[mode].append(token)
+    return {mode: tokens for mode, tokens in grouped.items() if tokens}

@@ -1,0 +1,227 @@
+"""The control flow: read ``{ns}:control``, apply, persist, answer, acknowledge.
+
+Entries are read through consumer group ``publisher``: first this consumer's pending
+entries (in flight when a previous run stopped), then new ones, in stream order. Each is
+acknowledged only in the same MULTI/EXEC that persists its effect and writes its result,
+so a crash at any point means the entry is applied again, which changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+
+import redis.asyncio as redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from config.keys import CONTROL_GROUP, Keys
+from publisher.connection import KiteConnection
+from publisher.requests import Request, RequestError, parse_request
+from publisher.subscriptions import Outcome, SubscriptionBook
+
+log = logging.getLogger("kitebus.control")
+
+CONSUMER = "kitebus"
+RESULTS_MAXLEN = 10_000
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def _tokens_text(tokens: Sequence[int]) -> str:
+    return ",".join(map(str, tokens))
+
+
+class ControlLoop:
+    """Owns the control task. The book is the desired state; Redis gets a view of it."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        book: SubscriptionBook,
+        connections: Sequence[KiteConnection],
+        *,
+        block_ms: int = 1000,
+    ) -> None:
+        self._redis = client
+        self._keys = keys
+        self._book = book
+        self._connections = connections
+        self._block_ms = block_ms
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.processed = 0
+        self.last_error = ""
+
+    # --- start-up ------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) unless it exists. Starting at 0 means
+        requests written before the group ever existed are applied too."""
+        try:
+            await self._redis.xgroup_create(self._keys.control, CONTROL_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def load_claims(self) -> dict[str, dict[int, str]]:
+        """Every client's persisted claims, skipping (and logging) entries that are not valid."""
+        claims: dict[str, dict[int, str]] = {}
+        for raw_client in await self._redis.smembers(self._keys.clients):
+            client = raw_client.decode()
+            held: dict[int, str] = {}
+            for raw_token, raw_mode in (await self._redis.hgetall(self._keys.claims(client))).items():
+                try:
+                    held[int(raw_token)] = raw_mode.decode()
+                except ValueError:
+                    log.warning("ignoring bad claim client=%s token=%r", client, raw_token[:20])
+            claims[client] = held
+        return claims
+
+    async def write_all(self) -> None:
+        """Rewrite every hash and claim from the book (at start and after Redis lost data)."""
+        book, keys = self._book, self._keys
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.token_conn, keys.token_mode, keys.clients)
+            if book.placement:
+                pipe.hset(keys.token_conn, mapping={str(t): str(i) for t, i in book.placement.items()})
+                pipe.hset(keys.token_mode, mapping={str(t): m for t, m in book.in_force.items()})
+            for client, held in book.claims.items():
+                pipe.delete(keys.claims(client))
+                pipe.hset(keys.claims(client), mapping={str(t): m for t, m in held.items()})
+                pipe.sadd(keys.clients, client)
+            await pipe.execute()
+
+    async def drop_claims(self, dropped: Mapping[str, Sequence[int]]) -> None:
+        """Remove claims that no longer fit (after a capacity cut) from Redis."""
+        for client, tokens in dropped.items():
+            log.error(
+                "claims no longer fit and were dropped client=%s tokens=%s", client, _tokens_text(tokens)
+            )
+            await self._redis.hdel(self._keys.claims(client), *map(str, tokens))
+            if client not in self._book.claims:
+                await self._redis.srem(self._keys.clients, client)
+
+    # --- the task ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="control-loop")
+
+    async def close(self) -> None:
+        """Stop after the request in hand. The loop is asked to stop rather than cancelled
+        in the middle of a blocking XREADGROUP, which redis-py does not always survive."""
+        if self._task is None:
+            return
+        self._stopping = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), self._block_ms / 1000 + 1)
+        except TimeoutError:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._task = None
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while not self._stopping:
+            try:
+                await self.ensure_group()
+                await self._drain(pending=True)
+                while not self._stopping:
+                    await self._drain(pending=False)
+            except REDIS_DOWN as exc:
+                self.last_error = f"redis: {exc.__class__.__name__}"
+                log.warning("control loop lost redis error=%s retry_in=%.1fs", exc.__class__.__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                log.warning("control group missing (redis lost its data?); creating it again")
+
+    async def _drain(self, *, pending: bool) -> None:
+        """Pending entries until none are left, or one blocking read of new entries."""
+        while True:
+            reply = await self._redis.xreadgroup(
+                CONTROL_GROUP, CONSUMER, {self._keys.control: "0" if pending else ">"},
+                count=100, block=None if pending else self._block_ms,
+            )  # fmt: skip
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
+                await self.handle(entry_id.decode(), fields)
+            if not pending or not entries or self._stopping:
+                return
+
+    async def handle(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
+        """Apply one entry, then persist + answer + acknowledge in one transaction."""
+        request: Request | None = None
+        outcome: Outcome | None = None
+        try:
+            if fields is None:
+                raise RequestError("the entry was deleted from the stream before it was read")
+            request = parse_request(fields)
+        except RequestError as exc:
+            error = str(exc)
+        else:
+            outcome = self._book.apply(request)
+            error = outcome.error
+            for index, change in outcome.plan.items():
+                await self._connections[index].apply(change)
+        op = request.op if request else _field(fields, "op")
+        client = request.client if request else _field(fields, "client")
+        result = {
+            "request": entry_id,
+            "op": op,
+            "client": client,
+            "ok": "1" if outcome is not None and outcome.ok else "0",
+            "error": error,
+            "applied": _tokens_text(outcome.applied) if outcome else "",
+            "rejected": _tokens_text(outcome.rejected) if outcome else "",
+        }
+        async with self._redis.pipeline(transaction=True) as pipe:
+            if request is not None and outcome is not None:
+                self._persist(pipe, request, outcome)
+            pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+            pipe.xack(self._keys.control, CONTROL_GROUP, entry_id)
+            await pipe.execute()
+        self.processed += 1
+        level = logging.INFO if result["ok"] == "1" else logging.WARNING
+        log.log(
+            level, "request id=%s op=%s client=%s ok=%s applied=%d rejected=%d error=%r",
+            entry_id, op, client, result["ok"], len(outcome.applied) if outcome else 0,
+            len(outcome.rejected) if outcome else 0, error,
+        )  # fmt: skip
+
+    def _persist(self, pipe: redis.client.Pipeline, request: Request, outcome: Outcome) -> None:
+        keys, book = self._keys, self._book
+        claims_key = keys.claims(request.client)
+        if outcome.applied:
+            if request.op == "unsubscribe":
+                pipe.hdel(claims_key, *map(str, outcome.applied))
+                if request.client not in book.claims:
+                    pipe.srem(keys.clients, request.client)
+            else:
+                pipe.hset(claims_key, mapping={str(t): request.mode for t in outcome.applied})  # type: ignore[misc]
+                pipe.sadd(keys.clients, request.client)
+        for index, change in outcome.plan.items():
+            if change.unsubscribe:
+                gone = [str(t) for t in change.unsubscribe]
+                pipe.hdel(keys.token_conn, *gone)
+                pipe.hdel(keys.token_mode, *gone)
+            if change.subscribe:
+                pipe.hset(keys.token_conn, mapping={str(t): str(index) for t in change.subscribe})
+            modes = {**change.subscribe, **change.modes}
+            if modes:
+                pipe.hset(keys.token_mode, mapping={str(t): m for t, m in modes.items()})
+
+
+def _field(fields: Mapping[bytes, bytes] | None, name: str) -> str:
+    """A field of a rejected entry, cut short, for its result."""
+    if not fields:
+        return ""
+    value = fields.get(name.encode(), b"")
+    return value[:64].decode("utf-8", "replace")

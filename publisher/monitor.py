@@ -1,0 +1,175 @@
+"""Health as data: ``{ns}:status`` and ``{ns}:conn:{i}`` about once a second, and an
+optional Prometheus text endpoint with the same figures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+
+import redis.asyncio as redis
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from config.keys import Keys
+from publisher.connection import LIVE, KiteConnection
+from publisher.control import REDIS_DOWN
+from publisher.sink import TickSink
+from publisher.subscriptions import SubscriptionBook
+
+log = logging.getLogger("kitebus.monitor")
+
+
+class Monitor:
+    """Owns the status task; ``on_redis_reset`` runs when Redis comes back empty-handed
+    (a restart or failover: a new run_id) so every hash can be rewritten."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        book: SubscriptionBook,
+        connections: Sequence[KiteConnection],
+        sink: TickSink,
+        on_redis_reset: Callable[[], Awaitable[None]],
+        *,
+        interval: float = 1.0,
+    ) -> None:
+        self._redis = client
+        self._keys = keys
+        self.book = book
+        self.connections = connections
+        self.sink = sink
+        self._on_redis_reset = on_redis_reset
+        self.interval = interval
+        self.started_at = time.time()
+        self.state = "starting"
+        self.redis_up = False
+        self._run_id: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._metrics_server: object | None = None
+
+    def status_fields(self) -> dict[str, str]:
+        sink = self.sink
+        return {
+            "pid": str(os.getpid()),
+            "started_at": f"{self.started_at:.3f}",
+            "heartbeat_at": f"{time.time():.3f}",
+            "tokens": str(len(self.book.placement)),
+            "capacity": str(self.book.capacity),
+            "state": self.state,
+            "connections": str(len(self.connections)),
+            "live_connections": str(sum(c.state == LIVE for c in self.connections)),
+            "clients": str(len(self.book.claims)),
+            "published": str(sink.published),
+            "dropped": str(sink.dropped),
+            "malformed": str(sink.malformed),
+            "buffered": str(sink.buffered),
+            "redis_reconnects": str(sink.redis_reconnects),
+        }
+
+    @staticmethod
+    def connection_fields(connection: KiteConnection) -> dict[str, str]:
+        return {
+            "state": connection.state,
+            "tokens": str(len(connection.modes)),
+            "ticks": str(connection.ticks),
+            "reconnects": str(connection.reconnects),
+            "last_message_at": f"{connection.last_message_at:.3f}",
+            "last_error": connection.last_error,
+        }
+
+    async def write(self) -> None:
+        """Write the status and connection hashes now."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self._keys.status, mapping=self.status_fields())
+            for connection in self.connections:
+                pipe.hset(self._keys.conn(connection.index), mapping=self.connection_fields(connection))
+            await pipe.execute()
+
+    async def check_redis(self) -> None:
+        """Notice a Redis that restarted (new run_id) or came back, and have it rewritten."""
+        run_id = (await self._redis.info("server"))["run_id"]
+        came_back = not self.redis_up
+        self.redis_up = True
+        if self._run_id is not None and (run_id != self._run_id or came_back):
+            log.warning(
+                "redis is back (run_id %s); rewriting every hash",
+                "changed" if run_id != self._run_id else "same",
+            )
+            await self._on_redis_reset()
+        self._run_id = run_id
+
+    # --- the task ------------------------------------------------------------------------
+
+    def start(self, metrics_port: int = 0, metrics_host: str = "127.0.0.1") -> None:
+        if metrics_port:
+            registry = CollectorRegistry()
+            registry.register(_Metrics(self))
+            self._metrics_server, _ = start_http_server(metrics_port, metrics_host, registry)
+            log.info("metrics endpoint port=%d", metrics_port)
+        self._task = asyncio.create_task(self._run(), name="monitor")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()  # type: ignore[attr-defined]
+            self._metrics_server = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.check_redis()
+                await self.write()
+            except REDIS_DOWN as exc:
+                if self.redis_up:
+                    log.warning("monitor lost redis error=%s", exc.__class__.__name__)
+                self.redis_up = False
+            await asyncio.sleep(self.interval)
+
+
+class _Metrics(Collector):
+    """Prometheus figures read from the same objects as the status hashes."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        monitor, sink = self._monitor, self._monitor.sink
+        ticks = CounterMetricFamily("kitebus_ticks", "Ticks received", labels=["connection"])
+        reconnects = CounterMetricFamily("kitebus_reconnects", "Reconnects", labels=["connection"])
+        live = GaugeMetricFamily("kitebus_connection_live", "1 when live", labels=["connection"])
+        tokens = GaugeMetricFamily("kitebus_connection_tokens", "Tokens held", labels=["connection"])
+        age = GaugeMetricFamily(
+            "kitebus_last_message_age_seconds", "Seconds since the last message", labels=["connection"]
+        )
+        now = time.time()
+        for connection in monitor.connections:
+            label = [str(connection.index)]
+            ticks.add_metric(label, connection.ticks)
+            reconnects.add_metric(label, connection.reconnects)
+            live.add_metric(label, 1.0 if connection.state == LIVE else 0.0)
+            tokens.add_metric(label, len(connection.modes))
+            if connection.last_message_at:
+                age.add_metric(label, now - connection.last_message_at)
+        yield from (ticks, reconnects, live, tokens, age)
+        yield CounterMetricFamily("kitebus_published_ticks", "Ticks published to Redis", value=sink.published)
+        yield CounterMetricFamily("kitebus_dropped_ticks", "Ticks dropped before Redis", value=sink.dropped)
+        yield CounterMetricFamily(
+            "kitebus_malformed_packets", "Packets skipped as malformed", value=sink.malformed
+        )
+        yield GaugeMetricFamily("kitebus_buffered_ticks", "Ticks waiting for Redis", value=sink.buffered)
+        yield GaugeMetricFamily(
+            "kitebus_redis_up", "1 when the tick writer has Redis", value=float(sink.redis_up)
+        )
+        yield GaugeMetricFamily("kitebus_tokens", "Tokens subscribed", value=len(monitor.book.placement))
+        yield GaugeMetricFamily("kitebus_capacity", "Tokens that fit", value=monitor.book.capacity)

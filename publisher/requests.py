@@ -1,0 +1,90 @@
+"""A control-stream entry -> a validated request, or a clear error."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from publisher.codec import MODE_QUOTE, MODES
+
+OPS = ("subscribe", "unsubscribe", "mode")
+DEFAULT_CLIENT = "default"
+MAX_TOKENS_FIELD = 200_000  # characters; 9000 tokens of 10 digits and a comma is ~99k
+MAX_TOKENS_PER_REQUEST = 20_000
+MAX_FIELD = 64
+_CLIENT = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
+_SEPARATORS = re.compile(r"[,\s]+")
+
+
+class RequestError(ValueError):
+    """The entry is not a valid request; the message says why, for the result's `error`."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One validated control request."""
+
+    op: str
+    tokens: tuple[int, ...]
+    client: str
+    mode: str | None = None  # None only for unsubscribe
+
+
+def _text(fields: Mapping[bytes | str, bytes | str], name: str, limit: int) -> str | None:
+    value = fields.get(name, fields.get(name.encode()))
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"field '{name}' is not UTF-8 text") from None
+    if len(value) > limit:
+        raise RequestError(f"field '{name}' is too long ({len(value)} characters, at most {limit})")
+    return value.strip()
+
+
+def parse_tokens(text: str) -> tuple[int, ...]:
+    """Instrument tokens separated by commas and/or spaces; duplicates dropped, order kept."""
+    tokens: dict[int, None] = {}
+    for part in _SEPARATORS.split(text.strip()):
+        if not part:
+            continue
+        if not part.isascii() or not part.isdigit():
+            raise RequestError(f"bad token {part[:20]!r}: tokens are positive integers")
+        token = int(part)
+        if not 0 < token < 2**32:
+            raise RequestError(f"bad token {part[:20]!r}: out of range")
+        tokens[token] = None
+    if not tokens:
+        raise RequestError("field 'tokens' holds no token")
+    if len(tokens) > MAX_TOKENS_PER_REQUEST:
+        raise RequestError(f"too many tokens ({len(tokens)}, at most {MAX_TOKENS_PER_REQUEST})")
+    return tuple(tokens)
+
+
+def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
+    """Validate a control-stream entry's fields (bytes or str keys and values)."""
+    op = _text(fields, "op", MAX_FIELD)
+    if not op:
+        raise RequestError("missing field 'op' (subscribe, unsubscribe or mode)")
+    if op not in OPS:
+        raise RequestError(f"unknown op {op[:20]!r} (subscribe, unsubscribe or mode)")
+    tokens_text = _text(fields, "tokens", MAX_TOKENS_FIELD)
+    if tokens_text is None:
+        raise RequestError("missing field 'tokens'")
+    tokens = parse_tokens(tokens_text)
+    client = _text(fields, "client", MAX_FIELD) or DEFAULT_CLIENT
+    if not _CLIENT.match(client):
+        raise RequestError(f"bad client {client!r}: letters, digits and _ . : @ - only")
+    mode = _text(fields, "mode", MAX_FIELD) or None
+    if mode is not None and mode not in MODES:
+        raise RequestError(f"unknown mode {mode[:20]!r} (ltp, quote or full)")
+    if op == "mode" and mode is None:
+        raise RequestError("missing field 'mode' (ltp, quote or full)")
+    if op == "subscribe":
+        mode = mode or MODE_QUOTE
+    if op == "unsubscribe":
+        mode = None
+    return Request(op, tokens, client, mode)

@@ -1,0 +1,171 @@
+"""Desired subscription state and placement over connections; pure logic, no I/O.
+
+A token is subscribed at Kite while at least one client claims it; its mode in force is
+the richest any holder asked for. A new token goes to the least-loaded connection with
+room; a placed token never moves (moving would open a gap in its ticks). Every change
+comes back as a plan of per-connection operations for the connections to execute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from publisher.codec import MODE_RANK
+from publisher.requests import Request
+
+
+@dataclass
+class ConnectionChange:
+    """What one connection must tell Kite: new tokens, dropped tokens, mode changes."""
+
+    subscribe: dict[int, str] = field(default_factory=dict)
+    unsubscribe: set[int] = field(default_factory=set)
+    modes: dict[int, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.subscribe or self.unsubscribe or self.modes)
+
+
+Plan = dict[int, ConnectionChange]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of applying one request."""
+
+    applied: tuple[int, ...]
+    rejected: tuple[int, ...]
+    error: str
+    plan: Plan
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected and not self.error
+
+
+class SubscriptionBook:
+    """Per-client claims, the mode in force per token, and which connection holds it."""
+
+    def __init__(self, connections: int, per_connection: int) -> None:
+        if connections < 1 or per_connection < 1:
+            raise ValueError("need at least one connection with room for one token")
+        self.connections = connections
+        self.per_connection = per_connection
+        self.claims: dict[str, dict[int, str]] = {}  # client -> token -> mode asked
+        self._holders: dict[int, dict[str, str]] = {}  # token -> client -> mode asked
+        self.placement: dict[int, int] = {}  # token -> connection index
+        self.in_force: dict[int, str] = {}  # token -> richest mode asked
+        self.loads = [0] * connections
+
+    @property
+    def capacity(self) -> int:
+        return self.connections * self.per_connection
+
+    def connection_modes(self, index: int) -> dict[int, str]:
+        """Every token placed on connection ``index`` with its mode in force."""
+        return {t: self.in_force[t] for t, i in self.placement.items() if i == index}
+
+    def apply(self, request: Request) -> Outcome:
+        plan: Plan = {}
+        applied: list[int] = []
+        rejected: list[int] = []
+        if request.op == "unsubscribe":
+            for token in request.tokens:
+                self._release(request.client, token, plan)
+                applied.append(token)
+            error = ""
+        elif request.op == "subscribe":
+            assert request.mode is not None
+            for token in request.tokens:
+                (applied if self._hold(request.client, token, request.mode, plan) else rejected).append(token)
+            used = sum(self.loads)
+            error = f"{len(rejected)} token(s) rejected: capacity full ({used} of {self.capacity} in use)"
+        else:
+            assert request.mode is not None
+            held = self.claims.get(request.client, {})
+            for token in request.tokens:
+                if token in held:
+                    self._hold(request.client, token, request.mode, plan)
+                    applied.append(token)
+                else:
+                    rejected.append(token)
+            error = f"{len(rejected)} token(s) not subscribed by client '{request.client}'"
+        return Outcome(tuple(applied), tuple(rejected), error if rejected else "", _nonempty(plan))
+
+    def restore(self, claims: Mapping[str, Mapping[int, str]]) -> tuple[Plan, dict[str, list[int]]]:
+        """Load persisted claims (at start, before any request). Returns the plan and, per
+        client, the tokens that no longer fit (they are dropped from the claims)."""
+        plan: Plan = {}
+        dropped: dict[str, list[int]] = {}
+        for client in sorted(claims):
+            for token, mode in claims[client].items():
+                if mode not in MODE_RANK or not self._hold(client, token, mode, plan):
+                    dropped.setdefault(client, []).append(token)
+        return _nonempty(plan), dropped
+
+    # --- the two state changes ----------------------------------------------------------
+
+    def _hold(self, client: str, token: int, mode: str, plan: Plan) -> bool:
+        index = self.placement.get(token)
+        if index is None:
+            index = self._room()
+            if index is None:
+                return False
+            self.placement[token] = index
+            self.loads[index] += 1
+            self._holders[token] = {client: mode}
+            self.claims.setdefault(client, {})[token] = mode
+            self.in_force[token] = mode
+            _change(plan, index).subscribe[token] = mode
+            return True
+        self._holders[token][client] = mode
+        self.claims.setdefault(client, {})[token] = mode
+        self._refresh_mode(token, index, plan)
+        return True
+
+    def _release(self, client: str, token: int, plan: Plan) -> None:
+        held = self.claims.get(client)
+        if held is None or token not in held:
+            return
+        del held[token]
+        if not held:
+            del self.claims[client]
+        holders = self._holders[token]
+        del holders[client]
+        index = self.placement[token]
+        if holders:
+            self._refresh_mode(token, index, plan)
+            return
+        del self._holders[token], self.placement[token], self.in_force[token]
+        self.loads[index] -= 1
+        change = _change(plan, index)
+        if change.subscribe.pop(token, None) is None:
+            change.unsubscribe.add(token)
+        change.modes.pop(token, None)
+
+    def _refresh_mode(self, token: int, index: int, plan: Plan) -> None:
+        richest = max(self._holders[token].values(), key=MODE_RANK.__getitem__)
+        if richest == self.in_force[token]:
+            return
+        self.in_force[token] = richest
+        change = _change(plan, index)
+        if token in change.subscribe:
+            change.subscribe[token] = richest
+        else:
+            change.modes[token] = richest
+
+    def _room(self) -> int | None:
+        best = min(range(self.connections), key=self.loads.__getitem__)
+        return best if self.loads[best] < self.per_connection else None
+
+
+def _change(plan: Plan, index: int) -> ConnectionChange:
+    change = plan.get(index)
+    if change is None:
+        change = plan[index] = ConnectionChange()
+    return change
+
+
+def _nonempty(plan: Plan) -> Plan:
+    return {index: change for index, change in plan.items() if change}

@@ -1,0 +1,250 @@
+"""The publisher against a real redis-server and the simulator over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+import redis.asyncio as redis
+
+from config import Keys
+from consumers.control import ControlClient
+from publisher.app import Publisher
+from simulator.server import TickerServer, subscribed
+from tests.integration.conftest import FAST, eventually
+
+EQUITY, INDEX, CDS, BCD, NFO = 408065, 256265, 9004 << 8 | 3, 9005 << 8 | 6, 9001 << 8 | 2
+
+
+async def _ticks(rds: redis.Redis, keys: Keys, tokens, want, timeout=10.0) -> dict[int, list[dict]]:
+    """Collect ticks from the per-token channels until ``want(collected)`` holds."""
+    pubsub = rds.pubsub()
+    await pubsub.subscribe(*(keys.ticks(t) for t in tokens))
+    seen: dict[int, list[dict]] = {t: [] for t in tokens}
+    try:
+        async with asyncio.timeout(timeout):
+            while not want(seen):
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message:
+                    tick = msgpack.unpackb(message["data"])
+                    assert message["channel"] == keys.ticks(tick["instrument_token"]).encode()
+                    seen[tick["instrument_token"]].append(tick)
+    finally:
+        await pubsub.aclose()
+    return seen
+
+
+async def test_every_packet_kind_arrives_decoded_on_its_channel(publisher, control, rds, keys) -> None:
+    await control.subscribe([EQUITY, CDS], mode="full", client="t")
+    await control.subscribe([INDEX], mode="full", client="t")
+    await control.subscribe([BCD, 738561], mode="quote", client="t")
+    await control.subscribe([NFO, INDEX + 256 * 15], mode="ltp", client="t")  # a second index, ltp
+    tokens = [EQUITY, CDS, INDEX, BCD, 738561, NFO, INDEX + 256 * 15]
+    seen = await _ticks(rds, keys, tokens, lambda s: all(s.values()))
+    full, index, quote, ltp = seen[EQUITY][-1], seen[INDEX][-1], seen[BCD][-1], seen[NFO][-1]
+    assert full["mode"] == "full" and len(full["depth"]["buy"]) == 5 and full["received_at_ns"] > 0
+    assert index["mode"] == "full" and index["tradable"] is False and "exchange_timestamp" in index
+    assert quote["mode"] == "quote" and "depth" not in quote and "ohlc" in quote
+    assert ltp["mode"] == "ltp" and set(ltp) == {
+        "instrument_token",
+        "mode",
+        "tradable",
+        "last_price",
+        "received_at_ns",
+    }
+    assert 50 < seen[CDS][-1]["last_price"] < 150  # USDINR, divided by 10^7
+    assert 50 < quote["last_price"] < 150  # BCD, divided by 10^4
+    last = await rds.hgetall(keys.last)
+    assert msgpack.unpackb(last[str(EQUITY).encode()])["instrument_token"] == EQUITY
+
+
+async def test_9000_tokens_land_3_by_3000_and_9001st_is_rejected(
+    publisher, control, rds, keys, simulator
+) -> None:
+    tokens = [(n << 8) | 1 for n in range(1, 9001)]
+    result = await control.subscribe(tokens, mode="ltp", client="big", timeout=30)
+    assert len(result.applied) == 9000
+    counts = await rds.hvals(keys.token_conn)
+    assert sorted(counts.count(str(i).encode()) for i in range(3)) == [3000, 3000, 3000]
+    await eventually(lambda: sorted(len(m) for m in subscribed(simulator).values()) == [3000, 3000, 3000])
+    result = await control.request("subscribe", [9001 << 8 | 1, tokens[0]], client="late")
+    assert not result.ok and result.rejected == (9001 << 8 | 1,) and result.applied == (tokens[0],)
+    assert "capacity full" in result.error
+    assert await rds.hlen(keys.token_conn) == 9000
+
+
+async def test_two_clients_share_a_token(publisher, control, rds, keys, simulator) -> None:
+    await control.subscribe([EQUITY], mode="ltp", client="a")
+    await control.subscribe([EQUITY], mode="full", client="b")
+    assert await rds.hget(keys.token_mode, str(EQUITY)) == b"full"
+    await eventually(lambda: any(m.get(EQUITY) == "full" for m in subscribed(simulator).values()))
+    await control.unsubscribe([EQUITY], client="b")
+    assert await rds.hget(keys.token_mode, str(EQUITY)) == b"ltp"
+    await eventually(lambda: any(m.get(EQUITY) == "ltp" for m in subscribed(simulator).values()))
+    await control.unsubscribe([EQUITY], client="a")
+    assert await rds.hget(keys.token_conn, str(EQUITY)) is None
+    await eventually(lambda: all(EQUITY not in m for m in subscribed(simulator).values()))
+    assert await rds.smembers(keys.clients) == set()
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"op": "drop", "tokens": "1"}, "unknown op"),
+        ({"op": "subscribe", "tokens": "408065,abc"}, "bad token"),
+        ({"op": "subscribe", "tokens": "1", "mode": "deep"}, "unknown mode"),
+        ({"op": "mode", "tokens": "1"}, "missing field 'mode'"),
+        ({"tokens": "1"}, "missing field 'op'"),
+        ({"op": "subscribe", "tokens": "9" * 300_000}, "too long"),
+        ({"op": "subscribe", "tokens": "1", "client": "x y"}, "bad client"),
+    ],
+)
+async def test_bad_requests_are_answered_and_change_nothing(
+    publisher, control, rds, keys, fields, error
+) -> None:
+    await control.subscribe([EQUITY], mode="quote", client="keep")
+    before = (
+        await rds.hgetall(keys.token_conn),
+        await rds.hgetall(keys.token_mode),
+        await rds.smembers(keys.clients),
+    )
+    entry = (await rds.xadd(keys.control, fields)).decode()
+
+    async def result():
+        for _, entry_fields in await rds.xrange(keys.control_results):
+            if entry_fields[b"request"] == entry.encode():
+                return entry_fields
+        return None
+
+    answer = await eventually(result)
+    assert answer[b"ok"] == b"0" and error in answer[b"error"].decode()
+    after = (
+        await rds.hgetall(keys.token_conn),
+        await rds.hgetall(keys.token_mode),
+        await rds.smembers(keys.clients),
+    )
+    assert after == before
+    assert await rds.xpending(keys.control, "publisher") == {
+        "pending": 0,
+        "min": None,
+        "max": None,
+        "consumers": [],
+    }
+    assert (await control.subscribe([EQUITY], client="after")).ok  # still serving
+
+
+async def test_dropped_connection_is_resubscribed_with_the_same_modes(publisher, control, simulator) -> None:
+    await control.subscribe([EQUITY, 738561], mode="full", client="a")
+    await control.subscribe([INDEX], mode="ltp", client="a")
+    before = subscribed(simulator)
+    reconnects = sum(c.reconnects for c in publisher.connections)
+    assert simulator.drop() == 3
+    await eventually(lambda: sum(c.reconnects for c in publisher.connections) >= reconnects + 3)
+    await eventually(lambda: sorted(map(sorted, (m.items() for m in subscribed(simulator).values())))
+                     == sorted(map(sorted, (m.items() for m in before.values()))))  # fmt: skip
+    await eventually(lambda: all(c.state == "live" for c in publisher.connections))
+
+
+async def test_stalled_connection_is_detected_and_resubscribed(
+    publisher, control, simulator, rds, keys
+) -> None:
+    await control.subscribe([EQUITY], mode="full", client="a")
+    index = publisher.book.placement[EQUITY]
+    connection = publisher.connections[index]
+    session = next(s.id for s in simulator.sessions if EQUITY in s.modes)
+    simulator.stall(30, session)
+    await eventually(lambda: "stalled" in connection.last_error, timeout=5)
+    await eventually(lambda: any(s.modes.get(EQUITY) == "full" and not s.stalled for s in simulator.sessions))
+    seen = await _ticks(rds, keys, [EQUITY], lambda s: len(s[EQUITY]) >= 2)
+    assert seen[EQUITY][-1]["mode"] == "full"
+    assert (await rds.hget(keys.conn(index), "last_error")).decode().startswith("stalled")
+
+
+async def test_malformed_frames_and_kite_errors_are_counted_not_fatal(
+    publisher, control, simulator, rds, keys
+) -> None:
+    await control.subscribe([EQUITY], client="a")
+    await simulator.send_malformed()
+    await simulator.send_error("TokenException: something")
+    await eventually(lambda: publisher.sink.malformed >= 5)
+    await eventually(lambda: any("TokenException" in c.last_error for c in publisher.connections))
+    assert all(c.state == "live" for c in publisher.connections)
+    assert await _ticks(rds, keys, [EQUITY], lambda s: s[EQUITY])
+    await eventually(lambda: rds.hget(keys.status, "malformed"))
+    assert int(await rds.hget(keys.status, "malformed")) >= 5
+
+
+async def test_bad_access_token_is_reported_as_auth_failed(settings, rds, keys) -> None:
+    bad = settings.model_copy(
+        update={"kite_access_token": settings.kite_access_token.__class__("expired-xyz")}
+    )
+    publisher = Publisher(bad, FAST)
+    await publisher.start()
+    try:
+        await eventually(lambda: all(c.state == "auth_failed" for c in publisher.connections))
+
+        async def shown():
+            return await rds.hget(keys.conn(0), "state") == b"auth_failed"
+
+        await eventually(shown)
+        error = (await rds.hget(keys.conn(0), "last_error")).decode()
+        assert "403" in error and "expired-xyz" not in error
+        reconnects = publisher.connections[0].reconnects
+        await asyncio.sleep(0.2)  # auth_retry is 0.5 s here: no tight loop
+        assert publisher.connections[0].reconnects <= reconnects + 1
+    finally:
+        await publisher.stop()
+
+
+async def test_status_and_connection_hashes(publisher, control, rds, keys) -> None:
+    await control.subscribe([EQUITY, INDEX], mode="quote", client="a")
+    await eventually(lambda: rds.hget(keys.status, "tokens"))
+    await eventually(lambda: publisher.connections[0].ticks > 0)
+
+    async def status_shows_two():
+        return (await rds.hget(keys.status, "tokens")) == b"2"
+
+    await eventually(status_shows_two)
+    status = {k.decode(): v.decode() for k, v in (await rds.hgetall(keys.status)).items()}
+    assert status["state"] == "running" and status["capacity"] == "9000"
+    assert float(status["heartbeat_at"]) >= float(status["started_at"]) > 0
+    conn = {k.decode(): v.decode() for k, v in (await rds.hgetall(keys.conn(0))).items()}
+    assert conn["state"] == "live" and int(conn["tokens"]) >= 1
+    assert float(conn["last_message_at"]) > 0 and int(conn["ticks"]) >= 0
+
+
+async def test_restore_on_start_and_stop_clears_live_hashes(settings, control, rds, keys, simulator) -> None:
+    first = Publisher(settings, FAST)
+    await first.start()
+    await control.subscribe([EQUITY], mode="full", client="a")
+    await control.subscribe([INDEX], mode="ltp", client="b")
+    await first.stop()
+    assert await rds.exists(keys.token_conn, keys.token_mode) == 0
+    assert await rds.hget(keys.status, "state") == b"stopped"
+    await rds.xadd(keys.control, {"op": "subscribe", "tokens": "738561", "mode": "quote", "client": "c"})
+    second = Publisher(settings, FAST)
+    await second.start()
+    try:
+        assert second.book.in_force == {EQUITY: "full", INDEX: "ltp"}  # restored before any request
+        await eventually(lambda: second.book.in_force.get(738561) == "quote")
+        await eventually(
+            lambda: (
+                sorted(t for m in subscribed(simulator).values() for t in m)
+                == sorted([EQUITY, INDEX, 738561])
+            )
+        )
+        assert await rds.hget(keys.token_mode, str(EQUITY)) == b"full"
+    finally:
+        await second.stop()
+
+
+async def test_control_client_times_out_without_a_publisher(rds) -> None:
+    from consumers.control import ControlTimeout
+
+    with pytest.raises(ControlTimeout, match="is the publisher running"):
+        await ControlClient(rds, "nobody").request("subscribe", [1], timeout=0.3)
+
+
+async def test_simulator_fixture_is_used(simulator: TickerServer) -> None:
+    assert simulator.url.startswith("ws://127.0.0.1:")

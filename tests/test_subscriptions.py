@@ -1,0 +1,112 @@
+"""The subscription book: ref counts, richest mode, placement, capacity, plans."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from publisher.codec import MODE_RANK, MODES
+from publisher.requests import Request
+from publisher.subscriptions import ConnectionChange, SubscriptionBook
+
+
+def sub(tokens, mode="quote", client="a") -> Request:
+    return Request("subscribe", tuple(tokens), client, mode)
+
+
+def unsub(tokens, client="a") -> Request:
+    return Request("unsubscribe", tuple(tokens), client)
+
+
+def test_new_tokens_spread_to_the_least_loaded_connection() -> None:
+    book = SubscriptionBook(3, 10)
+    outcome = book.apply(sub(range(1, 7)))
+    assert outcome.ok and outcome.applied == tuple(range(1, 7))
+    assert book.loads == [2, 2, 2]
+    assert {i: set(c.subscribe) for i, c in outcome.plan.items()} == {0: {1, 4}, 1: {2, 5}, 2: {3, 6}}
+
+
+def test_capacity_rejects_by_name_and_applies_the_rest() -> None:
+    book = SubscriptionBook(3, 3000)
+    assert book.apply(sub(range(1, 9001))).ok
+    assert book.loads == [3000, 3000, 3000]
+    outcome = book.apply(sub([9001, 5]))
+    assert outcome.rejected == (9001,) and outcome.applied == (5,)
+    assert not outcome.ok and "capacity full (9000 of 9000 in use)" in outcome.error
+    assert 9001 not in book.placement and max(book.loads) == 3000
+
+
+def test_shared_token_ref_count_and_richest_mode() -> None:
+    book = SubscriptionBook(3, 10)
+    book.apply(sub([7], "ltp", "a"))
+    outcome = book.apply(sub([7], "full", "b"))
+    assert outcome.plan == {0: ConnectionChange(modes={7: "full"})}
+    assert book.in_force[7] == "full"
+    outcome = book.apply(unsub([7], "b"))
+    assert outcome.plan == {0: ConnectionChange(modes={7: "ltp"})}
+    outcome = book.apply(unsub([7], "a"))
+    assert outcome.plan == {0: ConnectionChange(unsubscribe={7})}
+    assert book.placement == {} and book.claims == {} and book.loads == [0, 0, 0]
+
+
+def test_reapplying_a_request_changes_nothing() -> None:
+    book = SubscriptionBook(3, 10)
+    book.apply(sub([1, 2], "full"))
+    again = book.apply(sub([1, 2], "full"))
+    assert again.ok and again.plan == {}
+    book.apply(unsub([1]))
+    assert book.apply(unsub([1])).plan == {}
+
+
+def test_mode_needs_the_client_to_hold_the_token() -> None:
+    book = SubscriptionBook(3, 10)
+    book.apply(sub([1], client="a"))
+    outcome = book.apply(Request("mode", (1, 2), "a", "full"))
+    assert outcome.applied == (1,) and outcome.rejected == (2,)
+    assert "not subscribed by client 'a'" in outcome.error
+    assert book.in_force == {1: "full"}
+
+
+def test_restore_places_claims_and_drops_what_no_longer_fits() -> None:
+    book = SubscriptionBook(1, 2)
+    plan, dropped = book.restore({"a": {1: "full", 2: "ltp"}, "b": {2: "quote", 3: "ltp"}})
+    assert plan == {0: ConnectionChange(subscribe={1: "full", 2: "quote"})}
+    assert dropped == {"b": [3]}
+    assert book.claims == {"a": {1: "full", 2: "ltp"}, "b": {2: "quote"}}
+
+
+requests = st.builds(
+    Request,
+    op=st.sampled_from(["subscribe", "unsubscribe", "mode"]),
+    tokens=st.lists(st.integers(1, 40), min_size=1, max_size=12, unique=True).map(tuple),
+    client=st.sampled_from(["a", "b", "c"]),
+    mode=st.sampled_from(MODES),
+)
+
+
+@settings(max_examples=300)
+@given(st.integers(1, 3), st.integers(1, 12), st.lists(requests, max_size=40))
+def test_invariants_hold_for_any_request_sequence(connections, per_connection, sequence) -> None:
+    book = SubscriptionBook(connections, per_connection)
+    kite: dict[int, dict[int, str]] = {i: {} for i in range(connections)}  # what plans told Kite
+    for request in sequence:
+        if request.op == "unsubscribe":
+            request = Request("unsubscribe", request.tokens, request.client)
+        outcome = book.apply(request)
+        assert set(outcome.applied) | set(outcome.rejected) == set(request.tokens)
+        for index, change in outcome.plan.items():
+            for token in change.unsubscribe:
+                del kite[index][token]
+            for token, mode in change.subscribe.items():
+                assert token not in kite[index]
+                kite[index][token] = mode
+            for token, mode in change.modes.items():
+                kite[index][token] = mode
+        for index in range(connections):
+            assert kite[index] == book.connection_modes(index)
+            assert len(kite[index]) == book.loads[index] <= per_connection
+        held = {t for claims in book.claims.values() for t in claims}
+        assert held == set(book.placement) == set(book.in_force)
+        for token, mode in book.in_force.items():
+            asked = [claims[token] for claims in book.claims.values() if token in claims]
+            assert mode == max(asked, key=MODE_RANK.__getitem__)
