@@ -40,6 +40,7 @@ class Settings(BaseSettings):
         0, validation_alias=_env("KITEBUS_METRICS_PORT")
     )
     log_level: str = Field("INFO", validation_alias=_env("KITEBUS_LOG_LEVEL"))
+    instruments: str | None = Field(None, validation_alias=_env("KITEBUS_INSTRUMENTS"))
 
     @field_validator("kite_ws_url")
     @classmethod

@@ -4,24 +4,151 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
-from config import SettingsError, load_settings
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from config import Keys, Settings, SettingsError, load_settings
 from kitebus.logs import configure_logging
 from kitebus.signals import wait_for_stop_signal
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY
 
-Handler = Callable[[argparse.Namespace], int]
+
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)`` in a new event loop; SIGINT/SIGTERM set ``stop``."""
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        waiter = asyncio.create_task(wait_for_stop_signal())
+        waiter.add_done_callback(lambda _: stop.set())
+        try:
+            await main(stop)
+        finally:
+            waiter.cancel()
+
+    asyncio.run(run())
 
 
-def _not_yet(name: str) -> Handler:
-    def handler(args: argparse.Namespace) -> int:
-        load_settings()
-        print(f"kitebus {name}: not yet available", file=sys.stderr)
+def _redis(settings: Settings) -> Any:
+    import redis.asyncio as redis
+
+    return redis.from_url(settings.redis_url, socket_connect_timeout=5)
+
+
+def _ctl(args: argparse.Namespace) -> int:
+    from consumers.control import ControlClient, ControlTimeout
+    from consumers.instruments import Instruments, UnknownInstrument, resolve
+
+    settings = load_settings()
+    if args.op == "mode" and args.mode is None:
+        print("kitebus ctl mode: --mode is required", file=sys.stderr)
+        return 2
+    try:
+        instruments = Instruments.from_csv(settings.instruments) if settings.instruments else None
+        tokens = resolve([t for arg in args.tokens for t in arg.replace(",", " ").split()], instruments)
+    except (UnknownInstrument, OSError, ValueError) as exc:
+        print(f"kitebus ctl: {exc}", file=sys.stderr)
         return 2
 
-    return handler
+    async def run() -> int:
+        client = _redis(settings)
+        try:
+            result = await ControlClient(client, settings.namespace).request(
+                args.op, tokens, mode=args.mode, client=args.client, timeout=args.timeout
+            )
+        except ControlTimeout as exc:
+            print(f"kitebus ctl: {exc}", file=sys.stderr)
+            return 3
+        finally:
+            await client.aclose()
+        if args.json:
+            print(json.dumps(dataclasses.asdict(result)))
+        else:
+            verdict = "ok" if result.ok else "REJECTED"
+            print(f"{verdict}: {result.op} client={result.client} applied={len(result.applied)} "
+                  f"rejected={len(result.rejected)}")  # fmt: skip
+            if result.rejected:
+                print(f"rejected: {','.join(map(str, result.rejected))}")
+            if result.error:
+                print(f"error: {result.error}")
+        return 0 if result.ok else 1
+
+    return asyncio.run(run())
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from consumers.status import read_status, render_status
+
+    settings = load_settings()
+
+    async def run() -> dict[str, Any]:
+        client = _redis(settings)
+        try:
+            return await read_status(client, Keys(settings.namespace), sample=args.sample)
+        finally:
+            await client.aclose()
+
+    data = asyncio.run(run())
+    if args.json:
+        print(json.dumps(data))
+    else:
+        render_status(data, Console())
+    return 0 if data["publisher"]["alive"] else 1
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from consumers.display import format_tick
+    from consumers.instruments import UnknownInstrument
+    from consumers.subscriber import TickSubscriber
+
+    settings = load_settings()
+    tokens = [t for arg in args.tokens for t in arg.replace(",", " ").split()]
+
+    async def run() -> None:
+        async with TickSubscriber(
+            settings, client=f"tail-{os.getpid()}", snapshot=not args.no_snapshot
+        ) as sub:
+            symbols = sub.instruments.symbols if sub.instruments else {}
+            if args.subscribe:
+                await sub.subscribe(tokens, mode=args.subscribe)
+            else:
+                await sub.listen(tokens)
+            seen = 0
+            async for tick in sub:
+                line = (
+                    json.dumps(tick)
+                    if args.json
+                    else format_tick(tick, symbols.get(tick["instrument_token"]))
+                )
+                print(line, flush=True)
+                seen += 1
+                if seen == args.count:
+                    return
+
+    async def until_signal() -> None:
+        runner = asyncio.create_task(run())
+        stopper = asyncio.create_task(wait_for_stop_signal())
+        done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (runner, stopper):
+            task.cancel()
+        await asyncio.gather(runner, stopper, return_exceptions=True)
+        if runner in done:
+            runner.result()
+
+    try:
+        asyncio.run(until_signal())
+    except UnknownInstrument as exc:
+        print(f"kitebus tail: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -31,16 +158,17 @@ def _publish(args: argparse.Namespace) -> int:
     settings.require_credentials()
     configure_logging(settings.log_level)
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        waiter = asyncio.create_task(wait_for_stop_signal())
-        waiter.add_done_callback(lambda _: stop.set())
-        try:
-            await app.run(settings, stop)
-        finally:
-            waiter.cancel()
+    _run_until_signal(lambda stop: app.run(settings, stop))
+    return 0
 
-    asyncio.run(run())
+
+def _demo(args: argparse.Namespace) -> int:
+    from consumers.demo import run_demo
+
+    settings = load_settings()
+    configure_logging("WARNING")  # the screen is the demo's output
+
+    _run_until_signal(lambda stop: run_demo(settings, stop, args.duration))
     return 0
 
 
@@ -83,16 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(handler=_simulate)
 
     demo = commands.add_parser("demo", help="the whole system on this machine, live ticks on screen")
-    demo.set_defaults(handler=_not_yet("demo"))
+    demo.add_argument("--duration", type=float, help="stop by itself after this many seconds")
+    demo.set_defaults(handler=_demo)
 
     ctl = commands.add_parser("ctl", help="send a subscription request and wait for its result")
-    ctl.set_defaults(handler=_not_yet("ctl"))
+    ctl.add_argument("op", choices=["subscribe", "unsubscribe", "mode"])
+    ctl.add_argument("tokens", nargs="+", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    ctl.add_argument("--mode", choices=["ltp", "quote", "full"], help="quote by default for subscribe")
+    ctl.add_argument("--client", default="ops", help="whose claim this is (default: ops)")
+    ctl.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the result")
+    ctl.add_argument("--json", action="store_true", help="print the result as JSON")
+    ctl.set_defaults(handler=_ctl)
 
     status = commands.add_parser("status", help="connections, capacity, health, rates")
-    status.set_defaults(handler=_not_yet("status"))
+    status.add_argument("--json", action="store_true", help="print as JSON")
+    status.add_argument("--sample", type=float, default=1.0, help="seconds to measure ticks/s over")
+    status.set_defaults(handler=_status)
 
     tail = commands.add_parser("tail", help="print decoded ticks from the bus")
-    tail.set_defaults(handler=_not_yet("tail"))
+    tail.add_argument("tokens", nargs="+", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    tail.add_argument("--json", action="store_true", help="one JSON object per tick")
+    tail.add_argument("--no-snapshot", action="store_true", help="skip each token's latest tick")
+    tail.add_argument("--subscribe", choices=["ltp", "quote", "full"], help="also claim them in this mode")
+    tail.add_argument("--count", type=int, default=0, help="stop after this many ticks")
+    tail.set_defaults(handler=_tail)
     return parser
 
 
@@ -102,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except SettingsError as exc:
         print(f"kitebus: {exc}", file=sys.stderr)
+        return 2
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        print(f"kitebus: cannot reach Redis: {exc}", file=sys.stderr)  # redis-py names host:port only
         return 2
     except KeyboardInterrupt:
         return 130

@@ -1,0 +1,62 @@
+"""Ticks as text: one line per tick (``kitebus tail``) and a watchlist table (the demo)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from publisher.codec import divisor_of
+
+
+def format_tick(tick: Mapping[str, Any], symbol: str | None = None) -> str:
+    """``14:02:11.204 INFY(408065) full 1560.05 +0.12% vol 12,345 bid 1560.00x120 ask 1560.10x80``"""
+    received = tick.get("received_at_ns", 0) / 1e9
+    clock = time.strftime("%H:%M:%S", time.localtime(received)) + f".{int(received * 1000) % 1000:03d}"
+    name = f"{symbol}({tick['instrument_token']})" if symbol else str(tick["instrument_token"])
+    parts = [clock, name, tick["mode"], f"{tick['last_price']:.{_decimals(tick['instrument_token'])}f}"]
+    if "change" in tick:
+        parts.append(f"{tick['change']:+.2f}%")
+    if "volume_traded" in tick:
+        parts.append(f"vol {tick['volume_traded']:,}")
+    if "depth" in tick:
+        bid, ask = tick["depth"]["buy"][0], tick["depth"]["sell"][0]
+        parts.append(f"bid {bid['price']:.2f}x{bid['quantity']} ask {ask['price']:.2f}x{ask['quantity']}")
+    return " ".join(parts)
+
+
+def _decimals(token: int) -> int:
+    return 2 if divisor_of(token) == 100 else 4
+
+
+def watchlist_table(
+    latest: Mapping[int, Mapping[str, Any]],
+    symbols: Mapping[int, str],
+    placement: Mapping[int, int],
+    modes: Mapping[int, str],
+) -> Table:
+    """Latest price per instrument, in the order of ``symbols``."""
+    table = Table(title="watchlist", title_justify="left")
+    for column in ("symbol", "token", "ltp", "chg %", "volume", "mode", "conn", "age"):
+        table.add_column(column, justify="left" if column in ("symbol", "mode") else "right")
+    now = time.time_ns()
+    for token, symbol in symbols.items():
+        tick = latest.get(token)
+        if tick is None:
+            table.add_row(
+                symbol, str(token), "…", "", "", modes.get(token, ""), str(placement.get(token, "")), ""
+            )
+            continue
+        change = tick.get("change")
+        style = "green" if change and change > 0 else "red" if change and change < 0 else ""
+        table.add_row(
+            symbol, str(token), f"{tick['last_price']:,.{_decimals(token)}f}",
+            Text(f"{change:+.2f}", style=style) if change is not None else "",
+            f"{tick['volume_traded']:,}" if "volume_traded" in tick else "",
+            modes.get(token, tick["mode"]), str(placement.get(token, "")),
+            f"{(now - tick['received_at_ns']) / 1e9:.1f}s",
+        )  # fmt: skip
+    return table

@@ -1,0 +1,116 @@
+"""Read the publisher's health from Redis and show it (``kitebus status``, the demo)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import redis.asyncio as redis
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from config import Keys
+
+STALE_AFTER = 5.0  # seconds without a publisher heartbeat
+
+
+def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in mapping.items()}
+
+
+async def _snapshot(client: redis.Redis, keys: Keys) -> tuple[dict[str, str], list[dict[str, str]]]:
+    status = _decode(await client.hgetall(keys.status))
+    count = int(status.get("connections", 0))
+    conns = [_decode(await client.hgetall(keys.conn(i))) for i in range(count)]
+    return status, conns
+
+
+async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> dict[str, Any]:
+    """Status, per-connection health with ticks/s over ``sample`` seconds, and clients."""
+    _, before = await _snapshot(client, keys)
+    started = time.monotonic()
+    if sample > 0:
+        await asyncio.sleep(sample)
+    status, conns = await _snapshot(client, keys)
+    elapsed = max(time.monotonic() - started, 1e-9)
+    now = time.time()
+    connections = len(conns)
+    capacity = int(status.get("capacity", 0))
+    limit = capacity // connections if connections else 0
+    rows = []
+    for index, conn in enumerate(conns):
+        previous = before[index] if index < len(before) else {}
+        ticks, last = int(conn.get("ticks", 0)), float(conn.get("last_message_at", 0) or 0)
+        rows.append({
+            "index": index,
+            "state": conn.get("state", "?"),
+            "tokens": int(conn.get("tokens", 0)),
+            "limit": limit,
+            "ticks": ticks,
+            "ticks_per_s": round(max(0, ticks - int(previous.get("ticks", ticks))) / elapsed, 1),
+            "last_message_age": round(now - last, 3) if last else None,
+            "reconnects": int(conn.get("reconnects", 0)),
+            "last_error": conn.get("last_error", ""),
+        })  # fmt: skip
+    clients = {}
+    for raw in sorted(await client.smembers(keys.clients)):
+        clients[raw.decode()] = await client.hlen(keys.claims(raw.decode()))
+    heartbeat = float(status.get("heartbeat_at", 0) or 0)
+    age = round(now - heartbeat, 3) if heartbeat else None
+    tokens = int(status.get("tokens", 0))
+    return {
+        "namespace": keys.ns,
+        "publisher": {
+            "state": status.get("state", "absent"),
+            "pid": int(status["pid"]) if "pid" in status else None,
+            "heartbeat_age": age,
+            "alive": age is not None and age < STALE_AFTER and status.get("state") == "running",
+            "published": int(status.get("published", 0)),
+            "dropped": int(status.get("dropped", 0)),
+            "malformed": int(status.get("malformed", 0)),
+        },
+        "connections": rows,
+        "totals": {"tokens": tokens, "capacity": capacity, "remaining": capacity - tokens},
+        "clients": clients,
+    }
+
+
+def _age(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f}s"
+
+
+def connections_table(data: dict[str, Any]) -> Table:
+    """Per-connection health as a table."""
+    table = Table(title="connections", title_justify="left", expand=False)
+    for column in ("conn", "state", "tokens", "ticks/s", "last msg", "reconnects", "last error"):
+        table.add_column(column, justify="left" if column in ("state", "last error") else "right")
+    for row in data["connections"]:
+        state = row["state"]
+        style = "green" if state == "live" else "red" if state in ("auth_failed", "backoff") else "yellow"
+        table.add_row(
+            str(row["index"]), Text(state, style=style), f"{row['tokens']}/{row['limit']}",
+            f"{row['ticks_per_s']:.1f}",
+            _age(row["last_message_age"]), str(row["reconnects"]), Text(row["last_error"]),
+        )  # fmt: skip
+    return table
+
+
+def render_status(data: dict[str, Any], console: Console) -> None:
+    """The whole status, for a terminal (or plain text when not one)."""
+    pub, totals = data["publisher"], data["totals"]
+    health = "[green]alive[/]" if pub["alive"] else "[red]NOT ALIVE[/]"
+    console.print(
+        f"publisher [{data['namespace']}]: {pub['state']} {health}, "
+        f"heartbeat {_age(pub['heartbeat_age'])} ago, "
+        f"pid {pub['pid'] or '-'}; published {pub['published']:,}, dropped {pub['dropped']:,}, "
+        f"malformed {pub['malformed']:,}"
+    )
+    console.print(connections_table(data))
+    console.print(f"tokens {totals['tokens']:,} of {totals['capacity']:,} ({totals['remaining']:,} free)")
+    clients = data["clients"]
+    if clients:
+        console.print("clients: " + ", ".join(f"{name} ({count})" for name, count in clients.items()))
+    else:
+        console.print("clients: none")

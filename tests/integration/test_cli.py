@@ -1,0 +1,88 @@
+"""The ops commands through their entry point, against a running publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+
+from consumers.instruments import write_csv
+from simulator.market import INSTRUMENTS
+from tests.integration.conftest import eventually
+
+INFY = 408065
+
+
+async def kitebus(redis_url: str, *args: str, timeout: float = 30, **env: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kitebus", *args,
+        env={**os.environ, "REDIS_URL": redis_url, "KITEBUS_NAMESPACE": "kite", **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_ctl_subscribe_prints_the_result_and_exits_0(publisher, redis_url) -> None:
+    code, out, _ = await kitebus(redis_url, "ctl", "subscribe", "408065,884737", "--mode", "full")
+    assert code == 0 and out.startswith("ok: subscribe client=ops applied=2")
+    assert publisher.book.in_force == {INFY: "full", 884737: "full"}
+    code, out, _ = await kitebus(redis_url, "ctl", "mode", "408065", "--mode", "ltp", "--json")
+    assert code == 0 and json.loads(out)["applied"] == [INFY]
+    assert publisher.book.in_force[INFY] == "ltp"
+
+
+async def test_ctl_rejection_exits_1_and_bad_input_exits_2(publisher, redis_url) -> None:
+    code, out, _ = await kitebus(redis_url, "ctl", "mode", "123", "--mode", "full", "--json")
+    result = json.loads(out)
+    assert code == 1 and result["ok"] is False and result["rejected"] == [123]
+    code, _, err = await kitebus(redis_url, "ctl", "subscribe", "NSE:INFY")
+    assert code == 2 and "no instruments file" in err
+    code, _, err = await kitebus(redis_url, "ctl", "mode", "1")
+    assert code == 2 and "--mode is required" in err
+
+
+async def test_ctl_resolves_symbols(publisher, redis_url, tmp_path) -> None:
+    path = tmp_path / "instruments.csv"
+    write_csv(path, [(i.token, i.exchange, i.symbol) for i in INSTRUMENTS])
+    code, out, _ = await kitebus(
+        redis_url, "ctl", "subscribe", "NSE:INFY", "--json", KITEBUS_INSTRUMENTS=str(path)
+    )
+    assert code == 0 and json.loads(out)["applied"] == [INFY]
+
+
+async def test_ctl_times_out_without_a_publisher(redis_url) -> None:
+    code, _, err = await kitebus(redis_url, "ctl", "subscribe", "1", "--timeout", "0.5")
+    assert code == 3 and "is the publisher running" in err
+
+
+async def test_status_json_and_table(publisher, control, redis_url) -> None:
+    await control.subscribe([INFY, 256265], mode="quote", client="s1")
+    await eventually(lambda: publisher.connections[0].ticks + publisher.connections[1].ticks > 0)
+    await asyncio.sleep(0.3)  # let the monitor write the hashes once more
+    code, out, _ = await kitebus(redis_url, "status", "--json", "--sample", "0.5")
+    data = json.loads(out)
+    assert code == 0 and data["publisher"]["alive"] is True
+    assert data["totals"] == {"tokens": 2, "capacity": 9000, "remaining": 8998}
+    assert [c["state"] for c in data["connections"]] == ["live"] * 3
+    assert data["clients"] == {"s1": 2}
+    code, out, _ = await kitebus(redis_url, "status", "--sample", "0")
+    assert code == 0 and "tokens 2 of 9,000" in out and "s1 (2)" in out and "live" in out
+
+
+async def test_status_exits_1_when_the_heartbeat_is_stale(redis_url, rds, keys) -> None:
+    await rds.hset(keys.status, mapping={"state": "running", "heartbeat_at": "1000.0", "connections": "0"})
+    code, out, _ = await kitebus(redis_url, "status", "--json", "--sample", "0")
+    assert code == 1 and json.loads(out)["publisher"]["alive"] is False
+
+
+async def test_tail_prints_snapshot_then_live_ticks(publisher, control, redis_url, rds, keys) -> None:
+    await control.subscribe([INFY], mode="full", client="t")
+    await eventually(lambda: rds.hexists(keys.last, str(INFY)))
+    code, out, _ = await kitebus(redis_url, "tail", "408065", "--json", "--count", "3")
+    ticks = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [t["instrument_token"] for t in ticks] == [INFY] * 3
+    assert ticks[0]["received_at_ns"] < ticks[1]["received_at_ns"] < ticks[2]["received_at_ns"]
+    code, out, _ = await kitebus(redis_url, "tail", "408065", "--count", "1")
+    assert code == 0 and " 408065 full " in out and "bid " in out

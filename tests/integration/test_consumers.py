@@ -1,0 +1,106 @@
+"""The strategy library against the real stack: redis-server + simulator + publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+
+import pytest
+
+from consumers.control import SubscriptionRejected
+from consumers.instruments import UnknownInstrument, write_csv
+from consumers.subscriber import BlockingTickSubscriber, TickSubscriber
+from simulator.market import INSTRUMENTS
+from tests.integration.conftest import eventually
+
+INFY, NIFTY = 408065, 256265
+
+
+async def _first(sub: TickSubscriber, count: int) -> list[dict]:
+    ticks = []
+    async with asyncio.timeout(10):
+        async for tick in sub:
+            ticks.append(tick)
+            if len(ticks) == count:
+                return ticks
+    return ticks
+
+
+async def test_subscribe_receive_and_release_on_exit(publisher, redis_url, rds, keys) -> None:
+    async with TickSubscriber(redis_url, client="strat-1") as sub:
+        result = await sub.subscribe([INFY, NIFTY], mode="full")
+        assert result.ok and set(result.applied) == {INFY, NIFTY}
+        assert await rds.hgetall(keys.claims("strat-1")) == {b"408065": b"full", b"256265": b"full"}
+        ticks = await _first(sub, 6)
+        assert {t["instrument_token"] for t in ticks} == {INFY, NIFTY}
+        infy = next(t for t in ticks if t["instrument_token"] == INFY)
+        assert infy["mode"] == "full" and len(infy["depth"]["sell"]) == 5 and "last_price" in infy
+    assert await rds.hgetall(keys.claims("strat-1")) == {}
+    assert await rds.hget(keys.token_conn, str(INFY)) is None  # nobody else held it
+
+
+async def test_late_joiner_gets_the_snapshot_first(publisher, redis_url, control, rds, keys) -> None:
+    await control.subscribe([INFY], mode="quote", client="early")
+    await eventually(lambda: rds.hexists(keys.last, str(INFY)))
+    async with TickSubscriber(redis_url, client="late") as sub:
+        await sub.subscribe([INFY], mode="quote")
+        snapshot_ns = sub._seen_ns[INFY]
+        first, second = await _first(sub, 2)
+        assert first["received_at_ns"] == snapshot_ns  # the snapshot, immediately
+        assert second["received_at_ns"] > snapshot_ns  # then live ticks, never the same one twice
+    assert await rds.hget(keys.token_mode, str(INFY)) == b"quote"  # 'early' still holds it
+
+
+async def test_rejection_raises_naming_the_tokens(settings, redis_url) -> None:
+    from publisher.app import Publisher
+    from tests.integration.conftest import FAST
+
+    small = Publisher(settings.model_copy(update={"connections": 1, "tokens_per_connection": 2}), FAST)
+    await small.start()
+    try:
+        async with TickSubscriber(redis_url, client="greedy") as sub:
+            with pytest.raises(SubscriptionRejected) as caught:
+                await sub.subscribe([1 << 8 | 1, 2 << 8 | 1, 3 << 8 | 1])
+            assert caught.value.rejected == (3 << 8 | 1,)
+            assert "rejected: 769" in str(caught.value)
+            assert sub.claimed == {1 << 8 | 1, 2 << 8 | 1}  # the applied part is released on exit
+        assert small.book.claims == {}
+    finally:
+        await small.stop()
+
+
+async def test_symbols_resolve_through_the_instruments_file(publisher, redis_url, tmp_path) -> None:
+    path = tmp_path / "instruments.csv"
+    write_csv(path, [(i.token, i.exchange, i.symbol) for i in INSTRUMENTS])
+    async with TickSubscriber(redis_url, client="sym", instruments=str(path)) as sub:
+        result = await sub.subscribe(["NSE:INFY", "NSE:NIFTY 50"], mode="ltp")
+        assert set(result.applied) == {INFY, NIFTY}
+        with pytest.raises(UnknownInstrument, match="NSE:NOPE"):
+            await sub.subscribe(["NSE:NOPE"])
+    async with TickSubscriber(redis_url, client="nofile") as sub:
+        with pytest.raises(UnknownInstrument, match="no instruments file"):
+            await sub.subscribe(["NSE:INFY"])
+
+
+async def test_blocking_flavour_in_a_thread(publisher, redis_url, rds, keys) -> None:
+    def strategy() -> list[dict]:
+        with BlockingTickSubscriber(redis_url, client="sync-1") as sub:
+            sub.subscribe([INFY], mode="ltp")
+            return [sub.get(timeout=10) for _ in range(3)]
+
+    ticks = await asyncio.to_thread(strategy)
+    assert [t["instrument_token"] for t in ticks] == [INFY] * 3
+    assert all(t["mode"] == "ltp" for t in ticks[1:])
+    assert await rds.hgetall(keys.claims("sync-1")) == {}
+
+
+async def test_blocking_get_times_out_cleanly(publisher, redis_url) -> None:
+    def idle() -> bool:
+        with BlockingTickSubscriber(redis_url, client="idle") as sub:
+            try:
+                sub.get(timeout=0.2)
+            except queue.Empty:
+                return True
+        return False
+
+    assert await asyncio.to_thread(idle)
