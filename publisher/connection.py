@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from publisher import messages
 from publisher.codec import MODES
 from publisher.subscriptions import ConnectionChange
+from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.connection")
 
@@ -76,13 +77,8 @@ class KiteConnection:
 
     async def close(self) -> None:
         """Stop: close the socket cleanly and end the task."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self.state = STOPPED
 
     # --- subscriptions -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from config.keys import CONTROL_GROUP, Keys
 from publisher.connection import KiteConnection
 from publisher.requests import Request, RequestError, parse_request
 from publisher.subscriptions import Outcome, SubscriptionBook
+from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.control")
 
@@ -43,7 +44,7 @@ class ControlLoop:
         book: SubscriptionBook,
         connections: Sequence[KiteConnection],
         *,
-        block_ms: int = 1000,
+        block_ms: int = 250,  # also how long a stop may wait for the read in hand
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -118,11 +119,7 @@ class ControlLoop:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), self._block_ms / 1000 + 1)
         except TimeoutError:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
         self._task = None
 
     async def _run(self) -> None:

@@ -19,6 +19,7 @@ from publisher.connection import LIVE, KiteConnection
 from publisher.control import REDIS_DOWN
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
+from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.monitor")
 
@@ -114,13 +115,8 @@ class Monitor:
         self._task = asyncio.create_task(self._run(), name="monitor")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
             self._metrics_server = None

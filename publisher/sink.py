@@ -19,6 +19,7 @@ from collections import deque
 from config.keys import Keys
 from publisher import codec
 from publisher.resp import RespConnection
+from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.sink")
 
@@ -92,11 +93,7 @@ class TickSink:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             pass
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(self._task)
         self._task = None
         if self._buffered:
             self.dropped += self._buffered
