@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -73,6 +74,13 @@ class Settings(BaseSettings):
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return level
+
+    @field_validator("instruments")
+    @classmethod
+    def _instruments(cls, value: str | None) -> str | None:
+        if value and not Path(value).is_file():
+            raise ValueError("no such file")
+        return value or None
 
     @property
     def capacity(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
@@ -64,7 +65,7 @@ class TickSubscriber:
         self._redis: redis.Redis | None = None
         self._owns_redis = False
         self._pubsub: Any = None
-        self._pending: list[Tick] = []  # snapshot ticks not yet yielded
+        self._pending: deque[Tick] = deque()  # snapshot ticks not yet yielded
         self._seen_ns: dict[int, int] = {}  # token -> received_at_ns of its snapshot
         self._listening = asyncio.Event()
 
@@ -127,7 +128,7 @@ class TickSubscriber:
         await self._listening.wait()
         while True:
             while self._pending:
-                yield self._pending.pop(0)
+                yield self._pending.popleft()
             message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if message is None or message["type"] != "message":
                 continue

@@ -131,6 +131,9 @@ class KiteConnection:
                     self._fail(BACKOFF, f"closed: code {exc.rcvd.code if exc.rcvd else 1006}")
                 except (OSError, InvalidHandshake, TimeoutError) as exc:
                     self._fail(BACKOFF, f"{exc.__class__.__name__}: {exc}"[:200])
+                except Exception as exc:  # a bug: reconnect rather than die with the task
+                    log.exception("connection=%d failed unexpectedly", self.index)
+                    self._fail(BACKOFF, f"internal error: {exc.__class__.__name__}")
                 if time.monotonic() - started > 30:
                     attempt = 0  # it was healthy for a while: start the backoff over
                 delay = min(self.backoff_cap, self.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)

@@ -149,31 +149,46 @@ class ControlLoop:
             )  # fmt: skip
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
-                await self.handle(entry_id.decode(), fields)
+                try:
+                    await self.handle(entry_id.decode(), fields)
+                except (*REDIS_DOWN, ResponseError):
+                    raise
+                except Exception:  # a bug must not stall every request behind this one
+                    log.exception("request id=%s failed unexpectedly", entry_id.decode())
+                    await self._answer_internal_error(entry_id.decode(), fields)
             if not pending or not entries or self._stopping:
                 return
 
     async def handle(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
         """Apply one entry, then persist + answer + acknowledge in one transaction."""
-        request: Request | None = None
-        outcome: Outcome | None = None
         try:
             if fields is None:
                 raise RequestError("the entry was deleted from the stream before it was read")
             request = parse_request(fields)
         except RequestError as exc:
-            error = str(exc)
-        else:
-            outcome = self._book.apply(request)
-            error = outcome.error
-            for index, change in outcome.plan.items():
-                await self._connections[index].apply(change)
-        op = request.op if request else _field(fields, "op")
-        client = request.client if request else _field(fields, "client")
+            await self._answer(entry_id, fields, str(exc))
+            return
+        outcome = self._book.apply(request)
+        for index, change in outcome.plan.items():
+            await self._connections[index].apply(change)
+        await self._answer(entry_id, fields, outcome.error, request, outcome)
+
+    async def _answer_internal_error(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
+        await self._answer(entry_id, fields, "internal error in the publisher (see its log)")
+
+    async def _answer(
+        self,
+        entry_id: str,
+        fields: Mapping[bytes, bytes] | None,
+        error: str,
+        request: Request | None = None,
+        outcome: Outcome | None = None,
+    ) -> None:
+        """Persist the outcome (if any), write the result and XACK, all in one MULTI/EXEC."""
         result = {
             "request": entry_id,
-            "op": op,
-            "client": client,
+            "op": request.op if request else _field(fields, "op"),
+            "client": request.client if request else _field(fields, "client"),
             "ok": "1" if outcome is not None and outcome.ok else "0",
             "error": error,
             "applied": _tokens_text(outcome.applied) if outcome else "",
@@ -186,10 +201,10 @@ class ControlLoop:
             pipe.xack(self._keys.control, CONTROL_GROUP, entry_id)
             await pipe.execute()
         self.processed += 1
-        level = logging.INFO if result["ok"] == "1" else logging.WARNING
         log.log(
-            level, "request id=%s op=%s client=%s ok=%s applied=%d rejected=%d error=%r",
-            entry_id, op, client, result["ok"], len(outcome.applied) if outcome else 0,
+            logging.INFO if result["ok"] == "1" else logging.WARNING,
+            "request id=%s op=%s client=%s ok=%s applied=%d rejected=%d error=%r",
+            entry_id, result["op"], result["client"], result["ok"], len(outcome.applied) if outcome else 0,
             len(outcome.rejected) if outcome else 0, error,
         )  # fmt: skip
 

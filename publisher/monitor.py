@@ -130,6 +130,8 @@ class Monitor:
                 if self.redis_up:
                     log.warning("monitor lost redis error=%s", exc.__class__.__name__)
                 self.redis_up = False
+            except Exception:  # keep the heartbeat going whatever one write did
+                log.exception("status write failed unexpectedly")
             await asyncio.sleep(self.interval)
 
 

@@ -127,8 +127,10 @@ class TickSink:
             try:
                 async with asyncio.timeout(self.write_timeout):
                     errors = await self._connection.execute(commands, replies)
-            except (ConnectionError, OSError, TimeoutError) as exc:
+            except Exception as exc:
                 # Whether these reached Redis is unknown: counted as dropped, not re-sent twice.
+                if not isinstance(exc, (ConnectionError, OSError, TimeoutError)):
+                    log.exception("sink write failed unexpectedly")
                 self.dropped += len(batch)
                 self._mark_down(f"redis write failed: {exc.__class__.__name__}")
                 await self._disconnect()

@@ -99,3 +99,9 @@ def test_keys_follow_the_namespace() -> None:
     assert keys.conn(2) == "paper:conn:2"
     assert keys.claims("strat-1") == "paper:claims:strat-1"
     assert (keys.control, keys.control_results) == ("paper:control", "paper:control:results")
+
+
+def test_instruments_file_must_exist(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("KITEBUS_INSTRUMENTS", str(tmp_path / "missing.csv"))
+    with pytest.raises(SettingsError, match="KITEBUS_INSTRUMENTS: no such file"):
+        load_settings()

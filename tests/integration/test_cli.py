@@ -57,10 +57,14 @@ async def test_ctl_times_out_without_a_publisher(redis_url) -> None:
     assert code == 3 and "is the publisher running" in err
 
 
-async def test_status_json_and_table(publisher, control, redis_url) -> None:
+async def test_status_json_and_table(publisher, control, redis_url, rds, keys) -> None:
     await control.subscribe([INFY, 256265], mode="quote", client="s1")
-    await eventually(lambda: publisher.connections[0].ticks + publisher.connections[1].ticks > 0)
-    await asyncio.sleep(0.3)  # let the monitor write the hashes once more
+
+    async def status_written() -> bool:
+        ticks = [int(await rds.hget(keys.conn(i), "ticks") or 0) for i in range(3)]
+        return await rds.hget(keys.status, "tokens") == b"2" and sum(ticks) > 0
+
+    await eventually(status_written)
     code, out, _ = await kitebus(redis_url, "status", "--json", "--sample", "0.5")
     data = json.loads(out)
     assert code == 0 and data["publisher"]["alive"] is True

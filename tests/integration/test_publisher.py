@@ -248,3 +248,17 @@ async def test_control_client_times_out_without_a_publisher(rds) -> None:
 
 async def test_simulator_fixture_is_used(simulator: TickerServer) -> None:
     assert simulator.url.startswith("ws://127.0.0.1:")
+
+
+async def test_a_failing_request_is_answered_and_the_loop_goes_on(publisher, control, monkeypatch) -> None:
+    connection = publisher.connections[0]
+    original = connection.apply
+
+    async def broken(change):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(connection, "apply", broken)
+    result = await control.request("subscribe", [EQUITY], client="a")
+    assert not result.ok and "internal error" in result.error
+    monkeypatch.setattr(connection, "apply", original)
+    assert (await control.subscribe([INDEX], client="b")).ok  # the next request is served
