@@ -163,7 +163,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from consumers.demo import run_demo
+    from kitebus.demo import run_demo
 
     settings = load_settings()
     configure_logging("WARNING")  # the screen is the demo's output
