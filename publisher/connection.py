@@ -55,6 +55,7 @@ class KiteConnection:
     ) -> None:
         self.index = index
         self._url = f"{ws_url}?{urlencode({'api_key': api_key, 'access_token': access_token})}"
+        self._secrets = (api_key, access_token)
         self._on_frame = on_frame
         self.stall_timeout = stall_timeout
         self.backoff_base, self.backoff_cap, self.auth_retry = backoff_base, backoff_cap, auth_retry
@@ -146,6 +147,8 @@ class KiteConnection:
             self._socket = None
 
     def _fail(self, state: str, error: str) -> None:
+        for secret in self._secrets:  # an exception may quote the URL; never show credentials
+            error = error.replace(secret, "***")
         self.state = state
         self.last_error = error
         self.connected.clear()
