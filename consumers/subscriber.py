@@ -26,6 +26,7 @@ import redis.asyncio as redis
 from config import Keys, Settings
 from consumers.control import ControlClient, ControlResult, SubscriptionRejected
 from consumers.instruments import Instruments, resolve
+from publisher.tasks import cancel_and_wait
 
 Tick = dict[str, Any]
 
@@ -157,7 +158,7 @@ class BlockingTickSubscriber:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kitebus-subscriber", daemon=True)
         self._subscriber: TickSubscriber | None = None
-        self._pump: asyncio.Future[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
         self.dropped = 0  # ticks the strategy was too slow to take (the queue was full)
 
     def _call(self, coroutine: Any, timeout: float | None = 30.0) -> Any:
@@ -169,14 +170,16 @@ class BlockingTickSubscriber:
         async def enter() -> TickSubscriber:
             return await TickSubscriber(*self._args, **self._options).__aenter__()
 
+        async def start_pump() -> asyncio.Task[None]:
+            return asyncio.create_task(self._forward())
+
         self._subscriber = self._call(enter())
-        self._pump = asyncio.run_coroutine_threadsafe(self._forward(), self._loop)
+        self._pump = self._call(start_pump())
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
-            if self._pump is not None:
-                self._loop.call_soon_threadsafe(self._pump.cancel)
+            self._call(cancel_and_wait(self._pump))
             if self._subscriber is not None:
                 self._call(self._subscriber.__aexit__(None, None, None))
         finally:

@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config import Keys, Settings, SettingsError, load_settings
 from kitebus.logs import configure_logging
 from kitebus.signals import wait_for_stop_signal
+from publisher.tasks import cancel_and_wait, run_until
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY
 
 
@@ -30,7 +31,7 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         try:
             await main(stop)
         finally:
-            waiter.cancel()
+            await cancel_and_wait(waiter)
 
     asyncio.run(run())
 
@@ -133,18 +134,8 @@ def _tail(args: argparse.Namespace) -> int:
                 if seen == args.count:
                     return
 
-    async def until_signal() -> None:
-        runner = asyncio.create_task(run())
-        stopper = asyncio.create_task(wait_for_stop_signal())
-        done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (runner, stopper):
-            task.cancel()
-        await asyncio.gather(runner, stopper, return_exceptions=True)
-        if runner in done:
-            runner.result()
-
     try:
-        asyncio.run(until_signal())
+        _run_until_signal(lambda stop: run_until(run(), stop))
     except UnknownInstrument as exc:
         print(f"kitebus tail: {exc}", file=sys.stderr)
         return 2

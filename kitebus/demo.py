@@ -33,6 +33,7 @@ from consumers.status import connections_table, read_status
 from consumers.subscriber import TickSubscriber
 from kitebus.localredis import LocalRedis
 from publisher.app import Publisher
+from publisher.tasks import cancel_and_wait
 from simulator.market import INSTRUMENTS, instrument_for
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
 
@@ -170,8 +171,7 @@ async def _show(
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(stop.wait(), 0.5)
             finally:
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+                await cancel_and_wait(reader)
         await control.unsubscribe([t for tokens in WATCHLIST.values() for t in tokens], client=DEMO_CLIENT)
     finally:
         await client.aclose()

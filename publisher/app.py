@@ -22,6 +22,7 @@ from publisher.control import REDIS_DOWN, ControlLoop
 from publisher.monitor import Monitor
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
+from publisher.tasks import run_until
 
 log = logging.getLogger("kitebus.publisher")
 
@@ -127,16 +128,10 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Run a publisher until ``stop`` is set; a stop during start-up is honoured too."""
     publisher = Publisher(settings)
     started = time.monotonic()
-    starting = asyncio.create_task(publisher.start())
-    stopping = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if starting.done():
-            starting.result()
+        await run_until(publisher.start(), stop)
+        if not stop.is_set():
             log.info("running in %.2fs", time.monotonic() - started)
-            await stopping
+            await stop.wait()
     finally:
-        for task in (starting, stopping):
-            task.cancel()
-        await asyncio.gather(starting, stopping, return_exceptions=True)
         await publisher.stop()

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Awaitable
 
 
-async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` (if any) and wait until it has finished."""
+async def cancel_and_wait(task: asyncio.Future[None] | None, retry: float = 0.5) -> None:
+    """Cancel ``task`` (if any) and wait until it has finished.
+
+    The cancel is repeated every ``retry`` seconds: redis-py's asyncio client can
+    swallow a CancelledError that lands inside a command, and the task would then run
+    on; the next cancel lands elsewhere (a sleep, a socket read) and ends it.
+    """
     if task is None:
         return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=retry)
+    if not task.cancelled():
+        task.exception()  # retrieved: the owner decides whether it matters
+
+
+async def run_until(work: Awaitable[None], stop: asyncio.Event) -> None:
+    """Run ``work`` until it ends or ``stop`` is set (then it is cancelled); its error is raised."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await cancel_and_wait(stopper)
+        await cancel_and_wait(task)
+    if not task.cancelled():
+        task.result()
