@@ -27,6 +27,7 @@ import redis.asyncio as redis
 from config import Keys
 from consumers.control import ControlClient
 from kitebus.localredis import LocalRedis
+from publisher.resp import pack_command
 from simulator.server import TickerServer
 
 NS = "bench"
@@ -35,7 +36,7 @@ NS = "bench"
 def consume(port: int, expected: int, idle: float) -> None:
     """The consumer process: count pmessages until ``expected`` or ``idle`` seconds of quiet."""
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(b"*2\r\n$10\r\nPSUBSCRIBE\r\n$%d\r\n%b\r\n" % (len(NS) + 8, f"{NS}:ticks:*".encode()))
+    sock.sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
     reader = hiredis.Reader()
     sock.settimeout(idle)
     count, first, last = 0, 0.0, 0.0

@@ -8,6 +8,7 @@ from typing import Any
 
 import redis.asyncio as redis
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -102,7 +103,7 @@ def render_status(data: dict[str, Any], console: Console) -> None:
     pub, totals = data["publisher"], data["totals"]
     health = "[green]alive[/]" if pub["alive"] else "[red]NOT ALIVE[/]"
     console.print(
-        f"publisher [{data['namespace']}]: {pub['state']} {health}, "
+        f"publisher {escape('[' + data['namespace'] + ']')}: {pub['state']} {health}, "
         f"heartbeat {_age(pub['heartbeat_age'])} ago, "
         f"pid {pub['pid'] or '-'}; published {pub['published']:,}, dropped {pub['dropped']:,}, "
         f"malformed {pub['malformed']:,}"

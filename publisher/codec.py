@@ -40,11 +40,6 @@ Tick = dict[str, Any]
 Path = tuple[str | int, ...]
 
 
-def segment_of(token: int) -> int:
-    """The exchange segment number carried in the low byte of an instrument token."""
-    return token & 0xFF
-
-
 def divisor_of(token: int) -> float:
     """What a raw integer price of this instrument is divided by to get rupees."""
     return _DIVISORS[token & 0xFF]

@@ -63,7 +63,6 @@ class KiteConnection:
         self._socket: ClientConnection | None = None
         self._lock = asyncio.Lock()  # orders resubscription against live changes
         self._task: asyncio.Task[None] | None = None
-        self.connected = asyncio.Event()
         # figures for status and metrics
         self.state = STOPPED
         self.ticks = 0
@@ -143,7 +142,6 @@ class KiteConnection:
                 await asyncio.sleep(delay)
                 self.reconnects += 1
         finally:
-            self.connected.clear()
             self._socket = None
 
     def _fail(self, state: str, error: str) -> None:
@@ -151,7 +149,6 @@ class KiteConnection:
             error = error.replace(secret, "***")
         self.state = state
         self.last_error = error
-        self.connected.clear()
         self._socket = None
 
     async def _session(self) -> None:
@@ -167,7 +164,6 @@ class KiteConnection:
                 for mode, tokens in _by_mode(modes).items():
                     await _send_batches(socket, lambda batch, m=mode: messages.set_mode(m, batch), tokens)
                 self.state = LIVE
-                self.connected.set()
             log.info("connection=%d live tokens=%d", self.index, len(modes))
             await self._read(socket)
 

@@ -53,7 +53,6 @@ class ControlLoop:
         self._block_ms = block_ms
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.processed = 0
         self.last_error = ""
 
     # --- start-up ------------------------------------------------------------------------
@@ -200,7 +199,6 @@ class ControlLoop:
             pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
             pipe.xack(self._keys.control, CONTROL_GROUP, entry_id)
             await pipe.execute()
-        self.processed += 1
         log.log(
             logging.INFO if result["ok"] == "1" else logging.WARNING,
             "request id=%s op=%s client=%s ok=%s applied=%d rejected=%d error=%r",

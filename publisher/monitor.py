@@ -68,6 +68,7 @@ class Monitor:
             "published": str(sink.published),
             "dropped": str(sink.dropped),
             "malformed": str(sink.malformed),
+            "write_errors": str(sink.write_errors),
             "buffered": str(sink.buffered),
             "redis_reconnects": str(sink.redis_reconnects),
         }
@@ -164,6 +165,9 @@ class _Metrics(Collector):
         yield CounterMetricFamily("kitebus_dropped_ticks", "Ticks dropped before Redis", value=sink.dropped)
         yield CounterMetricFamily(
             "kitebus_malformed_packets", "Packets skipped as malformed", value=sink.malformed
+        )
+        yield CounterMetricFamily(
+            "kitebus_redis_write_errors", "Error replies to tick writes", value=sink.write_errors
         )
         yield GaugeMetricFamily("kitebus_buffered_ticks", "Ticks waiting for Redis", value=sink.buffered)
         yield GaugeMetricFamily(

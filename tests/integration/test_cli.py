@@ -73,6 +73,7 @@ async def test_status_json_and_table(publisher, control, redis_url, rds, keys) -
     assert data["clients"] == {"s1": 2}
     code, out, _ = await kitebus(redis_url, "status", "--sample", "0")
     assert code == 0 and "tokens 2 of 9,000" in out and "s1 (2)" in out and "live" in out
+    assert "publisher [kite]: running" in out
 
 
 async def test_status_exits_1_when_the_heartbeat_is_stale(redis_url, rds, keys) -> None:
