@@ -102,6 +102,8 @@ async def bench(ticks: int, tokens: int, mode: str) -> None:
             await consumer.wait()
             cpu = cpu_seconds(publisher.pid) - cpu_before
             status = {k.decode(): v.decode() for k, v in (await rds.hgetall(keys.status)).items()}
+            counts = [await rds.hget(keys.conn(i), "reconnects") for i in range(connections)]
+            reconnects = sum(int(count or 0) for count in counts)
             publisher.terminate()  # before the simulator goes, so it does not try to reconnect
             await publisher.wait()
         received = int(received_text)
@@ -115,6 +117,7 @@ async def bench(ticks: int, tokens: int, mode: str) -> None:
         lost_after_redis = sent - received - dropped
         print(f"loss                   {sent - received:>12,} ticks (dropped in publisher {dropped:,}, "
               f"malformed {malformed:,}, lost after Redis {lost_after_redis:,})")  # fmt: skip
+        print(f"publisher reconnects   {reconnects:>12,} during the run")
         print(f"publisher CPU          {cpu / max(received, 1) * 10_000 * 1000:>12.1f} ms per 10k ticks "
               f"({cpu:.2f} s CPU)")  # fmt: skip
     finally:

@@ -152,9 +152,12 @@ class KiteConnection:
         self._socket = None
 
     async def _session(self) -> None:
+        # No WebSocket keepalive pings: under a burst the pong queues behind megabytes of
+        # frames and a healthy, busy socket would be cut. The silence watchdog below (Kite
+        # sends a heartbeat when idle) is the liveness check.
         async with connect(
-            self._url, open_timeout=10, ping_interval=2.5, ping_timeout=5, close_timeout=2,
-            max_size=2**23, max_queue=64,
+            self._url, open_timeout=10, ping_interval=None, close_timeout=2,
+            max_size=2**23, max_queue=16,
         ) as socket:  # fmt: skip
             self.last_message_at = time.time()
             async with self._lock:

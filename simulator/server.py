@@ -293,12 +293,14 @@ class TickerServer:
         ]
         sizes = [min(PACKETS_PER_FRAME, len(pool) - i) for i in range(0, len(pool), PACKETS_PER_FRAME)]
         sent = 0
-        with contextlib.suppress(ConnectionClosed):
+        try:
             for frame, size in itertools.cycle(zip(frames, sizes, strict=True)):
                 if sent >= ticks:
                     break
                 await session.websocket.send(frame)
                 sent += size
+        except ConnectionClosed as exc:
+            log.warning("flood cut short session=%d sent=%d close=%s", session.id, sent, exc)
         session.sent_ticks += sent
         return sent
 
