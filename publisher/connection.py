@@ -179,9 +179,10 @@ class KiteConnection:
             except TimeoutError:
                 socket.transport.abort()  # a ghost socket would not answer a close handshake
                 raise StalledError from None
-            self.last_message_at = time.time()
+            received_at_ns = time.time_ns()  # one clock read serves the tick stamps and the watchdog view
+            self.last_message_at = received_at_ns / 1e9
             if isinstance(message, bytes):
-                self.ticks += on_frame(message, time.time_ns())
+                self.ticks += on_frame(message, received_at_ns)
                 continue
             event = messages.parse_server_text(message)
             if isinstance(event, messages.ServerError):
