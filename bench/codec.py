@@ -20,7 +20,7 @@ import msgpack
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from publisher import codec
+from kitewire import codec
 
 PACKETS_PER_FRAME = 100
 

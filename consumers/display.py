@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from publisher.codec import divisor_of
+from kitewire.codec import divisor_of
 
 
 def format_tick(tick: Mapping[str, Any], symbol: str | None = None) -> str:

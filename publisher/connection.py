@@ -19,8 +19,8 @@ from urllib.parse import urlencode
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from publisher import messages
-from publisher.codec import MODES
+from kitewire import messages
+from kitewire.codec import MODES
 from publisher.subscriptions import ConnectionChange
 from publisher.tasks import cancel_and_wait
 

@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from publisher.codec import MODE_QUOTE, MODES
+from kitewire.codec import MODE_QUOTE, MODES
 
 OPS = ("subscribe", "unsubscribe", "mode")
 DEFAULT_CLIENT = "default"

@@ -17,7 +17,7 @@ import time
 from collections import deque
 
 from config.keys import Keys
-from publisher import codec
+from kitewire import codec
 from publisher.resp import RespConnection
 from publisher.tasks import cancel_and_wait
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from publisher.codec import MODE_RANK
+from kitewire.codec import MODE_RANK
 from publisher.requests import Request
 
 

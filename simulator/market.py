@@ -10,7 +10,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from publisher.codec import MODE_FULL, MODE_LTP, SEGMENTS, divisor_of, is_tradable
+from kitewire.codec import MODE_FULL, MODE_LTP, SEGMENTS, divisor_of, is_tradable
 
 _SEGMENT_NAMES = {number: name.upper() for name, number in SEGMENTS.items()}
 

@@ -22,8 +22,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from publisher import codec
-from publisher.codec import MODE_QUOTE, MODES
+from kitewire import codec
+from kitewire.codec import MODE_QUOTE, MODES
 from simulator.market import Market
 
 log = logging.getLogger("kitebus.simulator")

@@ -6,7 +6,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from publisher.codec import MODES, SEGMENTS, divisor_of, is_tradable
+from kitewire.codec import MODES, SEGMENTS, divisor_of, is_tradable
 
 U32 = st.integers(0, 2**32 - 1)
 U16 = st.integers(0, 2**16 - 1)

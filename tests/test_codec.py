@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kiteconnect import KiteTicker
 
-from publisher import codec
+from kitewire import codec
 from tests.strategies import ticks
 
 OFFICIAL = KiteTicker("oracle", "oracle")

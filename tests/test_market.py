@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from publisher import codec
+from kitewire import codec
 from simulator.market import INSTRUMENTS, Market, instrument_for
 from tests.strategies import tokens
 

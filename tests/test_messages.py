@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from publisher import messages
+from kitewire import messages
 
 
 def test_requests_are_kites_json() -> None:

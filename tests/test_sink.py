@@ -7,7 +7,7 @@ import time
 import msgpack
 
 from config import Keys
-from publisher import codec
+from kitewire import codec
 from publisher.sink import TickSink
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from publisher.codec import MODE_RANK, MODES
+from kitewire.codec import MODE_RANK, MODES
 from publisher.requests import Request
 from publisher.subscriptions import ConnectionChange, SubscriptionBook
 

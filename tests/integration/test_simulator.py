@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
-from publisher import codec
+from kitewire import codec
 from simulator.server import TickerServer
 
 pytestmark = pytest.mark.asyncio

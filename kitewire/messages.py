@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from publisher.codec import MODES
+from kitewire.codec import MODES
 
 
 def subscribe(tokens: Iterable[int]) -> str:
