@@ -235,6 +235,13 @@ class _PayloadWriter:
         chunks: list[bytearray] = [bytearray()]
         slots: list[tuple[str, int]] = []
         _compile(shape, chunks, slots)
+        # The compiled program, as the C speed-up reads it (kitewire/encoder.py).
+        self.chunks = [bytes(chunk) for chunk in chunks]
+        self.slot_specs = slots
+        self.price_fields = price_idx
+        self.field_offsets = _offsets(layout.fields)
+        widths = {"I": 4, "H": 2, "d": 8, "Q": 8, "B": 1}
+        self.payload_length = sum(map(len, self.chunks)) + sum(widths[code] for code, _ in slots)
         pairs = zip(chunks[:-1], slots, strict=True)
         fmt = ">" + "".join(f"{len(c)}s{code}" for c, (code, _) in pairs) + f"{len(chunks[-1])}s"
         self.pack = struct.Struct(fmt).pack
@@ -257,6 +264,16 @@ class _PayloadWriter:
         args = self.template.copy()
         args[1::2] = self.slots(raw + prices + (tradable, change, received_at_ns))
         return token, self.pack(*args)
+
+
+def _offsets(fields: tuple[Field, ...]) -> list[tuple[int, int]]:
+    """(byte offset, width) of each field's value in the packet."""
+    out, pos = [], 0
+    for spec in fields:
+        width = struct.calcsize(">" + spec.code)
+        out.append((pos, 2 if spec.code == "H2x" else width))
+        pos += width
+    return out
 
 
 def _tuple_getter(indexes: list[int]) -> Any:

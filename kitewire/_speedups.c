@@ -1,0 +1,334 @@
+/* The publisher's hot call in C: one Kite binary frame in, the RESP of its PUBLISHes out.
+ *
+ * It runs the program that kitewire/codec.py compiles from its packet layout table (the
+ * payload's constant byte chunks and its value slots), so both paths write the same bytes
+ * by construction; tests/test_encoder.py checks that they do. kitewire/encoder.py chooses
+ * this module when it was built, and the pure-Python path otherwise.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_FIELDS 64
+#define MAX_SLOTS 64
+#define MAX_CHUNK 64
+#define MAX_LENGTH 256 /* packet lengths above this are never a known layout */
+
+enum { SLOT_U32, SLOT_U16, SLOT_F64, SLOT_U64, SLOT_U8 };
+
+typedef struct {
+    int nfields, nprices, nslots;
+    int offsets[MAX_FIELDS], widths[MAX_FIELDS];
+    int prices[MAX_FIELDS]; /* raw field index of each price */
+    int has_ohlc, last_k, close_k;
+    int chunk_len[MAX_SLOTS + 1];
+    unsigned char chunks[MAX_SLOTS + 1][MAX_CHUNK];
+    int slot_code[MAX_SLOTS], slot_source[MAX_SLOTS];
+    Py_ssize_t payload_len;
+    char bulk_header[24]; /* "$<payload_len>\r\n" */
+    int bulk_header_len;
+} Layout;
+
+typedef struct {
+    PyObject_HEAD
+    Layout *layouts[MAX_LENGTH];
+    char command[64]; /* "*3\r\n$7\r\nPUBLISH\r\n" */
+    int command_len;
+    char prefix[256]; /* channel prefix, e.g. "kite:ticks:" */
+    int prefix_len;
+} Encoder;
+
+static double divisor_of(uint32_t token) {
+    switch (token & 0xFF) {
+    case 3: return 10000000.0; /* cds */
+    case 6: case 12: return 10000.0; /* bcd, nco */
+    default: return 100.0;
+    }
+}
+
+static inline uint32_t be32(const unsigned char *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline unsigned char *put_be64(unsigned char *out, uint64_t v) {
+    for (int i = 7; i >= 0; i--) { out[i] = (unsigned char)(v & 0xFF); v >>= 8; }
+    return out + 8;
+}
+
+static inline unsigned char *put_double(unsigned char *out, double d) {
+    uint64_t bits;
+    memcpy(&bits, &d, 8);
+    return put_be64(out, bits);
+}
+
+static int slot_code_of(PyObject *code) {
+    const char *s = PyUnicode_AsUTF8(code);
+    if (s == NULL) return -1;
+    if (strcmp(s, "I") == 0) return SLOT_U32;
+    if (strcmp(s, "H") == 0) return SLOT_U16;
+    if (strcmp(s, "d") == 0) return SLOT_F64;
+    if (strcmp(s, "Q") == 0) return SLOT_U64;
+    if (strcmp(s, "B") == 0) return SLOT_U8;
+    PyErr_Format(PyExc_ValueError, "unknown slot code %s", s);
+    return -1;
+}
+
+static const int SLOT_WIDTH[] = {4, 2, 8, 8, 1};
+
+/* One layout from a tuple: (field_offsets, price_fields, has_ohlc, last_k, close_k,
+ * chunks, slot_specs), each as kitewire/codec.py's _PayloadWriter holds them. */
+static Layout *layout_from(PyObject *spec) {
+    PyObject *offsets, *prices, *chunks, *slots;
+    int has_ohlc, last_k, close_k;
+    if (!PyArg_ParseTuple(spec, "OOpiiOO", &offsets, &prices, &has_ohlc, &last_k, &close_k,
+                          &chunks, &slots))
+        return NULL;
+    Layout *l = PyMem_Calloc(1, sizeof(Layout));
+    if (l == NULL) { PyErr_NoMemory(); return NULL; }
+    l->has_ohlc = has_ohlc; l->last_k = last_k; l->close_k = close_k;
+    l->nfields = (int)PyList_Size(offsets);
+    l->nprices = (int)PyList_Size(prices);
+    l->nslots = (int)PyList_Size(slots);
+    if (l->nfields < 0 || l->nprices < 0 || l->nslots < 0 || l->nfields > MAX_FIELDS
+        || l->nprices > MAX_FIELDS || l->nslots > MAX_SLOTS || PyList_Size(chunks) != l->nslots + 1) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "layout program out of bounds");
+        goto fail;
+    }
+    for (int i = 0; i < l->nfields; i++)
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(offsets, i), "ii", &l->offsets[i], &l->widths[i]))
+            goto fail;
+    for (int i = 0; i < l->nprices; i++) {
+        l->prices[i] = (int)PyLong_AsLong(PyList_GET_ITEM(prices, i));
+        if (PyErr_Occurred()) goto fail;
+    }
+    Py_ssize_t total = 0;
+    for (int i = 0; i <= l->nslots; i++) {
+        char *data; Py_ssize_t n;
+        if (PyBytes_AsStringAndSize(PyList_GET_ITEM(chunks, i), &data, &n) < 0) goto fail;
+        if (n > MAX_CHUNK) { PyErr_SetString(PyExc_ValueError, "chunk too long"); goto fail; }
+        memcpy(l->chunks[i], data, n);
+        l->chunk_len[i] = (int)n;
+        total += n;
+    }
+    int nsources = l->nfields + l->nprices + 3;
+    for (int i = 0; i < l->nslots; i++) {
+        PyObject *code;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(slots, i), "Oi", &code, &l->slot_source[i])) goto fail;
+        if ((l->slot_code[i] = slot_code_of(code)) < 0) goto fail;
+        if (l->slot_source[i] < 0 || l->slot_source[i] >= nsources) {
+            PyErr_SetString(PyExc_ValueError, "slot source out of range");
+            goto fail;
+        }
+        total += SLOT_WIDTH[l->slot_code[i]];
+    }
+    l->payload_len = total;
+    l->bulk_header_len = snprintf(l->bulk_header, sizeof l->bulk_header, "$%zd\r\n", total);
+    return l;
+fail:
+    PyMem_Free(l);
+    return NULL;
+}
+
+static void Encoder_dealloc(Encoder *self) {
+    for (int i = 0; i < MAX_LENGTH; i++) PyMem_Free(self->layouts[i]);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"layouts", "command", "channel_prefix", NULL};
+    PyObject *layouts;
+    const char *command, *prefix;
+    Py_ssize_t command_len, prefix_len;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!y#y#", kwlist, &PyDict_Type, &layouts, &command,
+                                     &command_len, &prefix, &prefix_len))
+        return -1;
+    if (command_len > 40 || prefix_len > 200) {
+        PyErr_SetString(PyExc_ValueError, "command or channel prefix too long");
+        return -1;
+    }
+    self->command_len = snprintf(self->command, sizeof self->command, "*3\r\n$%zd\r\n%.*s\r\n",
+                                 command_len, (int)command_len, command);
+    memcpy(self->prefix, prefix, prefix_len);
+    self->prefix_len = (int)prefix_len;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(layouts, &pos, &key, &value)) {
+        long length = PyLong_AsLong(key);
+        if (PyErr_Occurred()) return -1;
+        if (length <= 0 || length >= MAX_LENGTH) {
+            PyErr_SetString(PyExc_ValueError, "packet length out of range");
+            return -1;
+        }
+        Layout *l = layout_from(value);
+        if (l == NULL) return -1;
+        PyMem_Free(self->layouts[length]);
+        self->layouts[length] = l;
+    }
+    return 0;
+}
+
+static inline int u32_digits(uint32_t v) {
+    int n = 1;
+    while (v >= 10) { v /= 10; n++; }
+    return n;
+}
+
+static inline char *put_uint(char *out, uint64_t v) {
+    char tmp[24];
+    int n = 0;
+    do { tmp[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (n) *out++ = tmp[--n];
+    return out;
+}
+
+/* encode(frame, received_at_ns, latest) -> (resp: bytes, ticks: int, malformed: int) */
+static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "encode(frame, received_at_ns, latest)");
+        return NULL;
+    }
+    PyObject *latest = args[2];
+    if (!PyDict_Check(latest)) {
+        PyErr_SetString(PyExc_TypeError, "latest must be a dict");
+        return NULL;
+    }
+    uint64_t received = PyLong_AsUnsignedLongLong(args[1]);
+    if (received == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    const unsigned char *frame = view.buf;
+    Py_ssize_t size = view.len;
+    PyObject *resp = NULL, *result = NULL;
+    Py_ssize_t ticks = 0, malformed = 0, bound = 0;
+    unsigned count = size >= 2 ? ((unsigned)frame[0] << 8 | frame[1]) : 0;
+
+    /* Pass 1: find the packets (as codec.scan_frame does) and bound the output. */
+    Py_ssize_t pos = 2;
+    unsigned seen;
+    for (seen = 0; seen < count; seen++) {
+        if (pos + 2 > size) break;
+        unsigned length = (unsigned)frame[pos] << 8 | frame[pos + 1];
+        pos += 2 + length;
+        if (pos > size) break;
+        Layout *l = length < MAX_LENGTH ? self->layouts[length] : NULL;
+        if (l == NULL) { malformed++; continue; }
+        ticks++;
+        bound += self->command_len + 24 + self->prefix_len + l->bulk_header_len + l->payload_len + 2;
+    }
+    malformed += count - seen;
+
+    resp = PyBytes_FromStringAndSize(NULL, bound);
+    if (resp == NULL) goto done;
+    char *out = PyBytes_AS_STRING(resp);
+
+    /* Pass 2: write each known packet's payload and its PUBLISH. */
+    uint32_t raw[MAX_FIELDS];
+    double prices[MAX_FIELDS];
+    pos = 2;
+    for (Py_ssize_t done_ticks = 0; done_ticks < ticks;) {
+        unsigned length = (unsigned)frame[pos] << 8 | frame[pos + 1];
+        const unsigned char *body = frame + pos + 2;
+        pos += 2 + length;
+        Layout *l = length < MAX_LENGTH ? self->layouts[length] : NULL;
+        if (l == NULL) continue;
+        done_ticks++;
+        for (int i = 0; i < l->nfields; i++) {
+            const unsigned char *p = body + l->offsets[i];
+            raw[i] = l->widths[i] == 4 ? be32(p) : ((uint32_t)p[0] << 8 | p[1]);
+        }
+        uint32_t token = raw[0];
+        double div = divisor_of(token);
+        for (int k = 0; k < l->nprices; k++) prices[k] = (double)raw[l->prices[k]] / div;
+        double change = 0.0;
+        if (l->has_ohlc) {
+            double close = prices[l->close_k];
+            if (close != 0.0) change = (prices[l->last_k] - close) * 100.0 / close;
+        }
+        int tradable_src = l->nfields + l->nprices;
+
+        /* *3 $7 PUBLISH $<n> <prefix><token> $<len> <payload> */
+        memcpy(out, self->command, self->command_len);
+        out += self->command_len;
+        *out++ = '$';
+        out = put_uint(out, (uint64_t)self->prefix_len + u32_digits(token));
+        *out++ = '\r'; *out++ = '\n';
+        memcpy(out, self->prefix, self->prefix_len);
+        out = put_uint(out + self->prefix_len, token);
+        *out++ = '\r'; *out++ = '\n';
+        memcpy(out, l->bulk_header, l->bulk_header_len);
+        out += l->bulk_header_len;
+        unsigned char *payload = (unsigned char *)out;
+        unsigned char *w = payload;
+        for (int i = 0; i < l->nslots; i++) {
+            memcpy(w, l->chunks[i], l->chunk_len[i]);
+            w += l->chunk_len[i];
+            int src = l->slot_source[i];
+            switch (l->slot_code[i]) {
+            case SLOT_U32: {
+                uint32_t v = raw[src];
+                w[0] = v >> 24; w[1] = v >> 16; w[2] = v >> 8; w[3] = v; w += 4;
+                break;
+            }
+            case SLOT_U16: w[0] = raw[src] >> 8; w[1] = raw[src]; w += 2; break;
+            case SLOT_F64:
+                w = put_double(w, src == tradable_src + 1 ? change : prices[src - l->nfields]);
+                break;
+            case SLOT_U64: w = put_be64(w, received); break;
+            case SLOT_U8: *w++ = (token & 0xFF) == 9 ? 0xC2 : 0xC3; break;
+            }
+        }
+        memcpy(w, l->chunks[l->nslots], l->chunk_len[l->nslots]);
+        w += l->chunk_len[l->nslots];
+        out = (char *)w;
+        *out++ = '\r'; *out++ = '\n';
+
+        PyObject *key = PyLong_FromUnsignedLong(token);
+        PyObject *value = PyBytes_FromStringAndSize((const char *)payload, l->payload_len);
+        int failed = key == NULL || value == NULL || PyDict_SetItem(latest, key, value) < 0;
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (failed) goto done;
+    }
+    if (_PyBytes_Resize(&resp, out - PyBytes_AS_STRING(resp)) < 0) goto done;
+    result = Py_BuildValue("(Onn)", resp, ticks, malformed);
+done:
+    Py_XDECREF(resp);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef Encoder_methods[] = {
+    {"encode", (PyCFunction)(void (*)(void))Encoder_encode, METH_FASTCALL,
+     "encode(frame, received_at_ns, latest) -> (resp, ticks, malformed)"},
+    {NULL},
+};
+
+static PyTypeObject EncoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kitewire._speedups.Encoder",
+    .tp_basicsize = sizeof(Encoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Compiled frame -> RESP encoder; see kitewire/encoder.py.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Encoder_init,
+    .tp_dealloc = (destructor)Encoder_dealloc,
+    .tp_methods = Encoder_methods,
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT, "kitewire._speedups", "The publisher's hot path in C.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    if (PyType_Ready(&EncoderType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&speedups_module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&EncoderType);
+    if (PyModule_AddObject(m, "Encoder", (PyObject *)&EncoderType) < 0) {
+        Py_DECREF(&EncoderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,134 @@
+"""The hot call, frame -> RESP: every path byte-identical, and right against the official parser."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime
+
+import hiredis
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kiteconnect import KiteTicker
+
+from kitewire import codec, encoder
+from tests.strategies import ticks
+
+OFFICIAL = KiteTicker("oracle", "oracle")
+PREFIX = b"kite:ticks:"
+COMPILED = encoder.compiled_encoder(PREFIX)
+ENCODERS = {"python": encoder.PyFrameEncoder(PREFIX), "compiled": COMPILED}
+needs_compiled = pytest.mark.skipif(COMPILED is None, reason="the C speed-up is not built here")
+
+
+both_paths = pytest.mark.parametrize(
+    "path", ["python", pytest.param("compiled", marks=needs_compiled)]
+)
+
+
+def _commands(resp: bytes) -> list[list[bytes]]:
+    reader = hiredis.Reader()
+    reader.feed(resp)
+    commands = []
+    while (command := reader.gets()) is not False:
+        commands.append(command)
+    return commands
+
+
+def _packets() -> st.SearchStrategy[bytes]:
+    """Any bytes of a known packet length: every u32 value, zero closes, odd segments."""
+    return st.sampled_from(sorted(codec.LAYOUTS)).flatmap(lambda n: st.binary(min_size=n, max_size=n))
+
+
+def _epoch(value: object) -> object:
+    return int(value.timestamp()) if isinstance(value, datetime) else value
+
+
+@given(st.lists(ticks(), min_size=1, max_size=10), st.integers(0, 2**64 - 1))
+@both_paths
+def test_publishes_carry_the_payloads_in_frame_order(path: str, batch: list[dict], now: int) -> None:
+    frame = codec.encode_frame(codec.encode_packet(tick) for tick in batch)
+    latest: dict[int, bytes] = {}
+    resp, count, malformed = ENCODERS[path].encode(frame, now, latest)
+    assert (count, malformed) == (len(batch), 0)
+    commands = _commands(resp)
+    assert [c[0] for c in commands] == [b"PUBLISH"] * len(batch)
+    assert [c[1] for c in commands] == [b"kite:ticks:%d" % t["instrument_token"] for t in batch]
+    assert [c[2] for c in commands] == [p for _, p in codec.frame_payloads(frame, now)[0]]
+    assert latest == {int(c[1].rsplit(b":", 1)[1]): c[2] for c in commands}  # the last of each token
+
+
+@settings(max_examples=300)
+@given(st.lists(_packets(), min_size=1, max_size=8))
+@both_paths
+def test_payloads_agree_with_the_official_parser_on_any_packet_bytes(path: str, packets: list[bytes]) -> None:
+    frame = codec.encode_frame(packets)
+    resp, _, _ = ENCODERS[path].encode(frame, 7, {})
+    mine = [msgpack.unpackb(c[2]) for c in _commands(resp)]
+    for tick in mine:
+        del tick["received_at_ns"]
+    official = [{k: _epoch(v) for k, v in t.items()} for t in OFFICIAL._parse_binary(frame)]
+    assert mine == official
+
+
+@needs_compiled
+@settings(max_examples=500)
+@given(st.lists(_packets(), max_size=8), st.data())
+def test_compiled_and_python_are_byte_identical_even_on_broken_frames(packets, data) -> None:
+    frame = bytearray(codec.encode_frame(packets))
+    if frame and data.draw(st.booleans()):
+        frame = frame[: data.draw(st.integers(0, len(frame)))]  # truncated anywhere
+    if len(frame) >= 2 and data.draw(st.booleans()):
+        frame[:2] = data.draw(st.integers(0, 2**16 - 1)).to_bytes(2, "big")  # a lying count
+    frame = bytes(frame) + data.draw(st.binary(max_size=20))  # trailing garbage
+    latest_py: dict[int, bytes] = {}
+    latest_c: dict[int, bytes] = {}
+    assert ENCODERS["python"].encode(frame, 99, latest_py) == ENCODERS["compiled"].encode(frame, 99, latest_c)
+    assert latest_py == latest_c
+    assert ENCODERS["python"].encode(frame, 99, {})[1:] == (
+        len(codec.scan_frame(frame)[0]),
+        codec.scan_frame(frame)[1],
+    )
+
+
+@given(st.binary(max_size=600))
+@both_paths
+def test_arbitrary_bytes_never_raise(path: str, frame: bytes) -> None:
+    resp, count, malformed = ENCODERS[path].encode(frame, 1, {})
+    assert len(_commands(resp)) == count and count >= 0 and malformed >= 0
+
+
+@both_paths
+def test_malformed_frames_count_the_bad_packets_and_keep_the_good(path: str) -> None:
+    good = codec.encode_packet({"instrument_token": 408065, "mode": "ltp", "last_price": 12.5})
+    cases = {
+        codec.HEARTBEAT: (0, 0),
+        b"": (0, 0),
+        codec.encode_frame([good, b"\x01" * 13, good]): (2, 1),  # unknown length between two good
+        (500).to_bytes(2, "big") + codec.encode_frame([good])[2:]: (1, 499),  # count too large
+        (1).to_bytes(2, "big") + (184).to_bytes(2, "big") + b"\x00" * 20: (0, 1),  # length too large
+    }
+    for frame, expected in cases.items():
+        assert ENCODERS[path].encode(frame, 1, {})[1:] == expected
+
+
+def test_the_channel_prefix_and_command_are_the_callers() -> None:
+    frame = codec.encode_frame([codec.encode_packet({"instrument_token": 7, "mode": "ltp", "last_price": 1.0})])
+    for make in (encoder.PyFrameEncoder, encoder.compiled_encoder):
+        built = make(b"paper:t:", b"SPUBLISH")
+        if built is not None:
+            assert _commands(built.encode(frame, 1, {})[0]) == [[b"SPUBLISH", b"paper:t:7", _payload(frame)]]
+
+
+def _payload(frame: bytes) -> bytes:
+    return codec.frame_payloads(frame, 1)[0][0][1]
+
+
+def test_the_environment_switch_forces_the_python_path() -> None:
+    code = "from kitewire import encoder; print(encoder.SPEEDUPS, type(encoder.frame_encoder(b'x')).__name__)"
+    env = {**os.environ, "KITEBUS_NO_SPEEDUPS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "PyFrameEncoder"]
