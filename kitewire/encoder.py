@@ -65,9 +65,7 @@ class PyFrameEncoder:
 def _programs() -> dict[int, tuple]:
     """The codec's compiled payload programs, in the shape the C encoder takes."""
     return {
-        length: (
-            w.field_offsets, w.price_fields, w.has_ohlc, w.last_k, w.close_k, w.chunks, w.slot_specs,
-        )  # fmt: skip
+        length: (w.field_offsets, w.price_fields, w.has_ohlc, w.last_k, w.close_k, w.chunks, w.slot_specs)
         for length, w in _WRITERS.items()
     }
 

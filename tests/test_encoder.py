@@ -116,7 +116,8 @@ def test_malformed_frames_count_the_bad_packets_and_keep_the_good(path: str) -> 
 
 
 def test_the_channel_prefix_and_command_are_the_callers() -> None:
-    frame = codec.encode_frame([codec.encode_packet({"instrument_token": 7, "mode": "ltp", "last_price": 1.0})])
+    tick = {"instrument_token": 7, "mode": "ltp", "last_price": 1.0}
+    frame = codec.encode_frame([codec.encode_packet(tick)])
     for make in (encoder.PyFrameEncoder, encoder.compiled_encoder):
         built = make(b"paper:t:", b"SPUBLISH")
         if built is not None:
