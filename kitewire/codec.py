@@ -128,6 +128,7 @@ LAYOUTS: dict[int, PacketLayout] = {
 assert sorted(LAYOUTS) == [8, 28, 32, 44, 184], "packet lengths are Kite's"
 _BY_MODE = {(layout.mode, layout.index): layout for layout in LAYOUTS.values()}
 _U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
 
 
 # --- splitting ---------------------------------------------------------------------------
@@ -161,6 +162,12 @@ def scan_frame(frame: bytes) -> tuple[list[tuple[PacketLayout, int]], int]:
         else:
             packets.append((layout, body))
     return packets, malformed
+
+
+def frame_tokens(frame: bytes) -> list[int]:
+    """The instrument tokens of a frame's known packets, in order."""
+    packets, _ = scan_frame(frame)
+    return [_U32.unpack_from(frame, offset)[0] for _, offset in packets]
 
 
 # --- decoding to dicts ---------------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import redis.asyncio as redis
 
 from config import Keys, Settings
+from kitewire.encoder import Encoder
 from publisher.connection import KiteConnection
 from publisher.control import REDIS_DOWN, ControlLoop
 from publisher.monitor import Monitor
@@ -36,19 +37,23 @@ class Tuning:
     backoff_cap: float = 30.0
     auth_retry: float = 60.0
     status_interval: float = 1.0
-    max_buffered: int = 100_000
+    max_backlog: int = 4 << 20  # bytes of unsent ticks before the connections pause
+    conflate_after: float = 1.0  # seconds over that bound before ticks are conflated
 
 
 class Publisher:
     """The whole publisher. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, settings: Settings, tuning: Tuning = Tuning()) -> None:
+    def __init__(self, settings: Settings, tuning: Tuning = Tuning(), encoder: Encoder | None = None) -> None:
         api_key, access_token = settings.require_credentials()
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.redis = redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=10)
         self.book = SubscriptionBook(settings.connections, settings.tokens_per_connection)
-        self.sink = TickSink(settings.redis_url, self.keys, max_buffered=tuning.max_buffered)
+        self.sink = TickSink(
+            settings.redis_url, self.keys, encoder=encoder,
+            max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after,
+        )  # fmt: skip
         self.connections = [
             KiteConnection(
                 index,
@@ -56,6 +61,7 @@ class Publisher:
                 api_key,
                 access_token,
                 self.sink.publish_frame,
+                self.sink.writable,
                 stall_timeout=tuning.stall_timeout,
                 backoff_base=tuning.backoff_base,
                 backoff_cap=tuning.backoff_cap,

@@ -31,6 +31,8 @@ BATCH = 1000  # tokens per subscribe/unsubscribe/mode message
 CONNECTING, LIVE, BACKOFF, AUTH_FAILED, STOPPED = "connecting", "live", "backoff", "auth_failed", "stopped"
 
 FrameHandler = Callable[[bytes, int], int]
+_ALWAYS = asyncio.Event()
+_ALWAYS.set()
 
 
 class StalledError(Exception):
@@ -47,6 +49,7 @@ class KiteConnection:
         api_key: str,
         access_token: str,
         on_frame: FrameHandler,
+        writable: asyncio.Event | None = None,
         *,
         stall_timeout: float = 5.0,
         backoff_base: float = 0.5,
@@ -57,6 +60,7 @@ class KiteConnection:
         self._url = f"{ws_url}?{urlencode({'api_key': api_key, 'access_token': access_token})}"
         self._secrets = (api_key, access_token)
         self._on_frame = on_frame
+        self._writable = writable or _ALWAYS
         self.stall_timeout = stall_timeout
         self.backoff_base, self.backoff_cap, self.auth_retry = backoff_base, backoff_cap, auth_retry
         self.modes: dict[int, str] = {}  # what this connection holds (and tells Kite)
@@ -157,7 +161,7 @@ class KiteConnection:
         # sends a heartbeat when idle) is the liveness check.
         async with connect(
             self._url, open_timeout=10, ping_interval=None, close_timeout=2,
-            max_size=2**23, max_queue=16,
+            max_size=2**23, max_queue=4,
         ) as socket:  # fmt: skip
             self.last_message_at = time.time()
             async with self._lock:
@@ -171,7 +175,10 @@ class KiteConnection:
             await self._read(socket)
 
     async def _read(self, socket: ClientConnection) -> None:
-        on_frame = self._on_frame
+        """Read until the socket fails. While the sink asks for backpressure (``writable``
+        cleared) nothing is read, TCP holds the data at Kite, and the wait is outside the
+        stall watchdog: our own pause is never mistaken for a silent socket."""
+        on_frame, writable = self._on_frame, self._writable
         while True:
             try:
                 async with asyncio.timeout(self.stall_timeout):
@@ -183,6 +190,8 @@ class KiteConnection:
             self.last_message_at = received_at_ns / 1e9
             if isinstance(message, bytes):
                 self.ticks += on_frame(message, received_at_ns)
+                if not writable.is_set():
+                    await writable.wait()
                 continue
             event = messages.parse_server_text(message)
             if isinstance(event, messages.ServerError):

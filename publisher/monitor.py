@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from config.keys import Keys
+from kitewire.encoder import SPEEDUPS
 from publisher.connection import LIVE, KiteConnection
 from publisher.control import REDIS_DOWN
 from publisher.sink import TickSink
@@ -66,10 +67,15 @@ class Monitor:
             "live_connections": str(sum(c.state == LIVE for c in self.connections)),
             "clients": str(len(self.book.claims)),
             "published": str(sink.published),
+            "conflated": str(sink.conflated),
             "dropped": str(sink.dropped),
             "malformed": str(sink.malformed),
             "write_errors": str(sink.write_errors),
             "buffered": str(sink.buffered),
+            "backpressure": "1" if not sink.writable.is_set() else "0",
+            "pauses": str(sink.pauses),
+            "cached": str(len(sink.cache)),
+            "speedups": "1" if SPEEDUPS else "0",
             "redis_reconnects": str(sink.redis_reconnects),
         }
 
@@ -124,6 +130,7 @@ class Monitor:
 
     async def _run(self) -> None:
         while True:
+            self.sink.prune(self.book.placement)
             try:
                 await self.check_redis()
                 await self.write()
@@ -162,7 +169,16 @@ class _Metrics(Collector):
                 age.add_metric(label, now - connection.last_message_at)
         yield from (ticks, reconnects, live, tokens, age)
         yield CounterMetricFamily("kitebus_published_ticks", "Ticks published to Redis", value=sink.published)
-        yield CounterMetricFamily("kitebus_dropped_ticks", "Ticks dropped before Redis", value=sink.dropped)
+        yield CounterMetricFamily(
+            "kitebus_conflated_ticks", "Ticks given up under overload, each token's newest kept",
+            value=sink.conflated,
+        )  # fmt: skip
+        yield CounterMetricFamily("kitebus_dropped_ticks", "Ticks lost in failed writes", value=sink.dropped)
+        yield GaugeMetricFamily(
+            "kitebus_backpressure", "1 while the connections wait for Redis",
+            value=float(not sink.writable.is_set()),
+        )  # fmt: skip
+        yield CounterMetricFamily("kitebus_backpressure_pauses", "Backpressure pauses", value=sink.pauses)
         yield CounterMetricFamily(
             "kitebus_malformed_packets", "Packets skipped as malformed", value=sink.malformed
         )

@@ -28,7 +28,7 @@ def pack_command(*args: bytes | str) -> bytes:
 
 
 class RespConnection:
-    """One socket to Redis. Not shared: one batch in flight at a time."""
+    """One socket to Redis, owned by one user (the tick sink)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -65,23 +65,40 @@ class RespConnection:
 
     async def execute(self, commands: bytes, replies: int) -> int:
         """Send pre-encoded commands and wait for their ``replies``; returns how many were
-        errors. Raises ConnectionError (or OSError) when the socket fails."""
-        self._writer.write(commands)
-        await self._writer.drain()
+        errors. For setup commands; the tick flow pipelines with ``write`` and ``read``.
+        Raises ConnectionError (or OSError) when the socket fails."""
+        self.write(commands)
+        await self.drain()
         errors = 0
         parser = self._parser
         while replies:
             reply = parser.gets()
             if reply is False:
-                data = await self._reader.read(65536)
-                if not data:
-                    raise RespError("Redis closed the connection")
-                parser.feed(data)
+                parser.feed(await self.read())
                 continue
             replies -= 1
             if isinstance(reply, hiredis.ReplyError):
                 errors += 1
         return errors
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for Redis without waiting."""
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the socket's send buffer is above its high-water mark."""
+        await self._writer.drain()
+
+    async def read(self) -> bytes:
+        """The next bytes from Redis; raises RespError when Redis closed the connection."""
+        data = await self._reader.read(1 << 16)
+        if not data:
+            raise RespError("Redis closed the connection")
+        return data
+
+    def set_write_limit(self, high: int) -> None:
+        """Let ``drain`` wait only above ``high`` unsent bytes (the sink bounds what is in flight)."""
+        self._writer.transport.set_write_buffer_limits(high=high)
 
     async def close(self) -> None:
         self._writer.close()

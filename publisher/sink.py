@@ -1,11 +1,25 @@
-"""Ticks -> msgpack -> pipelined PUBLISH + HSET to Redis, without ever blocking the reader.
+"""The tick flow's writer: frames -> RESP -> Redis, lossless while Redis keeps up.
 
-Connections hand each frame to ``publish_frame`` (synchronous, no I/O). A writer task
-drains the buffer in batches: one PUBLISH per tick on ``{ns}:ticks:{token}`` and one
-HSET of ``{ns}:last`` per batch, sent as one RESP buffer. While Redis is slow or away the
-buffer is bounded: the oldest ticks are dropped and counted, never unbounded memory and
-never a silent loss; ticks older than ``stale_after`` when their turn comes are dropped
-and counted too. Redis is reconnected with backoff.
+Connections hand each frame to ``publish_frame`` (synchronous, no I/O): one call of the
+encoder turns it into the RESP of its PUBLISHes and updates each token's newest payload.
+A writer task sends batches without waiting for the previous one (a pipeline, bounded in
+bytes); a reply task counts Redis's answers as they come.
+
+The overload policy, in order:
+
+1. **Backpressure.** When the unsent backlog passes ``max_backlog`` bytes, ``writable`` is
+   cleared and the connections stop reading their sockets until it has drained to half;
+   TCP holds the rest at Kite. Nothing is lost while Redis keeps up.
+2. **Conflation.** Only when the backlog has stayed over the bound for ``conflate_after``
+   seconds (Redis away, or slower than the feed for that long) are ticks given up: the
+   backlog is discarded and the connections read on, but the last-value cache keeps each
+   token's newest payload, and once Redis takes writes again that payload is published
+   once per token. Ticks given up this way are counted as ``conflated``.
+3. Ticks in a batch whose write failed (fate unknown) are counted as ``dropped``; their
+   tokens' newest payloads are published again too.
+
+The cache is also what ``{ns}:last`` is written from: after every reconnect (Redis may
+have come back empty) the whole hash is rewritten, and ``prune`` removes released tokens.
 """
 
 from __future__ import annotations
@@ -13,48 +27,81 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections import deque
+from collections.abc import Container
+from dataclasses import dataclass
 
 from config.keys import Keys
 from kitewire import codec
-from publisher.resp import RespConnection
+from kitewire.encoder import Encoder, frame_encoder
+from publisher.resp import RespConnection, pack_command
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.sink")
 
+Source = bytes | tuple[int, ...]  # a frame, or the tokens of a republish batch
+
+
+@dataclass
+class _Batch:
+    """One write in flight: how many replies it awaits and what it carried."""
+
+    size: int
+    replies: int
+    ticks: int
+    sources: list[Source]
+
 
 class TickSink:
-    """Owns the tick flow's Redis socket and its writer task."""
+    """Owns the tick flow's Redis socket, its writer and reply tasks, and the last-value cache."""
 
     def __init__(
         self,
         redis_url: str,
         keys: Keys,
         *,
-        max_buffered: int = 100_000,
-        batch_size: int = 5_000,
+        encoder: Encoder | None = None,
+        max_backlog: int = 4 << 20,
+        max_in_flight: int = 2 << 20,
+        batch_bytes: int = 256 << 10,
+        conflate_after: float = 1.0,
         write_timeout: float = 5.0,
-        stale_after: float = 5.0,
     ) -> None:
         self._url = redis_url
         self._keys = keys
+        self._encoder = encoder or frame_encoder(keys.ticks("").encode())
         self._last_key = keys.last.encode()
-        self.max_buffered = max_buffered
-        self.batch_size = batch_size
+        self.max_backlog = max_backlog
+        self.max_in_flight = max_in_flight
+        self.batch_bytes = batch_bytes
+        self.conflate_after = conflate_after
         self.write_timeout = write_timeout
-        self._stale_ns = int(stale_after * 1e9)
-        self._buffer: deque[tuple[int, list[tuple[int, bytes]]]] = deque()  # (received_at_ns, ticks)
-        self._buffered = 0
-        self._wake = asyncio.Event()
-        self._prefixes: dict[int, bytes] = {}
+
+        self._pending: deque[tuple[bytes, int, Source]] = deque()  # (resp, ticks, source)
+        self._pending_bytes = 0
+        self._pending_ticks = 0
+        self._in_flight: deque[_Batch] = deque()
+        self._in_flight_bytes = 0
+        self._dirty: dict[int, bytes] = {}  # newest payloads not yet written to {ns}:last
+        self.cache: dict[int, bytes] = {}  # the last-value cache: newest payload per token
+        self._released: set[int] = set()  # to delete from {ns}:last
+        self._republish: set[int] = set()  # tokens whose newest payload was given up
+        self._lost: set[int] = set()  # tokens of batches whose write failed
+        self._given_up = 0  # ticks discarded since conflation began
+        self.conflating = False
+        self.writable = asyncio.Event()  # cleared while the connections must not read
+        self.writable.set()
+        self._work = asyncio.Event()
+        self._overload_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._connection: RespConnection | None = None
+        self._line_start = True  # the reply stream is at the start of a line
         # figures for status and metrics
         self.published = 0
+        self.conflated = 0
         self.dropped = 0
         self.malformed = 0
         self.write_errors = 0
+        self.pauses = 0
         self.redis_up = False
         self.redis_reconnects = 0
         self.last_error = ""
@@ -62,124 +109,265 @@ class TickSink:
     # --- the hot side: called by connections for every frame -----------------------------
 
     def publish_frame(self, frame: bytes, received_at_ns: int) -> int:
-        """Decode a frame and queue its ticks; returns how many ticks it held."""
-        payloads, malformed = codec.frame_payloads(frame, received_at_ns)
+        """Encode a frame and queue its PUBLISHes; returns how many ticks it held.
+        Callers wait for ``writable`` before reading their next frame."""
+        resp, ticks, malformed = self._encoder.encode(frame, received_at_ns, self._dirty)
         if malformed:
             self.malformed += malformed
-        if payloads:
-            self._buffer.append((received_at_ns, payloads))
-            self._buffered += len(payloads)
-            while self._buffered > self.max_buffered:
-                self._drop_oldest()
-            self._wake.set()
-        return len(payloads)
+        if not ticks:
+            return 0
+        if self.conflating:
+            self._give_up(ticks, frame)
+        else:
+            self._pending.append((resp, ticks, frame))
+            self._pending_bytes += len(resp)
+            self._pending_ticks += ticks
+            if self._pending_bytes + self._in_flight_bytes > self.max_backlog and self.writable.is_set():
+                self._pause()
+        self._work.set()
+        return ticks
 
     @property
     def buffered(self) -> int:
-        return self._buffered
+        """Ticks queued or in flight, not yet acknowledged by Redis."""
+        return self._pending_ticks + sum(batch.ticks for batch in self._in_flight)
 
-    # --- the writer task -----------------------------------------------------------------
+    @property
+    def backlog_bytes(self) -> int:
+        return self._pending_bytes + self._in_flight_bytes
+
+    def latest(self, token: int) -> bytes | None:
+        """The newest payload of ``token`` the publisher has seen."""
+        return self._dirty.get(token) or self.cache.get(token)
+
+    def prune(self, subscribed: Container[int]) -> None:
+        """Forget tokens no longer subscribed: out of the cache and out of ``{ns}:last``."""
+        gone = [t for t in (*self.cache, *self._dirty) if t not in subscribed]
+        for token in gone:
+            self.cache.pop(token, None)
+            self._dirty.pop(token, None)
+            self._republish.discard(token)
+        if gone:
+            self._released.update(gone)
+            self._work.set()
+
+    # --- overload ------------------------------------------------------------------------
+
+    def _pause(self) -> None:
+        self.writable.clear()
+        self.pauses += 1
+        self._overload_timer = asyncio.get_running_loop().call_later(self.conflate_after, self._conflate)
+
+    def _resume(self) -> None:
+        if self._overload_timer is not None:
+            self._overload_timer.cancel()
+            self._overload_timer = None
+        self.writable.set()
+
+    def _conflate(self) -> None:
+        """The backlog stayed over its bound too long: give it up, keep each token's newest."""
+        self._overload_timer = None
+        self.conflating = True
+        log.warning(
+            "redis is not keeping up; conflating backlog_bytes=%d redis_up=%s",
+            self.backlog_bytes, self.redis_up,
+        )  # fmt: skip
+        while self._pending:
+            _, ticks, source = self._pending.popleft()
+            self._give_up(ticks, source)
+        self._pending_bytes = self._pending_ticks = 0
+        self._resume()
+
+    def _give_up(self, ticks: int, source: Source) -> None:
+        self._given_up += ticks
+        self._republish.update(_tokens(source))
+
+    def _end_conflation(self) -> None:
+        """Redis takes writes again: publish each given-up token's newest payload once."""
+        self.conflating = False
+        given_up = [t for t in self._republish if self.latest(t) is not None]
+        self.conflated += max(0, self._given_up - len(given_up))
+        self._given_up = 0
+        self._republish.clear()
+        self._queue_republish({*given_up, *self._lost})
+        self._lost.clear()
+        log.warning("redis keeps up again; republished tokens=%d", len(given_up))
+
+    def _requeue_lost(self) -> None:
+        """After a failed write: publish again the newest payload of each token whose last
+        tick may have been lost, unless a newer tick of it is still queued (no reordering)."""
+        if not self._lost or self.conflating:
+            return  # the end of conflation covers them
+        queued = {t for _, _, source in self._pending for t in _tokens(source)}
+        self._queue_republish(self._lost - queued)
+        self._lost.clear()
+
+    def _queue_republish(self, tokens: set[int]) -> None:
+        items = [(t, p) for t in tokens if (p := self.latest(t)) is not None]
+        if items:
+            resp = b"".join(self._publish(token, payload) for token, payload in items)
+            self._pending.appendleft((resp, len(items), tuple(t for t, _ in items)))
+            self._pending_bytes += len(resp)
+            self._pending_ticks += len(items)
+
+    # --- the tasks -----------------------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="tick-sink")
 
     async def close(self, flush_timeout: float = 2.0) -> None:
-        """Give the buffer ``flush_timeout`` seconds to drain, then stop the writer."""
+        """Give the backlog ``flush_timeout`` seconds to reach Redis, then stop."""
         if self._task is None:
             return
         try:
             async with asyncio.timeout(flush_timeout):
-                while self._buffered and self.redis_up:
+                while (self._pending or self._in_flight or self.conflating) and self.redis_up:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             pass
         await cancel_and_wait(self._task)
         self._task = None
-        if self._buffered:
-            self.dropped += self._buffered
-            log.warning("sink closed with unsent ticks dropped=%d", self._buffered)
-            self._buffer.clear()
-            self._buffered = 0
-        await self._disconnect()
+        if self._overload_timer is not None:
+            self._overload_timer.cancel()
+        unsent = self.buffered
+        if unsent:
+            self.dropped += unsent
+            log.warning("sink closed with unsent ticks dropped=%d", unsent)
+        self._pending.clear()
+        self._in_flight.clear()
+        self._pending_bytes = self._pending_ticks = self._in_flight_bytes = 0
+        self.writable.set()
 
     async def _run(self) -> None:
-        delay = 0.0
+        delay, first = 0.0, True
         while True:
-            if self._connection is None:
-                if delay:
-                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                try:
-                    self._connection = await RespConnection.open(self._url)
-                except ConnectionError as exc:
-                    self._mark_down(str(exc))
-                    delay = min(2.0, max(0.1, delay * 2))
-                    continue
-                delay = 0.0
-                if not self.redis_up:
-                    log.info("sink connected to redis")
-                self.redis_up = True
-            if not self._buffered:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = self._take_batch()
-            commands, replies = self._encode(batch)
+            if delay:
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             try:
-                async with asyncio.timeout(self.write_timeout):
-                    errors = await self._connection.execute(commands, replies)
-            except Exception as exc:
-                # Whether these reached Redis is unknown: counted as dropped, not re-sent twice.
-                if not isinstance(exc, (ConnectionError, OSError, TimeoutError)):
-                    log.exception("sink write failed unexpectedly")
-                self.dropped += len(batch)
-                self._mark_down(f"redis write failed: {exc.__class__.__name__}")
-                await self._disconnect()
-                delay = 0.1
+                connection = await RespConnection.open(self._url)
+            except ConnectionError as exc:
+                self._mark_down(str(exc))
+                delay = min(2.0, max(0.1, delay * 2))
                 continue
-            self.published += len(batch)
+            delay = 0.1
+            if not first:  # Redis may have restarted empty: rewrite all of {ns}:last
+                self._dirty = {**self.cache, **self._dirty}
+            first = False
+            self.redis_up = True
+            log.info("sink connected to redis")
+            connection.set_write_limit(self.max_in_flight + self.batch_bytes)
+            self._requeue_lost()
+            self._line_start = True
+            self._work.set()
+            try:
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._write(connection))
+                    group.create_task(self._count_replies(connection))
+            except* (ConnectionError, OSError, TimeoutError) as failure:
+                self._write_failed(f"redis write failed: {failure.exceptions[0].__class__.__name__}")
+            except* Exception as failure:  # a bug: log it, count it, reconnect
+                log.error("sink failed unexpectedly", exc_info=failure.exceptions[0])
+                self._write_failed(f"internal error: {failure.exceptions[0].__class__.__name__}")
+            finally:
+                await connection.close()
+
+    async def _write(self, connection: RespConnection) -> None:
+        while True:
+            if self.conflating and self._in_flight_bytes <= self.max_backlog // 2:
+                self._end_conflation()
+            if self._in_flight_bytes >= self.max_in_flight or not (
+                self._pending or self._dirty or self._released
+            ):
+                self._work.clear()
+                await self._work.wait()
+                continue
+            batch, data = self._take_batch()
+            connection.write(data)
+            self._in_flight.append(batch)
+            self._in_flight_bytes += batch.size
+            await connection.drain()
+
+    def _take_batch(self) -> tuple[_Batch, bytes]:
+        """Queued PUBLISHes up to ``batch_bytes``, then the HSET (and HDEL) of ``{ns}:last``."""
+        out: list[bytes] = []
+        sources: list[Source] = []
+        size = ticks = 0
+        while self._pending and size < self.batch_bytes:
+            resp, count, source = self._pending.popleft()
+            out.append(resp)
+            sources.append(source)
+            size += len(resp)
+            ticks += count
+        self._pending_bytes -= size
+        self._pending_ticks -= ticks
+        replies = ticks
+        if self._dirty:
+            out.append(self._hset_last(self._dirty))
+            self.cache.update(self._dirty)
+            self._dirty = {}
+            replies += 1
+        if self._released:
+            names = [b"%d" % t for t in self._released]
+            out.append(pack_command(b"HDEL", self._last_key, *names))
+            self._released.clear()
+            replies += 1
+        data = b"".join(out)
+        return _Batch(len(data), replies, ticks, sources), data
+
+    async def _count_replies(self, connection: RespConnection) -> None:
+        """Every reply to a PUBLISH, HSET or HDEL is one line (an integer or an error), so
+        counting newlines counts replies; a line starting with '-' is an error."""
+        while True:
+            if self._in_flight:
+                async with asyncio.timeout(self.write_timeout):
+                    data = await connection.read()
+            else:
+                data = await connection.read()
+            errors = data.count(b"\n-") + (self._line_start and data[:1] == b"-")
+            self._line_start = data.endswith(b"\n")
             if errors:
                 self.write_errors += errors
                 self.last_error = f"redis answered {errors} error(s)"
+            self._acknowledge(data.count(b"\n"))
 
-    def _drop_oldest(self) -> None:
-        _, stale = self._buffer.popleft()
-        self._buffered -= len(stale)
-        self.dropped += len(stale)
+    def _acknowledge(self, replies: int) -> None:
+        in_flight = self._in_flight
+        while replies and in_flight:
+            head = in_flight[0]
+            taken = min(replies, head.replies)
+            head.replies -= taken
+            replies -= taken
+            if head.replies == 0:
+                in_flight.popleft()
+                self._in_flight_bytes -= head.size
+                self.published += head.ticks
+        if not self.writable.is_set() and self.backlog_bytes <= self.max_backlog // 2:
+            self._resume()
+        self._work.set()
 
-    def _take_batch(self) -> list[tuple[int, bytes]]:
-        """Up to ``batch_size`` ticks, oldest first; ticks older than ``stale_after`` are
-        dropped (counted): after an outage, a strategy wants the market now, not a replay."""
-        cutoff = time.time_ns() - self._stale_ns
-        while self._buffer and self._buffer[0][0] < cutoff:
-            self._drop_oldest()
-        batch: list[tuple[int, bytes]] = []
-        while self._buffer and len(batch) < self.batch_size:
-            batch += self._buffer.popleft()[1]
-        self._buffered -= len(batch)
-        return batch
+    def _write_failed(self, error: str) -> None:
+        """Batches in flight may or may not have reached Redis: their ticks are counted as
+        dropped, and their tokens' newest payloads go out again after the reconnect."""
+        for batch in self._in_flight:
+            self.dropped += batch.ticks
+            for source in batch.sources:
+                self._lost.update(_tokens(source))
+        self._in_flight.clear()
+        self._in_flight_bytes = 0
+        self._mark_down(error)
 
-    def _encode(self, batch: list[tuple[int, bytes]]) -> tuple[bytes, int]:
-        """RESP for one PUBLISH per tick and one HSET of each token's latest tick."""
-        prefixes = self._prefixes
-        out: list[bytes] = []
-        latest: dict[int, bytes] = {}
-        for token, payload in batch:
-            prefix = prefixes.get(token)
-            if prefix is None:
-                prefix = prefixes[token] = self._publish_prefix(token)
-            out += (prefix, b"$%d\r\n" % len(payload), payload, b"\r\n")
-            latest[token] = payload
-        out.append(
-            b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * len(latest), len(self._last_key), self._last_key)
-        )
+    # --- RESP ----------------------------------------------------------------------------
+
+    def _publish(self, token: int, payload: bytes) -> bytes:
+        return pack_command(b"PUBLISH", self._keys.ticks(token), payload)
+
+    def _hset_last(self, latest: dict[int, bytes]) -> bytes:
+        key = self._last_key
+        out = [b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * len(latest), len(key), key)]
         for token, payload in latest.items():
             name = b"%d" % token
             out += (b"$%d\r\n%b\r\n$%d\r\n" % (len(name), name, len(payload)), payload, b"\r\n")
-        return b"".join(out), len(batch) + 1
-
-    def _publish_prefix(self, token: int) -> bytes:
-        channel = self._keys.ticks(token).encode()
-        return b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%b\r\n" % (len(channel), channel)
+        return b"".join(out)
 
     def _mark_down(self, error: str) -> None:
         if self.redis_up:
@@ -188,7 +376,6 @@ class TickSink:
         self.redis_up = False
         self.last_error = error
 
-    async def _disconnect(self) -> None:
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await connection.close()
+
+def _tokens(source: Source) -> tuple[int, ...] | list[int]:
+    return codec.frame_tokens(source) if isinstance(source, bytes) else source

@@ -44,6 +44,7 @@ class Session:
     websocket: ServerConnection
     modes: dict[int, str] = field(default_factory=dict)
     stalled_until: float = 0.0
+    flooding: bool = False  # a line-rate flood owns the socket: the send loop keeps off
     last_sent: float = 0.0
     sent_ticks: int = 0
 
@@ -213,7 +214,7 @@ class TickerServer:
             while True:
                 await asyncio.sleep(step)
                 now = time.monotonic()
-                if session.stalled:
+                if session.stalled or session.flooding:
                     continue
                 if now >= next_tick and session.modes:
                     next_tick = max(next_tick + period, now)  # behind: no catch-up burst
@@ -271,7 +272,8 @@ class TickerServer:
         self._refuse_until = time.monotonic() + seconds
 
     async def flood(self, ticks: int, session: int | None = None) -> int:
-        """Send ``ticks`` ticks per connection for its instruments as fast as the socket takes.
+        """Send ``ticks`` ticks per connection for its instruments as fast as the sockets take
+        them, the connections taking turns frame by frame (idle ones keep their heartbeats).
 
         Packets are prepared first (a few per instrument, cycled) so the flood measures the
         receiver, not the market model. Returns the ticks sent in all.
@@ -281,28 +283,79 @@ class TickerServer:
         return sum(sent)
 
     async def _flood_one(self, session: Session, ticks: int) -> int:
-        now = int(time.time())
-        variants = [
-            [codec.encode_packet(self.market.tick(t, m, now)) for t, m in session.modes.items()]
-            for _ in range(3)
-        ]
-        pool = [packet for variant in variants for packet in variant]
-        frames = [
-            codec.encode_frame(pool[i : i + PACKETS_PER_FRAME])
-            for i in range(0, len(pool), PACKETS_PER_FRAME)
-        ]
-        sizes = [min(PACKETS_PER_FRAME, len(pool) - i) for i in range(0, len(pool), PACKETS_PER_FRAME)]
+        frames = self._flood_frames(session, ticks, PACKETS_PER_FRAME)
         sent = 0
         try:
-            for frame, size in itertools.cycle(zip(frames, sizes, strict=True)):
-                if sent >= ticks:
-                    break
+            for frame, size in frames:
                 await session.websocket.send(frame)
                 sent += size
+                session.last_sent = time.monotonic()
+                # websockets' send() does not yield while the transport takes data: without
+                # this, one flooding connection would starve every other one, heartbeats too.
+                await asyncio.sleep(0)
         except ConnectionClosed as exc:
             log.warning("flood cut short session=%d sent=%d close=%s", session.id, sent, exc)
         session.sent_ticks += sent
         return sent
+
+    async def flood_line_rate(
+        self, ticks: int, *, sequential: bool = True, packets_per_frame: int = 500
+    ) -> int:
+        """The harsh flood: ``ticks`` ticks per connection from prebuilt WebSocket frames,
+        written straight to each socket as fast as TCP takes them. ``sequential``: connection
+        after connection (all of the first's frames, then the second's, ...); otherwise all
+        at once. Connections waiting their turn keep their heartbeats. Returns ticks sent."""
+        targets = [s for s in self.sessions if s.modes]
+        wire = [(s, *_websocket_frames(self._flood_frames(s, ticks, packets_per_frame))) for s in targets]
+        if sequential:
+            return sum([await self._write_raw(*item) for item in wire])
+        return sum(await asyncio.gather(*(self._write_raw(*item) for item in wire)))
+
+    async def _write_raw(self, session: Session, data: bytes, ticks: int) -> int:
+        session.flooding = True
+        try:
+            view = memoryview(data)
+            for start in range(0, len(data), 1 << 20):
+                session.websocket.transport.write(view[start : start + (1 << 20)])
+                await session.websocket.drain()  # waits while the socket's buffer is full
+        except (ConnectionClosed, ConnectionError) as exc:
+            log.warning("line-rate flood cut short session=%d close=%s", session.id, exc)
+            return 0
+        finally:
+            session.flooding = False
+            session.last_sent = time.monotonic()
+        session.sent_ticks += ticks
+        return ticks
+
+    def _flood_frames(self, session: Session, ticks: int, per_frame: int) -> list[tuple[bytes, int]]:
+        """Frames of ``ticks`` ticks in all for the session's instruments, prepared up front."""
+        now = int(time.time())
+        pool = [
+            codec.encode_packet(self.market.tick(t, m, now))
+            for _ in range(3)
+            for t, m in session.modes.items()
+        ]
+        frames = []
+        for start in range(0, ticks, per_frame):
+            size = min(per_frame, ticks - start)
+            chunk = [pool[(start + i) % len(pool)] for i in range(size)]
+            frames.append((codec.encode_frame(chunk), size))
+        return frames
+
+
+def _websocket_frames(frames: list[tuple[bytes, int]]) -> tuple[bytes, int]:
+    """Binary frames as a server writes them on the wire (FIN, opcode 2, no mask)."""
+    out = []
+    for frame, _ in frames:
+        n = len(frame)
+        if n < 126:
+            header = bytes([0x82, n])
+        elif n < 1 << 16:
+            header = bytes([0x82, 126]) + n.to_bytes(2, "big")
+        else:
+            header = bytes([0x82, 127]) + n.to_bytes(8, "big")
+        out += (header, frame)
+    return b"".join(out), sum(size for _, size in frames)
 
 
 def _tokens(value: object) -> list[int]:

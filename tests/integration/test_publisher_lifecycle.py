@@ -92,7 +92,7 @@ async def test_redis_restart_under_a_running_publisher(simulator, settings, tmp_
     settings = settings.model_copy(update={"redis_url": server.url})
     keys = Keys("kite")
     tuning = Tuning(
-        stall_timeout=1.0, backoff_base=0.05, backoff_cap=0.5, status_interval=0.1, max_buffered=20
+        stall_timeout=1.0, backoff_base=0.05, backoff_cap=0.5, status_interval=0.1, max_backlog=2000, conflate_after=0.3
     )
     publisher = Publisher(settings, tuning)
     await publisher.start()
@@ -104,7 +104,7 @@ async def test_redis_restart_under_a_running_publisher(simulator, settings, tmp_
 
         server.stop()
         await eventually(lambda: not publisher.sink.redis_up)
-        await eventually(lambda: publisher.sink.dropped > 0)  # the buffer is bounded: old ticks go
+        await eventually(lambda: publisher.sink.conflating)  # the backlog is bounded: ticks conflate
         server.start()
         await rds.aclose()
         rds = redis.from_url(server.url)  # the old pool's sockets died with the server
@@ -132,7 +132,7 @@ async def test_redis_restart_under_a_running_publisher(simulator, settings, tmp_
         await pubsub.aclose()
 
         async def drops_shown():
-            return int(await rds.hget(keys.status, "dropped") or 0) > 0
+            return int(await rds.hget(keys.status, "conflated") or 0) > 0
 
         await eventually(drops_shown)
         result = await control.subscribe([738561], client="after")  # the control group came back too
