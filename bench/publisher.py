@@ -1,64 +1,192 @@
-"""End to end: simulator flood -> publisher -> real Redis -> a consumer of every channel.
+"""End to end at line rate: a Kite-protocol feed -> publisher -> real Redis -> a consumer.
 
-    .venv/bin/python bench/publisher.py [--ticks 200000] [--tokens 9000] [--mode full]
+    .venv/bin/python bench/publisher.py [--ticks 300000] [--modes full,quote,ltp]
+                                        [--rates 5000,20000,50000] [--skip-null] [--skip-latency]
 
-Separate processes: the publisher (``python -m publisher``), a private redis-server, and a
-consumer that PSUBSCRIBEs ``{ns}:ticks:*`` and counts messages with hiredis (no msgpack
-decode, so it keeps up; Redis cuts a pub/sub client whose buffer passes 32 MB). The
-simulator runs in this process. Loss is counted at the consumer and split by where it
-happened: dropped inside the publisher (its status hash) or lost between Redis and the
-consumer.
+Every part is a process of its own: the feed (the simulator, flooding from prebuilt
+WebSocket frames written straight to the sockets), the publisher, a private redis-server,
+and a consumer that PSUBSCRIBEs ``{ns}:ticks:*``. Printed, all from the same run:
+
+* the bus limit: ``redis-benchmark`` PUBLISHing payloads of the same size with the same
+  consumer attached (what Redis and one consumer carry on this machine);
+* per mode and burst shape (connection after connection, and all three at once), the
+  rate at the consumer for kitebus and for a null publisher (the same sockets and asyncio
+  plumbing writing a prebuilt RESP chunk per frame, no per-tick work: the ceiling of any
+  design with this plumbing), kitebus as a fraction of each, loss counted at the consumer
+  and split by where it happened, publisher CPU per 10k ticks;
+* latency from the feed's send to the consumer's receive at steady rates (p50/p99/max);
+* the publisher's peak RSS.
+
+The private Redis runs with ``client-output-buffer-limit pubsub 0 0 0``: one consumer of
+every channel can fall 32 MB behind on 2 cores and would be cut by Redis's default limit;
+lifted, the publisher is what is measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import platform
+import re
 import socket
+import struct
+import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import hiredis
+import msgpack
 import redis.asyncio as redis
 
 from config import Keys
 from consumers.control import ControlClient
 from kitebus.localredis import LocalRedis
+from kitewire import codec
+from kitewire.encoder import SPEEDUPS
 from publisher.resp import pack_command
-from simulator.server import TickerServer
 
 NS = "bench"
+HERE = os.path.abspath(__file__)
+OI_OFFSET = 48  # the full packet's oi field carries the feed's send time (us, mod 2**32)
+OI_KEY = msgpack.packb("oi") + b"\xce"  # in the payload: the key, then a uint32
 
 
-def consume(port: int, expected: int, idle: float) -> None:
-    """The consumer process: count pmessages until ``expected`` or ``idle`` seconds of quiet."""
+# --- the feed process ------------------------------------------------------------------------
+
+
+async def feed_main() -> None:
+    """The simulator in a process of its own, driven by lines on stdin."""
+    from simulator.server import TickerServer
+
+    async with TickerServer(rate=0.01, max_rate=1, heartbeat_interval=1.0) as server:
+        print(server.url, flush=True)
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := (await reader.readline()).decode().split():
+            command, args = line[0], line[1:]
+            if command == "wait":  # wait MODE N: until N tokens are subscribed in MODE
+                while sum(m == args[0] for s in server.sessions for m in s.modes.values()) < int(args[1]):
+                    await asyncio.sleep(0.05)
+                reply = f"{len(server.sessions)}"
+            elif command == "flood":  # flood TICKS_PER_CONNECTION sequential|interleaved
+                started = time.perf_counter()
+                sent = await server.flood_line_rate(int(args[0]), sequential=args[1] == "sequential")
+                reply = f"{sent} {time.perf_counter() - started:.3f}"
+            elif command == "steady":  # steady RATE SECONDS (full mode): send time in oi
+                reply = str(await steady(server, int(args[0]), float(args[1])))
+            else:
+                reply = "?"
+            print(reply, flush=True)
+
+
+async def steady(server, rate: int, seconds: float) -> int:
+    """``rate`` ticks/s over every connection, every 10 ms, each packet stamped at send."""
+    sessions = [s for s in server.sessions if s.modes]
+    now = int(time.time())
+    pools = [[bytearray(codec.encode_packet(server.market.tick(t, m, now))) for t, m in s.modes.items()]
+             for s in sessions]  # fmt: skip
+    per_step = max(1, rate // 100 // len(sessions))
+    sent, turn = 0, 0
+    step_at = time.perf_counter()
+    deadline = step_at + seconds
+    while step_at < deadline:
+        for session, pool in zip(sessions, pools, strict=True):
+            packets = [pool[(turn + i) % len(pool)] for i in range(per_step)]
+            stamp = int(time.time() * 1e6) & 0xFFFFFFFF
+            for packet in packets:
+                struct.pack_into(">I", packet, OI_OFFSET, stamp)
+            await session.websocket.send(codec.encode_frame(bytes(p) for p in packets))
+            sent += per_step
+        turn += per_step
+        step_at += 0.01
+        await asyncio.sleep(max(0.0, step_at - time.perf_counter()))
+    return sent
+
+
+# --- the null publisher ------------------------------------------------------------------------
+
+
+class NullEncoder:
+    """Prebuilt RESP per frame: as many PUBLISHes and HSET fields as the frame has packets,
+    and no per-tick work."""
+
+    def __init__(self, payload_size: int) -> None:
+        self._payload = b"x" * payload_size
+        self._chunks: dict[int, tuple[bytes, bytes]] = {}
+
+    def encode(
+        self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
+    ) -> tuple[bytes, bytes, int, int]:
+        count = int.from_bytes(frame[:2], "big") if len(frame) > 4 else 0
+        chunk = self._chunks.get(count)
+        if chunk is None:
+            keys, tokens = Keys(NS), [n << 8 | 1 for n in range(1, count + 1)]
+            publishes = b"".join(pack_command(b"PUBLISH", keys.ticks(t), self._payload) for t in tokens)
+            fields = b"".join(pack_command(b"%d" % t, self._payload)[4:] for t in tokens)
+            chunk = self._chunks[count] = (publishes, fields)
+        return chunk[0], chunk[1], count, 0
+
+
+def null_publisher_main(payload_size: int) -> None:
+    from config import load_settings
+    from kitebus.signals import wait_for_stop_signal
+    from publisher.app import Publisher
+
+    async def run() -> None:
+        publisher = Publisher(load_settings(), encoder=NullEncoder(payload_size))
+        await publisher.start()
+        await wait_for_stop_signal()
+        await publisher.stop()
+
+    asyncio.run(run())
+
+
+# --- the consumer process ------------------------------------------------------------------------
+
+
+def consume(port: int, expected: int, idle: float, latency: bool) -> None:
+    """Count pmessages (or measure latency from the oi stamp) until ``expected`` or ``idle`` s of quiet."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
     reader = hiredis.Reader()
     sock.settimeout(idle)
     count, first, last = 0, 0.0, 0.0
+    delays: list[int] = []
     ready = False
     try:
         while count < expected:
             data = sock.recv(1 << 20)
             if not data:
-                print("consumer: redis closed the connection (output buffer limit?)", file=sys.stderr)
+                print("consumer: redis closed the connection", file=sys.stderr)
                 break
             reader.feed(data)
+            now = int(time.time() * 1e6) & 0xFFFFFFFF
+            before = count
             while (reply := reader.gets()) is not False:
                 if reply[0] == b"pmessage":
                     count += 1
-                    last = time.perf_counter()
-                    first = first or last
+                    if latency:  # the oi value follows its key; no full decode, so the consumer keeps up
+                        at = reply[3].find(OI_KEY) + len(OI_KEY)
+                        delays.append((now - int.from_bytes(reply[3][at : at + 4], "big")) & 0xFFFFFFFF)
                 elif not ready:
                     ready = True
                     print("ready", flush=True)
+            if count > before:
+                last = time.perf_counter()
+                first = first or last
     except TimeoutError:
         pass
-    print(f"{count} {last - first:.6f}", flush=True)
+    delays.sort()
+    quantiles = [_quantile(delays, q) for q in (0.5, 0.99, 1.0)] if delays else []
+    print(json.dumps({"count": count, "window": last - first, "latency_ms": quantiles}), flush=True)
+
+
+# --- the driver --------------------------------------------------------------------------------------
 
 
 def cpu_seconds(pid: int) -> float:
@@ -67,79 +195,217 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def bench(ticks: int, tokens: int, mode: str) -> None:
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Run:
+    def __init__(self, port: int, rds: redis.Redis) -> None:
+        self.port, self.rds, self.keys = port, rds, Keys(NS)
+
+    async def consumer(self, expected: int, latency: bool = False) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, HERE, "--consume", str(self.port), str(expected),
+            *(["--latency"] if latency else []), stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        assert (await proc.stdout.readline()).strip() == b"ready"
+        return proc
+
+    async def result(self, proc: asyncio.subprocess.Process) -> dict:
+        assert proc.stdout is not None
+        out = json.loads(await proc.stdout.readline())
+        await proc.wait()
+        return out
+
+    async def status(self) -> dict[str, int]:
+        raw = await self.rds.hgetall(self.keys.status)
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        names = ("published", "dropped", "conflated", "malformed", "pauses")
+        return {k: int(fields.get(k, 0)) for k in names}
+
+
+async def ask(feed: asyncio.subprocess.Process, line: str) -> str:
+    assert feed.stdin is not None and feed.stdout is not None
+    feed.stdin.write(line.encode() + b"\n")
+    await feed.stdin.drain()
+    return (await feed.stdout.readline()).decode().strip()
+
+
+async def bus_limit(run: Run, payload_size: int) -> tuple[float, float]:
+    """redis-benchmark PUBLISH/s and what the consumer counted, payloads of the same size."""
+    n = 1_000_000
+    consumer = await run.consumer(n)
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["redis-benchmark", "-p", str(run.port), "-P", "64", "-r", "9000", "-n", str(n), "-q",
+         "PUBLISH", f"{NS}:ticks:__rand_int__", "x" * payload_size],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    got = await run.result(consumer)
+    match = re.search(r"([\d.]+) requests per second", out.stdout.replace("\r", "\n"))
+    return float(match.group(1)) if match else 0.0, got["count"] / max(got["window"], 1e-9)
+
+
+async def start_publisher(kind: str, env: dict[str, str], payload_size: int) -> asyncio.subprocess.Process:
+    args = ["-m", "publisher"] if kind == "kitebus" else [HERE, "--null-publisher", str(payload_size)]
+    return await asyncio.create_subprocess_exec(sys.executable, *args, env=env)
+
+
+async def bench(args: argparse.Namespace) -> None:
     server = LocalRedis()
     server.start()
-    keys = Keys(NS)
     rds = redis.from_url(server.url)
-    publisher = consumer = None
+    await rds.config_set("client-output-buffer-limit", "pubsub 0 0 0")
+    run = Run(server.port, rds)
+    feed = await asyncio.create_subprocess_exec(
+        sys.executable, HERE, "--feed", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert feed.stdout is not None
+    url = (await feed.stdout.readline()).decode().strip()
+    env = {
+        **os.environ, "KITE_WS_URL": url, "REDIS_URL": server.url, "KITE_API_KEY": "kitebus",
+        "KITE_ACCESS_TOKEN": "simulator", "KITEBUS_NAMESPACE": NS, "KITEBUS_LOG_LEVEL": "WARNING",
+    }  # fmt: skip
+    tokens = [(n << 8) | 1 for n in range(1, args.tokens + 1)]
+    control = ControlClient(rds, NS)
+    modes = args.modes.split(",")
+    sizes = {m: len(codec.frame_payloads(codec.encode_frame([_packet(m)]), 0)[0][0][1]) for m in modes}
+    per_connection = args.ticks // 3
+    version = (await rds.info("server"))["redis_version"]
+    print(f"# {platform.node()}: {os.cpu_count()} cpus, {platform.machine()}, "
+          f"Python {platform.python_version()}, redis {version}; speedups={'C' if SPEEDUPS else 'off'}")
+    print(f"# {args.tokens} tokens over 3 connections; bursts of {per_connection * 3:,} ticks "
+          "(500 packets a frame); private Redis with the pub/sub output-buffer limit lifted")
+    rows: dict[tuple[str, str, str], dict] = {}
+    limits = {}
+    publisher = None
     try:
-        async with TickerServer(rate=0.01, max_rate=1) as simulator:
-            env = {
-                **os.environ, "KITE_WS_URL": simulator.url, "REDIS_URL": server.url,
-                "KITE_API_KEY": "kitebus", "KITE_ACCESS_TOKEN": "simulator",
-                "KITEBUS_NAMESPACE": NS, "KITEBUS_LOG_LEVEL": "WARNING",
-            }  # fmt: skip
-            publisher = await asyncio.create_subprocess_exec(sys.executable, "-m", "publisher", env=env)
-            wanted = [(n << 8) | 1 for n in range(1, tokens + 1)]
-            await ControlClient(rds, NS).subscribe(wanted, mode=mode, client="bench", timeout=60)
-            async with asyncio.timeout(60):
-                while sum(1 for s in simulator.sessions for m in s.modes.values() if m == mode) < tokens:
-                    await asyncio.sleep(0.05)
-            connections = len(simulator.sessions)
-            per_connection = ticks // connections
-            consumer = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--consume", str(server.port), str(per_connection * connections),
-                stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            assert consumer.stdout is not None
-            assert (await consumer.stdout.readline()).strip() == b"ready"
-            cpu_before = cpu_seconds(publisher.pid)
-            started = time.perf_counter()
-            sent = await simulator.flood(per_connection)
-            flood_seconds = time.perf_counter() - started
-            received_text, window = (await consumer.stdout.readline()).split()
-            await consumer.wait()
-            cpu = cpu_seconds(publisher.pid) - cpu_before
-            status = {k.decode(): v.decode() for k, v in (await rds.hgetall(keys.status)).items()}
-            counts = [await rds.hget(keys.conn(i), "reconnects") for i in range(connections)]
-            reconnects = sum(int(count or 0) for count in counts)
-            publisher.terminate()  # before the simulator goes, so it does not try to reconnect
+        for mode in modes:
+            limits[mode] = await bus_limit(run, sizes[mode])
+        kinds = ["kitebus"] + ([] if args.skip_null else ["null"])
+        rss = 0.0
+        for kind in kinds:
+            publisher = await start_publisher(kind, env, sizes[modes[0]])
+            for mode in modes:
+                if kind == "null":  # the prebuilt chunk has the mode's payload size
+                    publisher.terminate()
+                    await publisher.wait()
+                    publisher = await start_publisher(kind, env, sizes[mode])
+                result = await control.subscribe(tokens, mode=mode, client="bench", timeout=60)
+                assert result.ok, result.error
+                assert (await control.set_mode(tokens, mode, client="bench", timeout=60)).ok
+                await asyncio.wait_for(ask(feed, f"wait {mode} {args.tokens}"), 60)
+                for shape in ("sequential", "interleaved"):
+                    before = await run.status()
+                    consumer = await run.consumer(per_connection * 3)
+                    cpu = cpu_seconds(publisher.pid)
+                    sent, seconds = map(float, (await ask(feed, f"flood {per_connection} {shape}")).split())
+                    got = await run.result(consumer)
+                    cpu = cpu_seconds(publisher.pid) - cpu
+                    await asyncio.sleep(1.2)  # one status write, so the counters are current
+                    after = await run.status()
+                    delta = {k: after[k] - before[k] for k in after}
+                    rows[(mode, shape, kind)] = {
+                        "sent": int(sent), "received": got["count"], "cpu": cpu, "feed_seconds": seconds,
+                        "rate": got["count"] / max(got["window"], 1e-9), **delta,
+                    }  # fmt: skip
+            if kind == "kitebus" and not args.skip_latency and "full" in modes:
+                await control.set_mode(tokens, "full", client="bench", timeout=60)
+                await asyncio.wait_for(ask(feed, f"wait full {args.tokens}"), 60)
+                for rate in map(int, args.rates.split(",")):
+                    consumer = await run.consumer(10**9, latency=True)
+                    await ask(feed, f"steady {rate} {args.seconds}")
+                    got = await run.result(consumer)
+                    rows[("latency", str(rate), kind)] = got
+            if kind == "kitebus":
+                rss = peak_rss_mb(publisher.pid)
+            publisher.terminate()
             await publisher.wait()
-        received = int(received_text)
-        dropped = int(status.get("dropped", 0))
-        malformed = int(status.get("malformed", 0))
-        print(f"# {os.cpu_count()} cpus; {tokens} tokens in {mode} mode over {connections} connections")
-        print(f"sent by simulator      {sent:>12,} ticks in {flood_seconds:.2f} s")
-        print(f"received by consumer   {received:>12,} ticks")
-        rate = received / float(window)
-        print(f"end-to-end rate        {rate:>12,.0f} ticks/s (first to last tick at the consumer)")
-        lost_after_redis = sent - received - dropped
-        print(f"loss                   {sent - received:>12,} ticks (dropped in publisher {dropped:,}, "
-              f"malformed {malformed:,}, lost after Redis {lost_after_redis:,})")  # fmt: skip
-        print(f"publisher reconnects   {reconnects:>12,} during the run")
-        print(f"publisher CPU          {cpu / max(received, 1) * 10_000 * 1000:>12.1f} ms per 10k ticks "
-              f"({cpu:.2f} s CPU)")  # fmt: skip
+            publisher = None
+        report(rows, limits, modes, rss)
     finally:
-        for proc in (consumer, publisher):
-            if proc is not None and proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        if publisher is not None and publisher.returncode is None:
+            publisher.terminate()
+            await publisher.wait()
+        if feed.returncode is None:
+            feed.terminate()
+            await feed.wait()
         await rds.aclose()
         server.stop()
 
 
+def report(rows: dict, limits: dict, modes: list[str], rss: float) -> None:
+    print()
+    print("bus limit (redis-benchmark -P 64 PUBLISH, payloads of the same size, the same consumer):")
+    for mode in modes:
+        bench_rate, consumer_rate = limits[mode]
+        print(f"  {mode:6} {bench_rate:>10,.0f} PUBLISH/s sent, {consumer_rate:>10,.0f}/s at the consumer")
+    print()
+    print(f"{'mode':6} {'burst':12} {'publisher':9} {'sent':>9} {'received':>9} {'ticks/s':>9} "
+          f"{'of null':>7} {'of bus':>7} {'dropped':>8} {'conflated':>9} {'after Redis':>11} "
+          f"{'cpu ms/10k':>10}")  # fmt: skip
+    for (mode, shape, kind), r in rows.items():
+        if mode == "latency":
+            continue
+        null = rows.get((mode, shape, "null"))
+        of_null = f"{r['rate'] / null['rate']:.2f}" if null and kind == "kitebus" else ""
+        of_bus = f"{r['rate'] / limits[mode][1]:.2f}"
+        after_redis = r["sent"] - r["received"] - r["dropped"] - r["conflated"]
+        print(f"{mode:6} {shape:12} {kind:9} {r['sent']:>9,} {r['received']:>9,} {r['rate']:>9,.0f} "
+              f"{of_null:>7} {of_bus:>7} {r['dropped']:>8,} {r['conflated']:>9,} {after_redis:>11,} "
+              f"{r['cpu'] / max(r['received'], 1) * 1e7:>10.1f}")  # fmt: skip
+    latency = [(k[1], r) for k, r in rows.items() if k[0] == "latency"]
+    if latency:
+        print()
+        print("latency, feed send -> consumer receive, full mode (ms):")
+        for rate, r in latency:
+            if not r["count"]:
+                print(f"  {int(rate):>7,} ticks/s: nothing received")
+                continue
+            p50, p99, top = r["latency_ms"]
+            print(f"  {int(rate):>7,} ticks/s: p50 {p50:.2f}  p99 {p99:.2f}  max {top:.2f}"
+                  f"  ({r['count']:,} ticks)")  # fmt: skip
+    print()
+    print(f"publisher peak RSS {rss:.0f} MB")
+
+
+def _quantile(sorted_us: list[int], q: float) -> float:
+    return sorted_us[min(len(sorted_us) - 1, int(q * len(sorted_us)))] / 1000
+
+
+def _packet(mode: str) -> bytes:
+    from simulator.market import Market
+
+    return codec.encode_packet(Market(0).tick(408065, mode, int(time.time())))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ticks", type=int, default=300_000, help="ticks to flood in all")
+    parser.add_argument("--ticks", type=int, default=300_000, help="ticks per burst, over 3 connections")
     parser.add_argument("--tokens", type=int, default=9000)
-    parser.add_argument("--mode", default="full", choices=["ltp", "quote", "full"])
+    parser.add_argument("--modes", default="full,quote,ltp")
+    parser.add_argument("--rates", default="5000,20000,50000", help="steady rates for the latency runs")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each latency run")
+    parser.add_argument("--skip-null", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--consume", nargs=2, type=int, metavar=("PORT", "EXPECTED"), help=argparse.SUPPRESS)
+    parser.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--feed", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--null-publisher", type=int, metavar="PAYLOAD_SIZE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.consume:
-        consume(args.consume[0], args.consume[1], idle=5.0)
+        consume(args.consume[0], args.consume[1], idle=3.0, latency=args.latency)
+    elif args.feed:
+        asyncio.run(feed_main())
+    elif args.null_publisher:
+        null_publisher_main(args.null_publisher)
     else:
-        asyncio.run(bench(args.ticks, args.tokens, args.mode))
+        asyncio.run(bench(args))
 
 
 if __name__ == "__main__":

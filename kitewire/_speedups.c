@@ -1,4 +1,5 @@
-/* The publisher's hot call in C: one Kite binary frame in, the RESP of its PUBLISHes out.
+/* The publisher's hot call in C: one Kite binary frame in, the RESP of its PUBLISHes and of
+ * its {ns}:last HSET fields out.
  *
  * It runs the program that kitewire/codec.py compiles from its packet layout table (the
  * payload's constant byte chunks and its value slots), so both paths write the same bytes
@@ -182,7 +183,7 @@ static inline char *put_uint(char *out, uint64_t v) {
     return out;
 }
 
-/* encode(frame, received_at_ns, latest) -> (resp: bytes, ticks: int, malformed: int) */
+/* encode(frame, received_at_ns, latest) -> (publishes, fields, ticks, malformed) */
 static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "encode(frame, received_at_ns, latest)");
@@ -199,8 +200,8 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
     const unsigned char *frame = view.buf;
     Py_ssize_t size = view.len;
-    PyObject *resp = NULL, *result = NULL;
-    Py_ssize_t ticks = 0, malformed = 0, bound = 0;
+    PyObject *resp = NULL, *fields = NULL, *result = NULL;
+    Py_ssize_t ticks = 0, malformed = 0, bound = 0, fields_bound = 0;
     unsigned count = size >= 2 ? ((unsigned)frame[0] << 8 | frame[1]) : 0;
 
     /* Pass 1: find the packets (as codec.scan_frame does) and bound the output. */
@@ -215,12 +216,15 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         if (l == NULL) { malformed++; continue; }
         ticks++;
         bound += self->command_len + 24 + self->prefix_len + l->bulk_header_len + l->payload_len + 2;
+        fields_bound += 20 + l->bulk_header_len + l->payload_len + 2;
     }
     malformed += count - seen;
 
     resp = PyBytes_FromStringAndSize(NULL, bound);
-    if (resp == NULL) goto done;
+    fields = PyBytes_FromStringAndSize(NULL, fields_bound);
+    if (resp == NULL || fields == NULL) goto done;
     char *out = PyBytes_AS_STRING(resp);
+    char *fout = PyBytes_AS_STRING(fields);
 
     /* Pass 2: write each known packet's payload and its PUBLISH. */
     uint32_t raw[MAX_FIELDS];
@@ -283,6 +287,18 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         out = (char *)w;
         *out++ = '\r'; *out++ = '\n';
 
+        /* the HSET field and value: $<n> <token> $<len> <payload> */
+        *fout++ = '$';
+        fout = put_uint(fout, u32_digits(token));
+        *fout++ = '\r'; *fout++ = '\n';
+        fout = put_uint(fout, token);
+        *fout++ = '\r'; *fout++ = '\n';
+        memcpy(fout, l->bulk_header, l->bulk_header_len);
+        fout += l->bulk_header_len;
+        memcpy(fout, payload, l->payload_len);
+        fout += l->payload_len;
+        *fout++ = '\r'; *fout++ = '\n';
+
         PyObject *key = PyLong_FromUnsignedLong(token);
         PyObject *value = PyBytes_FromStringAndSize((const char *)payload, l->payload_len);
         int failed = key == NULL || value == NULL || PyDict_SetItem(latest, key, value) < 0;
@@ -291,16 +307,18 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         if (failed) goto done;
     }
     if (_PyBytes_Resize(&resp, out - PyBytes_AS_STRING(resp)) < 0) goto done;
-    result = Py_BuildValue("(Onn)", resp, ticks, malformed);
+    if (_PyBytes_Resize(&fields, fout - PyBytes_AS_STRING(fields)) < 0) goto done;
+    result = Py_BuildValue("(OOnn)", resp, fields, ticks, malformed);
 done:
     Py_XDECREF(resp);
+    Py_XDECREF(fields);
     PyBuffer_Release(&view);
     return result;
 }
 
 static PyMethodDef Encoder_methods[] = {
     {"encode", (PyCFunction)(void (*)(void))Encoder_encode, METH_FASTCALL,
-     "encode(frame, received_at_ns, latest) -> (resp, ticks, malformed)"},
+     "encode(frame, received_at_ns, latest) -> (publishes, fields, ticks, malformed)"},
     {NULL},
 };
 

@@ -1,10 +1,11 @@
-"""The publisher's one hot call: a Kite binary frame in, the RESP of its PUBLISHes out.
+"""The publisher's one hot call: a Kite binary frame in, ready RESP out.
 
 ``frame_encoder(channel_prefix).encode(frame, received_at_ns, latest)`` returns
-``(resp, ticks, malformed)``: ``resp`` holds one ``PUBLISH {prefix}{token} <payload>`` per
-known packet, in frame order, ready to write to Redis; ``latest`` (a dict the caller owns)
-gets each token's newest payload, for the last-value cache and the ``{ns}:last`` HSET.
-Payloads are exactly ``codec.frame_payloads``' msgpack maps.
+``(publishes, fields, ticks, malformed)``: ``publishes`` holds one
+``PUBLISH {prefix}{token} <payload>`` per known packet, in frame order; ``fields`` the same
+ticks as ``<token> <payload>`` bulk-string pairs, to follow an ``HSET {ns}:last`` header;
+``latest`` (a dict the caller owns) gets each token's newest payload (the last-value
+cache). Payloads are exactly ``codec.frame_payloads``' msgpack maps.
 
 Two implementations with identical output, chosen at import: the C speed-up
 ``kitewire._speedups`` (built by ``pip install`` where a compiler is present) and the
@@ -25,8 +26,10 @@ PREFIX_CACHE_LIMIT = 100_000  # a server sending endless new tokens cannot grow 
 
 
 class Encoder(Protocol):
-    def encode(self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]) -> tuple[bytes, int, int]:
-        """One frame -> (RESP of its PUBLISHes, ticks, malformed packets)."""
+    def encode(
+        self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
+    ) -> tuple[bytes, bytes, int, int]:
+        """One frame -> (its PUBLISHes, its HSET fields, ticks, malformed packets)."""
         ...
 
 
@@ -41,13 +44,16 @@ class PyFrameEncoder:
     def __init__(self, channel_prefix: bytes, command: bytes = b"PUBLISH") -> None:
         self._header = command_header(command)
         self._prefix = channel_prefix
-        self._heads: dict[int, bytes] = {}  # token -> RESP up to its payload's bulk header
+        self._heads: dict[int, tuple[bytes, bytes]] = {}  # token -> (PUBLISH head, HSET field name)
         self._bulk = {length: b"$%d\r\n" % w.payload_length for length, w in _WRITERS.items()}
 
-    def encode(self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]) -> tuple[bytes, int, int]:
+    def encode(
+        self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
+    ) -> tuple[bytes, bytes, int, int]:
         packets, malformed = scan_frame(frame)
         heads, writers, bulk = self._heads, _WRITERS, self._bulk
-        out: list[bytes] = []
+        publishes: list[bytes] = []
+        fields: list[bytes] = []
         for layout, offset in packets:
             length = layout.length
             token, payload = writers[length].write(frame, offset, received_at_ns)
@@ -56,10 +62,15 @@ class PyFrameEncoder:
                 if len(heads) >= PREFIX_CACHE_LIMIT:
                     heads.clear()
                 channel = self._prefix + b"%d" % token
-                head = heads[token] = self._header + b"$%d\r\n%b\r\n" % (len(channel), channel)
-            out += (head, bulk[length], payload, b"\r\n")
+                name = b"%d" % token
+                head = heads[token] = (
+                    self._header + b"$%d\r\n%b\r\n" % (len(channel), channel),
+                    b"$%d\r\n%b\r\n" % (len(name), name),
+                )
+            publishes += (head[0], bulk[length], payload, b"\r\n")
+            fields += (head[1], bulk[length], payload, b"\r\n")
             latest[token] = payload
-        return b"".join(out), len(packets), malformed
+        return b"".join(publishes), b"".join(fields), len(packets), malformed
 
 
 def _programs() -> dict[int, tuple]:

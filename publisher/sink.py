@@ -42,6 +42,21 @@ log = logging.getLogger("kitebus.sink")
 Source = bytes | tuple[int, ...]  # a frame, or the tokens of a republish batch
 
 
+@dataclass(slots=True)
+class _Queued:
+    """Ticks waiting to be written: their PUBLISHes, their ``{ns}:last`` HSET fields."""
+
+    publishes: bytes
+    fields: bytes
+    ticks: int  # PUBLISHes
+    nfields: int
+    source: Source  # what to tell their tokens from, should they be given up
+
+    @property
+    def size(self) -> int:
+        return len(self.publishes) + len(self.fields)
+
+
 @dataclass
 class _Batch:
     """One write in flight: how many replies it awaits and what it carried."""
@@ -77,12 +92,11 @@ class TickSink:
         self.conflate_after = conflate_after
         self.write_timeout = write_timeout
 
-        self._pending: deque[tuple[bytes, int, Source]] = deque()  # (resp, ticks, source)
+        self._pending: deque[_Queued] = deque()
         self._pending_bytes = 0
         self._pending_ticks = 0
         self._in_flight: deque[_Batch] = deque()
         self._in_flight_bytes = 0
-        self._dirty: dict[int, bytes] = {}  # newest payloads not yet written to {ns}:last
         self.cache: dict[int, bytes] = {}  # the last-value cache: newest payload per token
         self._released: set[int] = set()  # to delete from {ns}:last
         self._republish: set[int] = set()  # tokens whose newest payload was given up
@@ -111,7 +125,7 @@ class TickSink:
     def publish_frame(self, frame: bytes, received_at_ns: int) -> int:
         """Encode a frame and queue its PUBLISHes; returns how many ticks it held.
         Callers wait for ``writable`` before reading their next frame."""
-        resp, ticks, malformed = self._encoder.encode(frame, received_at_ns, self._dirty)
+        publishes, fields, ticks, malformed = self._encoder.encode(frame, received_at_ns, self.cache)
         if malformed:
             self.malformed += malformed
         if not ticks:
@@ -119,9 +133,7 @@ class TickSink:
         if self.conflating:
             self._give_up(ticks, frame)
         else:
-            self._pending.append((resp, ticks, frame))
-            self._pending_bytes += len(resp)
-            self._pending_ticks += ticks
+            self._queue(_Queued(publishes, fields, ticks, ticks, frame))
             if self._pending_bytes + self._in_flight_bytes > self.max_backlog and self.writable.is_set():
                 self._pause()
         self._work.set()
@@ -138,20 +150,27 @@ class TickSink:
 
     def latest(self, token: int) -> bytes | None:
         """The newest payload of ``token`` the publisher has seen."""
-        return self._dirty.get(token) or self.cache.get(token)
+        return self.cache.get(token)
 
     def prune(self, subscribed: Container[int]) -> None:
         """Forget tokens no longer subscribed: out of the cache and out of ``{ns}:last``."""
-        gone = [t for t in (*self.cache, *self._dirty) if t not in subscribed]
+        gone = [t for t in self.cache if t not in subscribed]
         for token in gone:
-            self.cache.pop(token, None)
-            self._dirty.pop(token, None)
+            del self.cache[token]
             self._republish.discard(token)
         if gone:
             self._released.update(gone)
             self._work.set()
 
     # --- overload ------------------------------------------------------------------------
+
+    def _queue(self, item: _Queued, *, front: bool = False) -> None:
+        if front:
+            self._pending.appendleft(item)
+        else:
+            self._pending.append(item)
+        self._pending_bytes += item.size
+        self._pending_ticks += item.ticks
 
     def _pause(self) -> None:
         self.writable.clear()
@@ -173,8 +192,8 @@ class TickSink:
             self.backlog_bytes, self.redis_up,
         )  # fmt: skip
         while self._pending:
-            _, ticks, source = self._pending.popleft()
-            self._give_up(ticks, source)
+            queued = self._pending.popleft()
+            self._give_up(queued.ticks, queued.source)
         self._pending_bytes = self._pending_ticks = 0
         self._resume()
 
@@ -198,17 +217,15 @@ class TickSink:
         tick may have been lost, unless a newer tick of it is still queued (no reordering)."""
         if not self._lost or self.conflating:
             return  # the end of conflation covers them
-        queued = {t for _, _, source in self._pending for t in _tokens(source)}
+        queued = {t for item in self._pending for t in _tokens(item.source)}
         self._queue_republish(self._lost - queued)
         self._lost.clear()
 
     def _queue_republish(self, tokens: set[int]) -> None:
-        items = [(t, p) for t in tokens if (p := self.latest(t)) is not None]
+        items = {t: p for t in tokens if (p := self.latest(t)) is not None}
         if items:
-            resp = b"".join(self._publish(token, payload) for token, payload in items)
-            self._pending.appendleft((resp, len(items), tuple(t for t, _ in items)))
-            self._pending_bytes += len(resp)
-            self._pending_ticks += len(items)
+            publishes = b"".join(self._publish(token, payload) for token, payload in items.items())
+            self._queue(_Queued(publishes, _fields(items), len(items), len(items), tuple(items)), front=True)
 
     # --- the tasks -----------------------------------------------------------------------
 
@@ -250,8 +267,8 @@ class TickSink:
                 delay = min(2.0, max(0.1, delay * 2))
                 continue
             delay = 0.1
-            if not first:  # Redis may have restarted empty: rewrite all of {ns}:last
-                self._dirty = {**self.cache, **self._dirty}
+            if not first and self.cache:  # Redis may have restarted empty: rewrite all of {ns}:last
+                self._queue(_Queued(b"", _fields(self.cache), 0, len(self.cache), ()), front=True)
             first = False
             self.redis_up = True
             log.info("sink connected to redis")
@@ -276,7 +293,7 @@ class TickSink:
             if self.conflating and self._in_flight_bytes <= self.max_backlog // 2:
                 self._end_conflation()
             if self._in_flight_bytes >= self.max_in_flight or not (
-                self._pending or self._dirty or self._released
+                self._pending or self._released
             ):
                 self._work.clear()
                 await self._work.wait()
@@ -288,30 +305,34 @@ class TickSink:
             await connection.drain()
 
     def _take_batch(self) -> tuple[_Batch, bytes]:
-        """Queued PUBLISHes up to ``batch_bytes``, then the HSET (and HDEL) of ``{ns}:last``."""
-        out: list[bytes] = []
+        """Queued PUBLISHes up to ``batch_bytes``, then one HSET of ``{ns}:last`` with the same
+        ticks (and an HDEL of released tokens): the snapshot never runs ahead of the channel."""
+        publishes: list[bytes] = []
+        fields: list[bytes] = []
         sources: list[Source] = []
-        size = ticks = 0
+        size = ticks = nfields = 0
         while self._pending and size < self.batch_bytes:
-            resp, count, source = self._pending.popleft()
-            out.append(resp)
-            sources.append(source)
-            size += len(resp)
-            ticks += count
+            item = self._pending.popleft()
+            publishes.append(item.publishes)
+            fields.append(item.fields)
+            sources.append(item.source)
+            size += item.size
+            ticks += item.ticks
+            nfields += item.nfields
         self._pending_bytes -= size
         self._pending_ticks -= ticks
         replies = ticks
-        if self._dirty:
-            out.append(self._hset_last(self._dirty))
-            self.cache.update(self._dirty)
-            self._dirty = {}
+        if nfields:
+            key = self._last_key
+            publishes.append(b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * nfields, len(key), key))
+            publishes += fields
             replies += 1
         if self._released:
             names = [b"%d" % t for t in self._released]
-            out.append(pack_command(b"HDEL", self._last_key, *names))
+            publishes.append(pack_command(b"HDEL", self._last_key, *names))
             self._released.clear()
             replies += 1
-        data = b"".join(out)
+        data = b"".join(publishes)
         return _Batch(len(data), replies, ticks, sources), data
 
     async def _count_replies(self, connection: RespConnection) -> None:
@@ -361,14 +382,6 @@ class TickSink:
     def _publish(self, token: int, payload: bytes) -> bytes:
         return pack_command(b"PUBLISH", self._keys.ticks(token), payload)
 
-    def _hset_last(self, latest: dict[int, bytes]) -> bytes:
-        key = self._last_key
-        out = [b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * len(latest), len(key), key)]
-        for token, payload in latest.items():
-            name = b"%d" % token
-            out += (b"$%d\r\n%b\r\n$%d\r\n" % (len(name), name, len(payload)), payload, b"\r\n")
-        return b"".join(out)
-
     def _mark_down(self, error: str) -> None:
         if self.redis_up:
             log.warning("sink lost redis error=%s", error)
@@ -379,3 +392,12 @@ class TickSink:
 
 def _tokens(source: Source) -> tuple[int, ...] | list[int]:
     return codec.frame_tokens(source) if isinstance(source, bytes) else source
+
+
+def _fields(latest: dict[int, bytes]) -> bytes:
+    """``<token> <payload>`` bulk-string pairs for an HSET of ``{ns}:last``."""
+    out = []
+    for token, payload in latest.items():
+        name = b"%d" % token
+        out += (b"$%d\r\n%b\r\n$%d\r\n" % (len(name), name, len(payload)), payload, b"\r\n")
+    return b"".join(out)

@@ -52,13 +52,16 @@ def _epoch(value: object) -> object:
 def test_publishes_carry_the_payloads_in_frame_order(path: str, batch: list[dict], now: int) -> None:
     frame = codec.encode_frame(codec.encode_packet(tick) for tick in batch)
     latest: dict[int, bytes] = {}
-    resp, count, malformed = ENCODERS[path].encode(frame, now, latest)
+    resp, fields, count, malformed = ENCODERS[path].encode(frame, now, latest)
     assert (count, malformed) == (len(batch), 0)
     commands = _commands(resp)
+    payloads = codec.frame_payloads(frame, now)[0]
     assert [c[0] for c in commands] == [b"PUBLISH"] * len(batch)
     assert [c[1] for c in commands] == [b"kite:ticks:%d" % t["instrument_token"] for t in batch]
-    assert [c[2] for c in commands] == [p for _, p in codec.frame_payloads(frame, now)[0]]
+    assert [c[2] for c in commands] == [p for _, p in payloads]
     assert latest == {int(c[1].rsplit(b":", 1)[1]): c[2] for c in commands}  # the last of each token
+    (hset,) = _commands(b"*%d\r\n$4\r\nHSET\r\n$9\r\nkite:last\r\n" % (2 + 2 * count) + fields)
+    assert hset[2:] == [v for token, p in payloads for v in (b"%d" % token, p)]
 
 
 @settings(max_examples=300)
@@ -66,7 +69,7 @@ def test_publishes_carry_the_payloads_in_frame_order(path: str, batch: list[dict
 @both_paths
 def test_payloads_agree_with_the_official_parser_on_any_packet_bytes(path: str, packets: list[bytes]) -> None:
     frame = codec.encode_frame(packets)
-    resp, _, _ = ENCODERS[path].encode(frame, 7, {})
+    resp, _, _, _ = ENCODERS[path].encode(frame, 7, {})
     mine = [msgpack.unpackb(c[2]) for c in _commands(resp)]
     for tick in mine:
         del tick["received_at_ns"]
@@ -88,7 +91,7 @@ def test_compiled_and_python_are_byte_identical_even_on_broken_frames(packets, d
     latest_c: dict[int, bytes] = {}
     assert ENCODERS["python"].encode(frame, 99, latest_py) == ENCODERS["compiled"].encode(frame, 99, latest_c)
     assert latest_py == latest_c
-    assert ENCODERS["python"].encode(frame, 99, {})[1:] == (
+    assert ENCODERS["python"].encode(frame, 99, {})[2:] == (
         len(codec.scan_frame(frame)[0]),
         codec.scan_frame(frame)[1],
     )
@@ -97,8 +100,9 @@ def test_compiled_and_python_are_byte_identical_even_on_broken_frames(packets, d
 @given(st.binary(max_size=600))
 @both_paths
 def test_arbitrary_bytes_never_raise(path: str, frame: bytes) -> None:
-    resp, count, malformed = ENCODERS[path].encode(frame, 1, {})
+    resp, fields, count, malformed = ENCODERS[path].encode(frame, 1, {})
     assert len(_commands(resp)) == count and count >= 0 and malformed >= 0
+    assert fields.count(b"$") >= 2 * count
 
 
 @both_paths
@@ -112,7 +116,7 @@ def test_malformed_frames_count_the_bad_packets_and_keep_the_good(path: str) -> 
         (1).to_bytes(2, "big") + (184).to_bytes(2, "big") + b"\x00" * 20: (0, 1),  # length too large
     }
     for frame, expected in cases.items():
-        assert ENCODERS[path].encode(frame, 1, {})[1:] == expected
+        assert ENCODERS[path].encode(frame, 1, {})[2:] == expected
 
 
 def test_the_channel_prefix_and_command_are_the_callers() -> None:

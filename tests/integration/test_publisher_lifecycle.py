@@ -92,8 +92,9 @@ async def test_redis_restart_under_a_running_publisher(simulator, settings, tmp_
     settings = settings.model_copy(update={"redis_url": server.url})
     keys = Keys("kite")
     tuning = Tuning(
-        stall_timeout=1.0, backoff_base=0.05, backoff_cap=0.5, status_interval=0.1, max_backlog=2000, conflate_after=0.3
-    )
+        stall_timeout=1.0, backoff_base=0.05, backoff_cap=0.5, status_interval=0.1,
+        max_backlog=2000, conflate_after=0.3,
+    )  # fmt: skip
     publisher = Publisher(settings, tuning)
     await publisher.start()
     rds = redis.from_url(server.url)
