@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/codec.py [--seconds 1.0]
 
-Frames hold 100 packets of one kind. "payloads" is the publisher's hot path (frame ->
-ready-to-publish msgpack); "dicts+packb" is the straightforward alternative it replaces.
+Frames hold 100 packets of one kind. "payloads" is frame -> msgpack payloads; "encoder
+python" and "encoder C" are the publisher's hot call (frame -> RESP of the PUBLISHes and
+the {ns}:last fields); "dicts+packb" is the straightforward alternative.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import msgpack
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from kitewire import codec
+from kitewire import codec, encoder
 
 PACKETS_PER_FRAME = 100
 
@@ -76,6 +77,8 @@ def main() -> None:
     except ImportError:
         sys.exit("bench/codec.py needs kiteconnect (the test extras) for the comparison")
     official = KiteTicker("bench", "bench")
+    pure = encoder.PyFrameEncoder(b"kite:ticks:")
+    compiled = encoder.compiled_encoder(b"kite:ticks:")
     rng = random.Random(1)
 
     def dicts_packb(frame: bytes) -> None:
@@ -89,7 +92,10 @@ def main() -> None:
         "kitebus dicts": codec.decode_frame,
         "dicts+packb": dicts_packb,
         "payloads": lambda frame: codec.frame_payloads(frame, time.time_ns()),
+        "encoder python": lambda frame: pure.encode(frame, time.time_ns(), {}),
     }
+    if compiled is not None:
+        paths["encoder C"] = lambda frame: compiled.encode(frame, time.time_ns(), {})
     print(f"# {platform.python_implementation()} {platform.python_version()}, "
           f"{platform.machine()}, {os.cpu_count()} cpus; packets/s, best of 3")  # fmt: skip
     print(f"{'mode':6} " + " ".join(f"{name:>16}" for name in paths) + f" {'payloads/official':>18}")
