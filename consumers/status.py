@@ -69,8 +69,10 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "heartbeat_age": age,
             "alive": age is not None and age < STALE_AFTER and status.get("state") == "running",
             "published": int(status.get("published", 0)),
+            "conflated": int(status.get("conflated", 0)),
             "dropped": int(status.get("dropped", 0)),
             "malformed": int(status.get("malformed", 0)),
+            "backpressure": status.get("backpressure") == "1",
         },
         "connections": rows,
         "totals": {"tokens": tokens, "capacity": capacity, "remaining": capacity - tokens},
@@ -105,8 +107,9 @@ def render_status(data: dict[str, Any], console: Console) -> None:
     console.print(
         f"publisher {escape('[' + data['namespace'] + ']')}: {pub['state']} {health}, "
         f"heartbeat {_age(pub['heartbeat_age'])} ago, "
-        f"pid {pub['pid'] or '-'}; published {pub['published']:,}, dropped {pub['dropped']:,}, "
-        f"malformed {pub['malformed']:,}"
+        f"pid {pub['pid'] or '-'}; published {pub['published']:,}, conflated {pub['conflated']:,}, "
+        f"dropped {pub['dropped']:,}, malformed {pub['malformed']:,}"
+        + (" [yellow]waiting for Redis (backpressure)[/]" if pub["backpressure"] else "")
     )
     console.print(connections_table(data))
     console.print(f"tokens {totals['tokens']:,} of {totals['capacity']:,} ({totals['remaining']:,} free)")
