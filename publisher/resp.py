@@ -1,8 +1,9 @@
-"""A minimal Redis connection for the tick flow: write pipelined commands, count replies.
+"""A minimal Redis connection for the tick flow: pipelined writes of pre-encoded RESP.
 
-redis-py's pipeline objects cost ~15 us per command in Python; the tick flow sends one
-pre-encoded buffer of RESP commands per batch and parses the replies with hiredis in C.
-Everything else (control, monitoring) uses redis-py's asyncio client.
+redis-py's pipeline objects cost ~15 us per command in Python; the tick flow writes
+batches of ready RESP and counts the replies itself (``publisher/sink.py``). Setup
+commands are answered through hiredis. Everything else (control, monitoring) uses
+redis-py's asyncio client.
 """
 
 from __future__ import annotations

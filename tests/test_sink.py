@@ -1,0 +1,73 @@
+"""The tick sink's bookkeeping without a socket: batches, backpressure, conflation, the cache."""
+
+from __future__ import annotations
+
+import hiredis
+
+from config import Keys
+from kitewire import codec
+from publisher.sink import TickSink
+
+A, B = 1 << 8 | 1, 2 << 8 | 1
+
+
+def _frame(*prices: tuple[int, float]) -> bytes:
+    return codec.encode_frame(
+        codec.encode_packet({"instrument_token": t, "mode": "ltp", "last_price": p}) for t, p in prices
+    )
+
+
+def _commands(data: bytes) -> list[list[bytes]]:
+    reader = hiredis.Reader()
+    reader.feed(data)
+    out = []
+    while (command := reader.gets()) is not False:
+        out.append(command)
+    return out
+
+
+def _sink(**kwargs) -> TickSink:
+    return TickSink("redis://127.0.0.1:1/0", Keys("paper"), **kwargs)
+
+
+async def test_a_batch_is_the_publishes_then_one_hset_of_the_same_ticks() -> None:
+    sink = _sink()
+    assert sink.publish_frame(_frame((A, 1.0), (B, 2.0), (A, 3.0)), 42) == 3
+    batch, data = sink._take_batch()
+    commands = _commands(data)
+    assert [c[:2] for c in commands[:3]] == [[b"PUBLISH", b"paper:ticks:%d" % t] for t in (A, B, A)]
+    assert commands[3][:2] == [b"HSET", b"paper:last"] and len(commands[3]) == 2 + 2 * 3
+    assert (batch.replies, batch.ticks) == (4, 3)
+    assert sink.cache[A] == commands[2][2]  # the newest of A
+
+
+async def test_heartbeats_and_malformed_packets_queue_nothing() -> None:
+    sink = _sink()
+    assert sink.publish_frame(codec.HEARTBEAT, 1) == 0
+    bad = (3).to_bytes(2, "big") + (8).to_bytes(2, "big") + b"\x00\x00\x01\x01\x00\x00\x00\x05"
+    assert sink.publish_frame(bad, 1) == 1
+    assert sink.malformed == 2
+
+
+async def test_backpressure_clears_writable_over_the_bound_and_conflation_keeps_the_newest() -> None:
+    sink = _sink(max_backlog=100)
+    sink.publish_frame(_frame((A, 1.0), (B, 2.0)), 1)
+    assert not sink.writable.is_set() and sink.pauses == 1
+    sink._conflate()  # what the overload timer does after conflate_after seconds
+    assert sink.writable.is_set() and sink.conflating and sink.buffered == 0
+    sink.publish_frame(_frame((A, 5.0), (A, 6.0)), 2)  # read on, given up, cached
+    sink._end_conflation()
+    assert sink.conflated == 4 - 2  # four ticks given up, two of them republished as newest
+    _, data = sink._take_batch()
+    publishes = [c for c in _commands(data) if c[0] == b"PUBLISH"]
+    assert sorted(c[2] for c in publishes) == sorted([sink.cache[A], sink.cache[B]])
+
+
+async def test_released_tokens_leave_the_cache_and_are_deleted_from_the_snapshot() -> None:
+    sink = _sink()
+    sink.publish_frame(_frame((A, 1.0), (B, 2.0)), 1)
+    sink._take_batch()
+    sink.prune({A})
+    assert set(sink.cache) == {A}
+    _, data = sink._take_batch()
+    assert _commands(data) == [[b"HDEL", b"paper:last", b"%d" % B]]
