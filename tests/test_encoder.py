@@ -7,7 +7,6 @@ import subprocess
 import sys
 from datetime import datetime
 
-import hiredis
 import msgpack
 import pytest
 from hypothesis import given, settings
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 from kiteconnect import KiteTicker
 
 from kitewire import codec, encoder
+from tests.resp import parse_commands
 from tests.strategies import ticks
 
 OFFICIAL = KiteTicker("oracle", "oracle")
@@ -28,14 +28,6 @@ both_paths = pytest.mark.parametrize(
     "path", ["python", pytest.param("compiled", marks=needs_compiled)]
 )
 
-
-def _commands(resp: bytes) -> list[list[bytes]]:
-    reader = hiredis.Reader()
-    reader.feed(resp)
-    commands = []
-    while (command := reader.gets()) is not False:
-        commands.append(command)
-    return commands
 
 
 def _packets() -> st.SearchStrategy[bytes]:
@@ -54,13 +46,13 @@ def test_publishes_carry_the_payloads_in_frame_order(path: str, batch: list[dict
     latest: dict[int, bytes] = {}
     resp, fields, count, malformed = ENCODERS[path].encode(frame, now, latest)
     assert (count, malformed) == (len(batch), 0)
-    commands = _commands(resp)
+    commands = parse_commands(resp)
     payloads = codec.frame_payloads(frame, now)[0]
     assert [c[0] for c in commands] == [b"PUBLISH"] * len(batch)
     assert [c[1] for c in commands] == [b"kite:ticks:%d" % t["instrument_token"] for t in batch]
     assert [c[2] for c in commands] == [p for _, p in payloads]
     assert latest == {int(c[1].rsplit(b":", 1)[1]): c[2] for c in commands}  # the last of each token
-    (hset,) = _commands(b"*%d\r\n$4\r\nHSET\r\n$9\r\nkite:last\r\n" % (2 + 2 * count) + fields)
+    (hset,) = parse_commands(b"*%d\r\n$4\r\nHSET\r\n$9\r\nkite:last\r\n" % (2 + 2 * count) + fields)
     assert hset[2:] == [v for token, p in payloads for v in (b"%d" % token, p)]
 
 
@@ -70,7 +62,7 @@ def test_publishes_carry_the_payloads_in_frame_order(path: str, batch: list[dict
 def test_payloads_agree_with_the_official_parser_on_any_packet_bytes(path: str, packets: list[bytes]) -> None:
     frame = codec.encode_frame(packets)
     resp, _, _, _ = ENCODERS[path].encode(frame, 7, {})
-    mine = [msgpack.unpackb(c[2]) for c in _commands(resp)]
+    mine = [msgpack.unpackb(c[2]) for c in parse_commands(resp)]
     for tick in mine:
         del tick["received_at_ns"]
     official = [{k: _epoch(v) for k, v in t.items()} for t in OFFICIAL._parse_binary(frame)]
@@ -101,7 +93,7 @@ def test_compiled_and_python_are_byte_identical_even_on_broken_frames(packets, d
 @both_paths
 def test_arbitrary_bytes_never_raise(path: str, frame: bytes) -> None:
     resp, fields, count, malformed = ENCODERS[path].encode(frame, 1, {})
-    assert len(_commands(resp)) == count and count >= 0 and malformed >= 0
+    assert len(parse_commands(resp)) == count and count >= 0 and malformed >= 0
     assert fields.count(b"$") >= 2 * count
 
 
@@ -125,7 +117,8 @@ def test_the_channel_prefix_and_command_are_the_callers() -> None:
     for make in (encoder.PyFrameEncoder, encoder.compiled_encoder):
         built = make(b"paper:t:", b"SPUBLISH")
         if built is not None:
-            assert _commands(built.encode(frame, 1, {})[0]) == [[b"SPUBLISH", b"paper:t:7", _payload(frame)]]
+            published = parse_commands(built.encode(frame, 1, {})[0])
+            assert published == [[b"SPUBLISH", b"paper:t:7", _payload(frame)]]
 
 
 def _payload(frame: bytes) -> bytes:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hiredis
-
 from config import Keys
 from kitewire import codec
 from publisher.sink import TickSink
+from tests.resp import parse_commands
 
 A, B = 1 << 8 | 1, 2 << 8 | 1
 
@@ -17,14 +16,6 @@ def _frame(*prices: tuple[int, float]) -> bytes:
     )
 
 
-def _commands(data: bytes) -> list[list[bytes]]:
-    reader = hiredis.Reader()
-    reader.feed(data)
-    out = []
-    while (command := reader.gets()) is not False:
-        out.append(command)
-    return out
-
 
 def _sink(**kwargs) -> TickSink:
     return TickSink("redis://127.0.0.1:1/0", Keys("paper"), **kwargs)
@@ -34,7 +25,7 @@ async def test_a_batch_is_the_publishes_then_one_hset_of_the_same_ticks() -> Non
     sink = _sink()
     assert sink.publish_frame(_frame((A, 1.0), (B, 2.0), (A, 3.0)), 42) == 3
     batch, data = sink._take_batch()
-    commands = _commands(data)
+    commands = parse_commands(data)
     assert [c[:2] for c in commands[:3]] == [[b"PUBLISH", b"paper:ticks:%d" % t] for t in (A, B, A)]
     assert commands[3][:2] == [b"HSET", b"paper:last"] and len(commands[3]) == 2 + 2 * 3
     assert (batch.replies, batch.ticks) == (4, 3)
@@ -59,7 +50,7 @@ async def test_backpressure_clears_writable_over_the_bound_and_conflation_keeps_
     sink._end_conflation()
     assert sink.conflated == 4 - 2  # four ticks given up, two of them republished as newest
     _, data = sink._take_batch()
-    publishes = [c for c in _commands(data) if c[0] == b"PUBLISH"]
+    publishes = [c for c in parse_commands(data) if c[0] == b"PUBLISH"]
     assert sorted(c[2] for c in publishes) == sorted([sink.cache[A], sink.cache[B]])
 
 
@@ -70,4 +61,4 @@ async def test_released_tokens_leave_the_cache_and_are_deleted_from_the_snapshot
     sink.prune({A})
     assert set(sink.cache) == {A}
     _, data = sink._take_batch()
-    assert _commands(data) == [[b"HDEL", b"paper:last", b"%d" % B]]
+    assert parse_commands(data) == [[b"HDEL", b"paper:last", b"%d" % B]]
