@@ -134,7 +134,7 @@ class TickSink:
             self._give_up(ticks, frame)
         else:
             self._queue(_Queued(publishes, fields, ticks, ticks, frame))
-            if self._pending_bytes + self._in_flight_bytes > self.max_backlog and self.writable.is_set():
+            if self.backlog_bytes > self.max_backlog and self.writable.is_set():
                 self._pause()
         self._work.set()
         return ticks
@@ -147,10 +147,6 @@ class TickSink:
     @property
     def backlog_bytes(self) -> int:
         return self._pending_bytes + self._in_flight_bytes
-
-    def latest(self, token: int) -> bytes | None:
-        """The newest payload of ``token`` the publisher has seen."""
-        return self.cache.get(token)
 
     def prune(self, subscribed: Container[int]) -> None:
         """Forget tokens no longer subscribed: out of the cache and out of ``{ns}:last``."""
@@ -204,7 +200,7 @@ class TickSink:
     def _end_conflation(self) -> None:
         """Redis takes writes again: publish each given-up token's newest payload once."""
         self.conflating = False
-        given_up = [t for t in self._republish if self.latest(t) is not None]
+        given_up = [t for t in self._republish if self.cache.get(t) is not None]
         self.conflated += max(0, self._given_up - len(given_up))
         self._given_up = 0
         self._republish.clear()
@@ -222,7 +218,7 @@ class TickSink:
         self._lost.clear()
 
     def _queue_republish(self, tokens: set[int]) -> None:
-        items = {t: p for t in tokens if (p := self.latest(t)) is not None}
+        items = {t: p for t in tokens if (p := self.cache.get(t)) is not None}
         if items:
             publishes = b"".join(self._publish(token, payload) for token, payload in items.items())
             self._queue(_Queued(publishes, _fields(items), len(items), len(items), tuple(items)), front=True)
