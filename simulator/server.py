@@ -95,6 +95,7 @@ class TickerServer:
             self._port,
             process_request=self._check_handshake,
             max_size=2**20,
+            ping_interval=None,  # Kite's server does not ping; the client checks liveness
         )
         self._port = self._server.sockets[0].getsockname()[1]
         log.info("simulator listening url=%s", self.url)
@@ -311,12 +312,11 @@ class TickerServer:
             return sum([await self._write_raw(*item) for item in wire])
         return sum(await asyncio.gather(*(self._write_raw(*item) for item in wire)))
 
-    async def _write_raw(self, session: Session, data: bytes, ticks: int) -> int:
+    async def _write_raw(self, session: Session, chunks: list[bytes], ticks: int) -> int:
         session.flooding = True
         try:
-            view = memoryview(data)
-            for start in range(0, len(data), 1 << 20):
-                session.websocket.transport.write(view[start : start + (1 << 20)])
+            for chunk in chunks:  # whole frames only: nothing else may land inside one
+                session.websocket.transport.write(chunk)
                 await session.websocket.drain()  # waits while the socket's buffer is full
         except (ConnectionClosed, ConnectionError) as exc:
             log.warning("line-rate flood cut short session=%d close=%s", session.id, exc)
@@ -343,9 +343,12 @@ class TickerServer:
         return frames
 
 
-def _websocket_frames(frames: list[tuple[bytes, int]]) -> tuple[bytes, int]:
-    """Binary frames as a server writes them on the wire (FIN, opcode 2, no mask)."""
-    out = []
+def _websocket_frames(frames: list[tuple[bytes, int]], chunk: int = 1 << 20) -> tuple[list[bytes], int]:
+    """Binary frames as a server writes them on the wire (FIN, opcode 2, no mask), joined
+    into chunks of about ``chunk`` bytes that end on frame boundaries."""
+    chunks: list[bytes] = []
+    out: list[bytes] = []
+    size = 0
     for frame, _ in frames:
         n = len(frame)
         if n < 126:
@@ -355,7 +358,13 @@ def _websocket_frames(frames: list[tuple[bytes, int]]) -> tuple[bytes, int]:
         else:
             header = bytes([0x82, 127]) + n.to_bytes(8, "big")
         out += (header, frame)
-    return b"".join(out), sum(size for _, size in frames)
+        size += len(header) + len(frame)
+        if size >= chunk:
+            chunks.append(b"".join(out))
+            out, size = [], 0
+    if out:
+        chunks.append(b"".join(out))
+    return chunks, sum(ticks for _, ticks in frames)
 
 
 def _tokens(value: object) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,40 @@ async def test_flood_delivers_the_requested_ticks(server) -> None:
                     assert malformed == 0
                     received += sum(t["mode"] == "full" for t in ticks)
         assert await flood >= 20_000
+
+
+@pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "interleaved"])
+async def test_line_rate_flood_delivers_whole_frames_and_waiting_sockets_keep_their_heartbeats(
+    server, sequential: bool
+) -> None:
+    """Two connections: every tick of the line-rate flood arrives intact on each, and while
+    one floods, the other still hears heartbeats (Kite's idle signal) or flood frames."""
+    tokens = [[t << 8 | 1 for t in range(1, 301)], [t << 8 | 1 for t in range(301, 601)]]
+    per_connection = 30_000
+    async with connect(_url(server), max_size=None) as a, connect(_url(server), max_size=None) as b:
+        for ws, wanted in zip((a, b), tokens, strict=True):
+            await ws.send(json.dumps({"a": "subscribe", "v": wanted}))
+        async with asyncio.timeout(5):
+            while sorted(len(s.modes) for s in server.sessions) != [300, 300]:
+                await asyncio.sleep(0.01)
+
+        async def count(ws) -> tuple[int, float]:
+            received, longest_gap, last = 0, 0.0, time.monotonic()
+            while received < per_connection:
+                message = await ws.recv()
+                now = time.monotonic()
+                longest_gap, last = max(longest_gap, now - last), now
+                if isinstance(message, bytes) and len(message) > 1:
+                    ticks, malformed = codec.decode_frame(message)
+                    assert malformed == 0
+                    if len(ticks) == 500:  # the flood's frames; the market's hold at most 300
+                        received += len(ticks)
+            return received, longest_gap
+
+        async with asyncio.timeout(60):
+            flood = asyncio.create_task(server.flood_line_rate(per_connection, sequential=sequential))
+            counts = await asyncio.gather(count(a), count(b))
+            assert await flood == 2 * per_connection
+        for received, longest_gap in counts:
+            assert received == per_connection
+            assert longest_gap < 3 * server.heartbeat_interval + 1  # never silent for long
