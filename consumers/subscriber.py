@@ -126,17 +126,36 @@ class TickSubscriber:
 
     async def ticks(self) -> AsyncIterator[Tick]:
         """Snapshot ticks first, then live ticks, forever."""
-        await self._listening.wait()
         while True:
-            while self._pending:
-                yield self._pending.popleft()
-            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is None or message["type"] != "message":
+            for tick in await self.batch():
+                yield tick
+
+    async def batch(self, limit: int = 1000, wait: float = 1.0) -> list[Tick]:
+        """The ticks that have arrived (snapshot ticks first), up to ``limit``: waits up to
+        ``wait`` seconds for the first one, then takes what is already there. Empty after
+        ``wait`` seconds with nothing to deliver."""
+        if not self._listening.is_set():
+            try:
+                async with asyncio.timeout(wait):
+                    await self._listening.wait()
+            except TimeoutError:
+                return []
+        out: list[Tick] = []
+        while self._pending and len(out) < limit:
+            out.append(self._pending.popleft())
+        timeout = 0.0 if out else wait
+        while len(out) < limit:
+            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+            if message is None:
+                break
+            timeout = 0.0
+            if message["type"] != "message":
                 continue
             tick = msgpack.unpackb(message["data"])
             if self._seen_ns and tick["received_at_ns"] <= self._seen_ns.get(tick["instrument_token"], -1):
                 continue  # the same tick already came as the snapshot
-            yield tick
+            out.append(tick)
+        return out
 
     def __aiter__(self) -> AsyncIterator[Tick]:
         return self.ticks()

@@ -268,6 +268,23 @@ class TickerServer:
         for target in self._pick(session):
             await self._send_error(target, message)
 
+    async def send_ticks(self, ticks: list[dict]) -> int:
+        """Send these exact ticks to every connection that subscribed their tokens, each in
+        the mode that connection set (as Kite does), one frame per connection. Give full-mode
+        tick dicts (the codec picks each mode's fields). Returns the packets sent."""
+        sent = 0
+        for session in list(self.sessions):
+            packets = [
+                codec.encode_packet({**tick, "mode": session.modes[tick["instrument_token"]]})
+                for tick in ticks
+                if tick["instrument_token"] in session.modes
+            ]
+            if packets:
+                with contextlib.suppress(ConnectionClosed):
+                    await session.websocket.send(codec.encode_frame(packets))
+                    sent += len(packets)
+        return sent
+
     def refuse_connections(self, seconds: float) -> None:
         """Refuse every new handshake (HTTP 503) for ``seconds``."""
         self._refuse_until = time.monotonic() + seconds

@@ -1,0 +1,332 @@
+"""A drop-in for Kite's official ``KiteTicker``: the same calls and callbacks, fed by the bus.
+
+Change one import and an existing strategy stops holding a Kite connection of its own::
+
+    from consumers.kiteticker import KiteTicker     # was: from kiteconnect import KiteTicker
+
+    kws = KiteTicker(api_key, access_token)         # credentials accepted and ignored
+    kws.on_ticks = lambda ws, ticks: ...
+    kws.on_connect = lambda ws, response: (ws.subscribe(tokens), ws.set_mode(ws.MODE_FULL, tokens))
+    kws.connect(threaded=True)
+
+The bus comes from the environment (``REDIS_URL``, ``KITEBUS_NAMESPACE``), or from the
+keyword arguments ``redis_url=``/``namespace=``. Subscriptions are claims of one client id
+(``kiteticker-<host>-<pid>``, or ``client=``), released when the ticker closes.
+
+Where it cannot be the same: ``on_message`` and ``on_order_update`` are never called (the
+bus carries ticks, not Kite's frames or order postbacks); ``response`` in ``on_connect``
+is a dict describing the bus; a token whose mode another client raised is delivered in
+the mode this ticker asked for (the richer fields are left out), as Kite would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from config import Keys, load_settings
+from consumers.control import ControlTimeout, SubscriptionRejected
+from consumers.subscriber import Tick, TickSubscriber
+from publisher.tasks import cancel_and_wait
+
+log = logging.getLogger("kitebus.kiteticker")
+
+HEARTBEAT_STALE = 5.0  # seconds without a publisher heartbeat before the bus counts as down
+_TIMES = ("last_trade_time", "exchange_timestamp")
+_FULL_ONLY = ("last_trade_time", "oi", "oi_day_high", "oi_day_low", "exchange_timestamp", "depth")
+_LTP_KEYS = ("tradable", "mode", "instrument_token", "last_price")
+_RANK = {"ltp": 0, "quote": 1, "full": 2}
+
+
+class BusDown(Exception):
+    """Redis answers, but no publisher is running behind it."""
+
+
+def default_client_id() -> str:
+    """``kiteticker-<host>-<pid>``, with only the characters a client id may hold."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40]
+    return f"kiteticker-{host}-{os.getpid()}"
+
+
+def as_official(tick: Tick, mode: str) -> Tick:
+    """A bus tick as the official client delivers it in ``mode``: times as ``datetime``,
+    no ``received_at_ns``, and only the fields of that mode."""
+    tick = dict(tick)
+    tick.pop("received_at_ns", None)
+    if _RANK[tick["mode"]] > _RANK[mode]:
+        if mode == "ltp":
+            tick = {key: tick[key] for key in _LTP_KEYS}
+        else:
+            for key in _FULL_ONLY:
+                tick.pop(key, None)
+        tick["mode"] = mode
+    for key in _TIMES:
+        if key in tick:
+            try:
+                tick[key] = datetime.fromtimestamp(tick[key])
+            except (OverflowError, OSError, ValueError):
+                tick[key] = None  # as the official client does when conversion fails
+    return tick
+
+
+class KiteTicker:
+    """The official ``KiteTicker``'s interface over the kitebus Redis bus."""
+
+    MODE_FULL = "full"
+    MODE_QUOTE = "quote"
+    MODE_LTP = "ltp"
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        access_token: str | None = None,
+        debug: bool = False,
+        root: str | None = None,
+        reconnect: bool = True,
+        reconnect_max_tries: int = 50,
+        reconnect_max_delay: int = 60,
+        connect_timeout: int = 30,
+        *,
+        redis_url: str | None = None,
+        namespace: str | None = None,
+        client: str | None = None,
+    ) -> None:
+        del api_key, access_token, root  # the publisher holds Kite's connection
+        if redis_url is None or namespace is None:
+            settings = load_settings()
+            redis_url = redis_url or settings.redis_url
+            namespace = namespace or settings.namespace
+        self.redis_url = redis_url
+        self.keys = Keys(namespace)
+        self.client = client or default_client_id()
+        self.debug = debug
+        self.reconnect = reconnect
+        self.reconnect_max_tries = min(reconnect_max_tries, 300)
+        self.reconnect_max_delay = max(reconnect_max_delay, 5)
+        self.connect_timeout = connect_timeout
+        self.subscribed_tokens: dict[int, str] = {}
+        self.on_ticks: Callable[..., Any] | None = None
+        self.on_open: Callable[..., Any] | None = None
+        self.on_close: Callable[..., Any] | None = None
+        self.on_error: Callable[..., Any] | None = None
+        self.on_connect: Callable[..., Any] | None = None
+        self.on_message: Callable[..., Any] | None = None  # never called: see the module docstring
+        self.on_reconnect: Callable[..., Any] | None = None
+        self.on_noreconnect: Callable[..., Any] | None = None
+        self.on_order_update: Callable[..., Any] | None = None  # never called
+        self.websocket_thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._requests: asyncio.Queue[tuple[str, list[int], str]] | None = None
+        self._stop: asyncio.Event | None = None
+        self._connected = False
+        self._retry = True
+        self._loop_thread = 0
+
+    # --- the official interface ------------------------------------------------------------
+
+    def connect(
+        self, threaded: bool = False, disable_ssl_verification: bool = False, proxy: Any = None
+    ) -> None:
+        """Join the bus. ``threaded=True`` returns at once (a thread of its own runs the
+        ticker); otherwise this returns when the ticker is closed or gives up."""
+        del disable_ssl_verification, proxy  # TLS and proxies are the Redis URL's business
+        if threaded:
+            self.websocket_thread = threading.Thread(target=self._run, name="kiteticker", daemon=True)
+            self.websocket_thread.start()
+        else:
+            self._run()
+
+    def is_connected(self) -> bool:
+        return self._connected
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        """Release this ticker's subscriptions and leave the bus (no reconnect)."""
+        self._retry = False
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    def stop(self) -> None:
+        """As the official client's ``stop``: end the ticker's loop for good."""
+        self.close()
+
+    def stop_retry(self) -> None:
+        """No more reconnect attempts after the current connection ends."""
+        self._retry = False
+
+    def subscribe(self, instrument_tokens: Iterable[int]) -> bool:
+        tokens = list(instrument_tokens)
+        for token in tokens:
+            self.subscribed_tokens[token] = self.MODE_QUOTE
+        self._submit("subscribe", tokens, self.MODE_QUOTE)
+        return True
+
+    def unsubscribe(self, instrument_tokens: Iterable[int]) -> bool:
+        tokens = list(instrument_tokens)
+        for token in tokens:
+            self.subscribed_tokens.pop(token, None)
+        self._submit("unsubscribe", tokens, "")
+        return True
+
+    def set_mode(self, mode: str, instrument_tokens: Iterable[int]) -> bool:
+        tokens = list(instrument_tokens)
+        for token in tokens:
+            self.subscribed_tokens[token] = mode
+        self._submit("mode", tokens, mode)
+        return True
+
+    def resubscribe(self) -> None:
+        """Claim every token in ``subscribed_tokens`` again, each in its mode."""
+        self._claim(self.subscribed_tokens)
+
+    def _claim(self, modes: dict[int, str]) -> None:
+        by_mode: dict[str, list[int]] = {}
+        for token, mode in modes.items():
+            by_mode.setdefault(mode, []).append(token)
+        for mode, tokens in by_mode.items():
+            self._submit("subscribe", tokens, mode)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _submit(self, op: str, tokens: list[int], mode: str) -> None:
+        """Queue a request for the loop, from any thread. Before the first connect the
+        tokens are only recorded, and claimed on connect."""
+        loop, requests = self._loop, self._requests
+        if loop is None or requests is None or not tokens:
+            return
+        if threading.get_ident() == self._loop_thread:
+            requests.put_nowait((op, tokens, mode))
+        else:
+            loop.call_soon_threadsafe(requests.put_nowait, (op, tokens, mode))
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._requests = asyncio.Queue()
+        self._stop = asyncio.Event()
+        attempts = 0
+        while not self._stop.is_set():
+            code, reason = 1000, "closed by the client"
+            try:
+                await self._session()
+            except (RedisError, OSError, BusDown, ControlTimeout) as exc:
+                code, reason = 1006, f"{exc.__class__.__name__}: {exc}"[:300]
+                self._callback(self.on_error, code, reason)
+            finally:
+                was_connected, self._connected = self._connected, False
+            if was_connected or code == 1000:
+                self._callback(self.on_close, code, reason)
+            if self._stop.is_set():
+                break
+            if not (self.reconnect and self._retry) or attempts >= self.reconnect_max_tries:
+                self._callback(self.on_noreconnect)
+                break
+            attempts += 1
+            self._callback(self.on_reconnect, attempts)
+            delay = min(self.reconnect_max_delay, 0.5 * 2 ** (attempts - 1))
+            try:
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+            except TimeoutError:
+                pass
+        self._loop = None
+
+    async def _session(self) -> None:
+        """One connection to the bus: check it, announce it, then serve until stop or failure."""
+        client = redis.from_url(self.redis_url, socket_connect_timeout=self.connect_timeout)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await self._check_publisher(client)
+            sub = TickSubscriber(
+                client, self.client, namespace=self.keys.ns, release_on_exit=False, timeout=5.0
+            )
+            async with sub:
+                self._connected = True
+                held = dict(self.subscribed_tokens)  # on a reconnect: everything; first time: early calls
+                self._callback(self.on_connect, {"bus": _redacted(self.redis_url), "client": self.client})
+                self._claim(held)
+                tasks = [
+                    asyncio.create_task(self._serve_requests(sub)),
+                    asyncio.create_task(self._deliver(sub)),
+                    asyncio.create_task(self._watch_publisher(client)),
+                ]
+                stop = asyncio.create_task(self._stop.wait())  # type: ignore[union-attr]
+                try:
+                    done, _ = await asyncio.wait([*tasks, stop], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (*tasks, stop):
+                        await cancel_and_wait(task)
+                for task in done:
+                    if task is not stop:
+                        task.result()  # raises what ended the session
+                sub.release_on_exit = True  # closed by the user: the `async with` releases our claims
+        finally:
+            await client.aclose()
+
+    async def _check_publisher(self, client: redis.Redis) -> None:
+        status = await client.hgetall(self.keys.status)
+        state = status.get(b"state", b"").decode()
+        age = time.time() - float(status.get(b"heartbeat_at", b"0") or 0)
+        if state != "running" or age > HEARTBEAT_STALE:
+            raise BusDown(
+                f"no publisher running on the bus (namespace {self.keys.ns!r}, state {state or 'absent'}, "
+                f"heartbeat {age:.0f}s ago)"
+            )
+
+    async def _watch_publisher(self, client: redis.Redis) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self._check_publisher(client)
+
+    async def _serve_requests(self, sub: TickSubscriber) -> None:
+        assert self._requests is not None
+        while True:
+            op, tokens, mode = await self._requests.get()
+            try:
+                if op == "subscribe":
+                    await sub.subscribe(tokens, mode=mode)
+                elif op == "mode":
+                    await sub.set_mode(tokens, mode)
+                else:
+                    await sub.unsubscribe(tokens)
+            except SubscriptionRejected as exc:
+                self._callback(self.on_error, 0, f"{op} rejected by the publisher: {exc}")
+
+    async def _deliver(self, sub: TickSubscriber) -> None:
+        while True:
+            batch = await sub.batch()
+            modes = self.subscribed_tokens
+            ticks = [
+                as_official(tick, modes[tick["instrument_token"]])
+                for tick in batch
+                if tick["instrument_token"] in modes
+            ]
+            if ticks:
+                self._callback(self.on_ticks, ticks)
+
+    def _callback(self, callback: Callable[..., Any] | None, *args: Any) -> None:
+        """Call a user callback as the official client does: (ticker, *args); an exception in
+        it is logged and the ticker goes on."""
+        if callback is None:
+            return
+        try:
+            callback(self, *args)
+        except Exception:
+            log.exception("kiteticker callback %s failed", getattr(callback, "__name__", callback))
+
+
+def _redacted(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
