@@ -38,6 +38,15 @@ class Keys:
         return f"{self.ns}:last"
 
     @property
+    def token_status(self) -> str:
+        return f"{self.ns}:token_status"
+
+    @property
+    def stream_status(self) -> str:
+        """Pub/sub channel of stream status changes (``live`` / ``stale``)."""
+        return f"{self.ns}:stream_status"
+
+    @property
     def clients(self) -> str:
         return f"{self.ns}:clients"
 

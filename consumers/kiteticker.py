@@ -44,6 +44,7 @@ log = logging.getLogger("kitebus.kiteticker")
 
 HEARTBEAT_STALE = 5.0  # seconds without a publisher heartbeat before the bus counts as down
 _TIMES = ("last_trade_time", "exchange_timestamp")
+_BUS_ONLY = ("received_at_ns", "seq", "epoch")
 _FULL_ONLY = ("last_trade_time", "oi", "oi_day_high", "oi_day_low", "exchange_timestamp", "depth")
 _LTP_KEYS = ("tradable", "mode", "instrument_token", "last_price")
 _RANK = {"ltp": 0, "quote": 1, "full": 2}
@@ -61,9 +62,11 @@ def default_client_id() -> str:
 
 def as_official(tick: Tick, mode: str) -> Tick:
     """A bus tick as the official client delivers it in ``mode``: times as ``datetime``,
-    no ``received_at_ns``, and only the fields of that mode."""
+    without the bus's own keys (``received_at_ns``, ``seq``, ``epoch``), and only the
+    fields of that mode."""
     tick = dict(tick)
-    tick.pop("received_at_ns", None)
+    for key in _BUS_ONLY:
+        tick.pop(key, None)
     if _RANK[tick["mode"]] > _RANK[mode]:
         if mode == "ltp":
             tick = {key: tick[key] for key in _LTP_KEYS}

@@ -23,6 +23,7 @@ typedef struct {
     int offsets[MAX_FIELDS], widths[MAX_FIELDS];
     int prices[MAX_FIELDS]; /* raw field index of each price */
     int has_ohlc, last_k, close_k;
+    int has_seq; /* the payload carries the per-token sequence number */
     int chunk_len[MAX_SLOTS + 1];
     unsigned char chunks[MAX_SLOTS + 1][MAX_CHUNK];
     int slot_code[MAX_SLOTS], slot_source[MAX_SLOTS];
@@ -34,6 +35,8 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     Layout *layouts[MAX_LENGTH];
+    PyObject *seqs; /* token -> the last sequence number given */
+    uint64_t epoch;
     char command[64]; /* "*3\r\n$7\r\nPUBLISH\r\n" */
     int command_len;
     char prefix[256]; /* channel prefix, e.g. "kite:ticks:" */
@@ -112,7 +115,7 @@ static Layout *layout_from(PyObject *spec) {
         l->chunk_len[i] = (int)n;
         total += n;
     }
-    int nsources = l->nfields + l->nprices + 3;
+    int nsources = l->nfields + l->nprices + 5; /* + tradable, change, received, seq, epoch */
     for (int i = 0; i < l->nslots; i++) {
         PyObject *code;
         if (!PyArg_ParseTuple(PyList_GET_ITEM(slots, i), "Oi", &code, &l->slot_source[i])) goto fail;
@@ -122,6 +125,7 @@ static Layout *layout_from(PyObject *spec) {
             goto fail;
         }
         total += SLOT_WIDTH[l->slot_code[i]];
+        if (l->slot_source[i] == l->nfields + l->nprices + 3) l->has_seq = 1;
     }
     l->payload_len = total;
     l->bulk_header_len = snprintf(l->bulk_header, sizeof l->bulk_header, "$%zd\r\n", total);
@@ -133,17 +137,22 @@ fail:
 
 static void Encoder_dealloc(Encoder *self) {
     for (int i = 0; i < MAX_LENGTH; i++) PyMem_Free(self->layouts[i]);
+    Py_XDECREF(self->seqs);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"layouts", "command", "channel_prefix", NULL};
+    static char *kwlist[] = {"layouts", "command", "channel_prefix", "epoch", NULL};
     PyObject *layouts;
     const char *command, *prefix;
     Py_ssize_t command_len, prefix_len;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!y#y#", kwlist, &PyDict_Type, &layouts, &command,
-                                     &command_len, &prefix, &prefix_len))
+    unsigned long long epoch = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!y#y#|K", kwlist, &PyDict_Type, &layouts, &command,
+                                     &command_len, &prefix, &prefix_len, &epoch))
         return -1;
+    self->epoch = epoch;
+    Py_XSETREF(self->seqs, PyDict_New());
+    if (self->seqs == NULL) return -1;
     if (command_len > 40 || prefix_len > 200) {
         PyErr_SetString(PyExc_ValueError, "command or channel prefix too long");
         return -1;
@@ -250,6 +259,18 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
             if (close != 0.0) change = (prices[l->last_k] - close) * 100.0 / close;
         }
         int tradable_src = l->nfields + l->nprices;
+        uint64_t seq = 0;
+        PyObject *key = PyLong_FromUnsignedLong(token);
+        if (key == NULL) goto done;
+        if (l->has_seq) {
+            PyObject *last = PyDict_GetItemWithError(self->seqs, key);
+            if (last == NULL && PyErr_Occurred()) { Py_DECREF(key); goto done; }
+            seq = (last == NULL ? 0 : PyLong_AsUnsignedLongLong(last)) + 1;
+            PyObject *next = PyLong_FromUnsignedLongLong(seq);
+            int failed = next == NULL || PyDict_SetItem(self->seqs, key, next) < 0;
+            Py_XDECREF(next);
+            if (failed) { Py_DECREF(key); goto done; }
+        }
 
         /* *3 $7 PUBLISH $<n> <prefix><token> $<len> <payload> */
         memcpy(out, self->command, self->command_len);
@@ -278,7 +299,9 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
             case SLOT_F64:
                 w = put_double(w, src == tradable_src + 1 ? change : prices[src - l->nfields]);
                 break;
-            case SLOT_U64: w = put_be64(w, received); break;
+            case SLOT_U64:
+                w = put_be64(w, src == tradable_src + 2 ? received : src == tradable_src + 3 ? seq : self->epoch);
+                break;
             case SLOT_U8: *w++ = (token & 0xFF) == 9 ? 0xC2 : 0xC3; break;
             }
         }
@@ -299,10 +322,9 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         fout += l->payload_len;
         *fout++ = '\r'; *fout++ = '\n';
 
-        PyObject *key = PyLong_FromUnsignedLong(token);
         PyObject *value = PyBytes_FromStringAndSize((const char *)payload, l->payload_len);
-        int failed = key == NULL || value == NULL || PyDict_SetItem(latest, key, value) < 0;
-        Py_XDECREF(key);
+        int failed = value == NULL || PyDict_SetItem(latest, key, value) < 0;
+        Py_DECREF(key);
         Py_XDECREF(value);
         if (failed) goto done;
     }

@@ -210,7 +210,7 @@ class _PayloadWriter:
     divide the prices and drop the values into the slots.
     """
 
-    def __init__(self, layout: PacketLayout) -> None:
+    def __init__(self, layout: PacketLayout, *, sequenced: bool = False) -> None:
         self.unpack_from = layout.struct.unpack_from
         nraw = len(layout.fields)
         price_idx = [i for i, f in enumerate(layout.fields) if f.price]
@@ -221,7 +221,7 @@ class _PayloadWriter:
         self.last_k = price_idx.index(paths.index(("last_price",)))
         self.close_k = price_idx.index(paths.index(("ohlc", "close"))) if self.has_ohlc else 0
         extra = nraw + self.nprices  # index of the first derived value in the source tuple
-        tradable, change, received = extra, extra + 1, extra + 2
+        tradable, change, received, seq, epoch = range(extra, extra + 5)
 
         shape: dict[str | int, Any] = {
             "tradable": ("B", tradable),
@@ -238,6 +238,9 @@ class _PayloadWriter:
             if spec.path == ("ohlc", "close"):
                 shape["change"] = ("d", change)
         shape["received_at_ns"] = ("Q", received)
+        if sequenced:  # the publisher's per-token sequence number and its epoch id
+            shape["seq"] = ("Q", seq)
+            shape["epoch"] = ("Q", epoch)
 
         chunks: list[bytearray] = [bytearray()]
         slots: list[tuple[str, int]] = []
@@ -258,7 +261,9 @@ class _PayloadWriter:
         self.template.append(bytes(chunks[-1]))
         self.slots = itemgetter(*(src for _, src in slots))
 
-    def write(self, frame: bytes, offset: int, received_at_ns: int) -> tuple[int, bytes]:
+    def write(
+        self, frame: bytes, offset: int, received_at_ns: int, seq: int = 0, epoch: int = 0
+    ) -> tuple[int, bytes]:
         raw = self.unpack_from(frame, offset)
         token = raw[0]
         prices = tuple(map(truediv, self.prices(raw), repeat(_DIVISORS[token & 0xFF], self.nprices)))
@@ -269,7 +274,7 @@ class _PayloadWriter:
                 change = (prices[self.last_k] - close) * 100 / close
         tradable = 0xC2 if token & 0xFF == INDEX_SEGMENT else 0xC3
         args = self.template.copy()
-        args[1::2] = self.slots(raw + prices + (tradable, change, received_at_ns))
+        args[1::2] = self.slots(raw + prices + (tradable, change, received_at_ns, seq, epoch))
         return token, self.pack(*args)
 
 
@@ -321,6 +326,7 @@ def _str_header(n: int) -> bytes:
 
 
 _WRITERS = {length: _PayloadWriter(layout) for length, layout in LAYOUTS.items()}
+SEQUENCED_WRITERS = {length: _PayloadWriter(layout, sequenced=True) for length, layout in LAYOUTS.items()}
 
 
 def frame_payloads(frame: bytes, received_at_ns: int) -> tuple[list[tuple[int, bytes]], int]:

@@ -5,7 +5,9 @@
 ``PUBLISH {prefix}{token} <payload>`` per known packet, in frame order; ``fields`` the same
 ticks as ``<token> <payload>`` bulk-string pairs, to follow an ``HSET {ns}:last`` header;
 ``latest`` (a dict the caller owns) gets each token's newest payload (the last-value
-cache). Payloads are exactly ``codec.frame_payloads``' msgpack maps.
+cache). Payloads are ``codec.frame_payloads``' msgpack maps plus ``seq``, the token's
+sequence number (1, 2, 3, … for the life of the encoder), and ``epoch``, the publisher's
+epoch id, so a consumer can tell a gap (seq jumps) from a restart (epoch changes).
 
 Two implementations with identical output, chosen at import: the C speed-up
 ``kitewire._speedups`` (built by ``pip install`` where a compiler is present) and the
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from typing import Protocol
 
-from kitewire.codec import _WRITERS, scan_frame
+from kitewire.codec import SEQUENCED_WRITERS, scan_frame
 
 log = logging.getLogger("kitebus.encoder")
 
+_U32 = struct.Struct(">I")
 PREFIX_CACHE_LIMIT = 100_000  # a server sending endless new tokens cannot grow it forever
 
 
@@ -41,22 +45,27 @@ def command_header(command: bytes) -> bytes:
 class PyFrameEncoder:
     """The pure-Python encoder: the reference the compiled one must match byte for byte."""
 
-    def __init__(self, channel_prefix: bytes, command: bytes = b"PUBLISH") -> None:
+    def __init__(self, channel_prefix: bytes, command: bytes = b"PUBLISH", epoch: int = 0) -> None:
         self._header = command_header(command)
+        self._epoch = epoch
+        self._seqs: dict[int, int] = {}  # token -> the last sequence number given
         self._prefix = channel_prefix
         self._heads: dict[int, tuple[bytes, bytes]] = {}  # token -> (PUBLISH head, HSET field name)
-        self._bulk = {length: b"$%d\r\n" % w.payload_length for length, w in _WRITERS.items()}
+        self._bulk = {length: b"$%d\r\n" % w.payload_length for length, w in SEQUENCED_WRITERS.items()}
 
     def encode(
         self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
     ) -> tuple[bytes, bytes, int, int]:
         packets, malformed = scan_frame(frame)
-        heads, writers, bulk = self._heads, _WRITERS, self._bulk
+        heads, writers, bulk = self._heads, SEQUENCED_WRITERS, self._bulk
+        seqs, epoch = self._seqs, self._epoch
         publishes: list[bytes] = []
         fields: list[bytes] = []
         for layout, offset in packets:
             length = layout.length
-            token, payload = writers[length].write(frame, offset, received_at_ns)
+            token = _token_at(frame, offset)
+            seq = seqs[token] = seqs.get(token, 0) + 1
+            _, payload = writers[length].write(frame, offset, received_at_ns, seq, epoch)
             head = heads.get(token)
             if head is None:
                 if len(heads) >= PREFIX_CACHE_LIMIT:
@@ -73,11 +82,15 @@ class PyFrameEncoder:
         return b"".join(publishes), b"".join(fields), len(packets), malformed
 
 
+def _token_at(frame: bytes, offset: int) -> int:
+    return _U32.unpack_from(frame, offset)[0]  # type: ignore[no-any-return]
+
+
 def _programs() -> dict[int, tuple]:
     """The codec's compiled payload programs, in the shape the C encoder takes."""
     return {
         length: (w.field_offsets, w.price_fields, w.has_ohlc, w.last_k, w.close_k, w.chunks, w.slot_specs)
-        for length, w in _WRITERS.items()
+        for length, w in SEQUENCED_WRITERS.items()
     }
 
 
@@ -95,13 +108,13 @@ _COMPILED = _compiled_class()
 SPEEDUPS = _COMPILED is not None  # which path frame_encoder takes, for status and benchmarks
 
 
-def compiled_encoder(channel_prefix: bytes, command: bytes = b"PUBLISH") -> Encoder | None:
+def compiled_encoder(channel_prefix: bytes, command: bytes = b"PUBLISH", epoch: int = 0) -> Encoder | None:
     """The C encoder, or None where it was not built (or is switched off)."""
     if _COMPILED is None:
         return None
-    return _COMPILED(_programs(), command, channel_prefix)  # type: ignore[no-any-return]
+    return _COMPILED(_programs(), command, channel_prefix, epoch)  # type: ignore[no-any-return]
 
 
-def frame_encoder(channel_prefix: bytes, command: bytes = b"PUBLISH") -> Encoder:
+def frame_encoder(channel_prefix: bytes, command: bytes = b"PUBLISH", epoch: int = 0) -> Encoder:
     """The fastest encoder this installation has."""
-    return compiled_encoder(channel_prefix, command) or PyFrameEncoder(channel_prefix, command)
+    return compiled_encoder(channel_prefix, command, epoch) or PyFrameEncoder(channel_prefix, command, epoch)

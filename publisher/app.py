@@ -50,8 +50,9 @@ class Publisher:
         self.keys = Keys(settings.namespace)
         self.redis = redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=10)
         self.book = SubscriptionBook(settings.connections, settings.tokens_per_connection)
+        self.epoch = time.time_ns() // 1_000_000  # tells a consumer a restart from a gap
         self.sink = TickSink(
-            settings.redis_url, self.keys, encoder=encoder,
+            settings.redis_url, self.keys, encoder=encoder, epoch=self.epoch,
             max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after,
         )  # fmt: skip
         self.connections = [
@@ -62,6 +63,7 @@ class Publisher:
                 access_token,
                 self.sink.publish_frame,
                 self.sink.writable,
+                self.sink.publish_status,
                 stall_timeout=tuning.stall_timeout,
                 backoff_base=tuning.backoff_base,
                 backoff_cap=tuning.backoff_cap,
@@ -71,7 +73,7 @@ class Publisher:
         ]
         self.control = ControlLoop(self.redis, self.keys, self.book, self.connections)
         self.monitor = Monitor(
-            self.redis, self.keys, self.book, self.connections, self.sink, self.control.write_all,
+            self.redis, self.keys, self.book, self.connections, self.sink, self.control.write_all, self.epoch,
             interval=tuning.status_interval,
         )  # fmt: skip
 

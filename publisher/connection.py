@@ -31,8 +31,14 @@ BATCH = 1000  # tokens per subscribe/unsubscribe/mode message
 CONNECTING, LIVE, BACKOFF, AUTH_FAILED, STOPPED = "connecting", "live", "backoff", "auth_failed", "stopped"
 
 FrameHandler = Callable[[bytes, int], int]
+StatusHandler = Callable[[str, int, list[int], str], None]  # (status, connection, tokens, reason)
+STREAM_LIVE, STREAM_STALE = "live", "stale"
 _ALWAYS = asyncio.Event()
 _ALWAYS.set()
+
+
+def _ignore(*_: object) -> None:
+    pass
 
 
 class StalledError(Exception):
@@ -50,6 +56,7 @@ class KiteConnection:
         access_token: str,
         on_frame: FrameHandler,
         writable: asyncio.Event | None = None,
+        on_status: StatusHandler | None = None,
         *,
         stall_timeout: float = 5.0,
         backoff_base: float = 0.5,
@@ -61,6 +68,8 @@ class KiteConnection:
         self._secrets = (api_key, access_token)
         self._on_frame = on_frame
         self._writable = writable or _ALWAYS
+        self._on_status = on_status or _ignore
+        self.stream = STREAM_STALE  # what consumers are told: are this connection's ticks flowing?
         self.stall_timeout = stall_timeout
         self.backoff_base, self.backoff_cap, self.auth_retry = backoff_base, backoff_cap, auth_retry
         self.modes: dict[int, str] = {}  # what this connection holds (and tells Kite)
@@ -84,6 +93,7 @@ class KiteConnection:
         await cancel_and_wait(self._task)
         self._task = None
         self.state = STOPPED
+        self._set_stream(STREAM_STALE, "publisher stopped")
 
     # --- subscriptions -------------------------------------------------------------------
 
@@ -94,6 +104,7 @@ class KiteConnection:
                 self.modes.pop(token, None)
             self.modes.update(change.subscribe)
             self.modes.update(change.modes)
+            self._on_status(self.stream, self.index, list(change.subscribe), "subscribed")
             socket = self._socket
             if socket is None or self.state != LIVE:
                 return
@@ -154,6 +165,12 @@ class KiteConnection:
         self.state = state
         self.last_error = error
         self._socket = None
+        self._set_stream(STREAM_STALE, error)
+
+    def _set_stream(self, stream: str, reason: str) -> None:
+        if stream != self.stream:
+            self.stream = stream
+            self._on_status(stream, self.index, list(self.modes), reason)
 
     async def _session(self) -> None:
         # No WebSocket keepalive pings: under a burst the pong queues behind megabytes of
@@ -188,6 +205,8 @@ class KiteConnection:
                 raise StalledError from None
             received_at_ns = time.time_ns()  # one clock read serves the tick stamps and the watchdog view
             self.last_message_at = received_at_ns / 1e9
+            if self.stream != STREAM_LIVE:  # the first message since (re)subscribing
+                self._set_stream(STREAM_LIVE, "data flowing")
             if isinstance(message, bytes):
                 self.ticks += on_frame(message, received_at_ns)
                 if not writable.is_set():

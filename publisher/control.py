@@ -84,10 +84,13 @@ class ControlLoop:
         """Rewrite every hash and claim from the book (at start and after Redis lost data)."""
         book, keys = self._book, self._keys
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.token_conn, keys.token_mode, keys.clients)
+            pipe.delete(keys.token_conn, keys.token_mode, keys.token_status, keys.clients)
             if book.placement:
                 pipe.hset(keys.token_conn, mapping={str(t): str(i) for t, i in book.placement.items()})
                 pipe.hset(keys.token_mode, mapping={str(t): m for t, m in book.in_force.items()})
+                streams = {str(t): c.stream for c in self._connections for t in c.modes}
+                if streams:
+                    pipe.hset(keys.token_status, mapping=streams)
             for client, held in book.claims.items():
                 pipe.delete(keys.claims(client))
                 pipe.hset(keys.claims(client), mapping={str(t): m for t, m in held.items()})

@@ -37,6 +37,7 @@ class Monitor:
         connections: Sequence[KiteConnection],
         sink: TickSink,
         on_redis_reset: Callable[[], Awaitable[None]],
+        epoch: int = 0,
         *,
         interval: float = 1.0,
     ) -> None:
@@ -46,6 +47,7 @@ class Monitor:
         self.connections = connections
         self.sink = sink
         self._on_redis_reset = on_redis_reset
+        self.epoch = epoch
         self.interval = interval
         self.started_at = time.time()
         self.state = "starting"
@@ -59,6 +61,7 @@ class Monitor:
         return {
             "pid": str(os.getpid()),
             "started_at": f"{self.started_at:.3f}",
+            "epoch": str(self.epoch),
             "heartbeat_at": f"{time.time():.3f}",
             "tokens": str(len(self.book.placement)),
             "capacity": str(self.book.capacity),

@@ -27,9 +27,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Container
 from dataclasses import dataclass
+
+import msgpack
 
 from config.keys import Keys
 from kitewire import codec
@@ -51,6 +54,7 @@ class _Queued:
     ticks: int  # PUBLISHes
     nfields: int
     source: Source  # what to tell their tokens from, should they be given up
+    other: int = 0  # commands in ``publishes`` that are not ticks (stream status)
 
     @property
     def size(self) -> int:
@@ -76,6 +80,7 @@ class TickSink:
         keys: Keys,
         *,
         encoder: Encoder | None = None,
+        epoch: int = 0,
         max_backlog: int = 4 << 20,
         max_in_flight: int = 2 << 20,
         batch_bytes: int = 256 << 10,
@@ -84,7 +89,7 @@ class TickSink:
     ) -> None:
         self._url = redis_url
         self._keys = keys
-        self._encoder = encoder or frame_encoder(keys.ticks("").encode())
+        self._encoder = encoder or frame_encoder(keys.ticks("").encode(), epoch=epoch)
         self._last_key = keys.last.encode()
         self.max_backlog = max_backlog
         self.max_in_flight = max_in_flight
@@ -139,6 +144,23 @@ class TickSink:
         self._work.set()
         return ticks
 
+    def publish_status(self, status: str, connection: int, tokens: list[int], reason: str = "") -> None:
+        """Tell consumers that ``tokens`` (all on ``connection``) are now ``live`` or ``stale``:
+        one message on ``{ns}:stream_status`` and ``{ns}:token_status`` updated, written in
+        order with the ticks, so a consumer sees status and ticks as they happened."""
+        if not tokens:
+            return
+        event = msgpack.packb({
+            "status": status, "connection": connection, "tokens": tokens, "reason": reason, "at": time.time(),
+        })  # fmt: skip
+        names = [b"%d" % t for t in tokens]
+        hset = [v for name in names for v in (name, status.encode())]
+        commands = pack_command(b"PUBLISH", self._keys.stream_status, event) + pack_command(
+            b"HSET", self._keys.token_status, *hset
+        )
+        self._queue(_Queued(commands, b"", 0, 0, (), other=2))
+        self._work.set()
+
     @property
     def buffered(self) -> int:
         """Ticks queued or in flight, not yet acknowledged by Redis."""
@@ -149,7 +171,8 @@ class TickSink:
         return self._pending_bytes + self._in_flight_bytes
 
     def prune(self, subscribed: Container[int]) -> None:
-        """Forget tokens no longer subscribed: out of the cache and out of ``{ns}:last``."""
+        """Forget tokens no longer subscribed: out of the cache, ``{ns}:last`` and
+        ``{ns}:token_status``."""
         gone = [t for t in self.cache if t not in subscribed]
         for token in gone:
             del self.cache[token]
@@ -187,10 +210,15 @@ class TickSink:
             "redis is not keeping up; conflating backlog_bytes=%d redis_up=%s",
             self.backlog_bytes, self.redis_up,
         )  # fmt: skip
-        while self._pending:
-            queued = self._pending.popleft()
-            self._give_up(queued.ticks, queued.source)
-        self._pending_bytes = self._pending_ticks = 0
+        kept: deque[_Queued] = deque()  # stream status and snapshot rewrites are never given up
+        for queued in self._pending:
+            if queued.ticks:
+                self._give_up(queued.ticks, queued.source)
+            else:
+                kept.append(queued)
+        self._pending = kept
+        self._pending_bytes = sum(item.size for item in kept)
+        self._pending_ticks = 0
         self._resume()
 
     def _give_up(self, ticks: int, source: Source) -> None:
@@ -306,7 +334,7 @@ class TickSink:
         publishes: list[bytes] = []
         fields: list[bytes] = []
         sources: list[Source] = []
-        size = ticks = nfields = 0
+        size = ticks = nfields = other = 0
         while self._pending and size < self.batch_bytes:
             item = self._pending.popleft()
             publishes.append(item.publishes)
@@ -315,9 +343,10 @@ class TickSink:
             size += item.size
             ticks += item.ticks
             nfields += item.nfields
+            other += item.other
         self._pending_bytes -= size
         self._pending_ticks -= ticks
-        replies = ticks
+        replies = ticks + other
         if nfields:
             key = self._last_key
             publishes.append(b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * nfields, len(key), key))
@@ -326,8 +355,9 @@ class TickSink:
         if self._released:
             names = [b"%d" % t for t in self._released]
             publishes.append(pack_command(b"HDEL", self._last_key, *names))
+            publishes.append(pack_command(b"HDEL", self._keys.token_status, *names))
             self._released.clear()
-            replies += 1
+            replies += 2
         data = b"".join(publishes)
         return _Batch(len(data), replies, ticks, sources), data
 

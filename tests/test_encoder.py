@@ -19,9 +19,17 @@ from tests.strategies import ticks
 
 OFFICIAL = KiteTicker("oracle", "oracle")
 PREFIX = b"kite:ticks:"
-COMPILED = encoder.compiled_encoder(PREFIX)
-ENCODERS = {"python": encoder.PyFrameEncoder(PREFIX), "compiled": COMPILED}
+EPOCH = 1764330000123
+COMPILED = encoder.compiled_encoder(PREFIX, epoch=EPOCH)
+ENCODERS = {"python": encoder.PyFrameEncoder(PREFIX, epoch=EPOCH), "compiled": COMPILED}
 needs_compiled = pytest.mark.skipif(COMPILED is None, reason="the C speed-up is not built here")
+
+
+def _fresh(path: str) -> encoder.Encoder:
+    """A new encoder of that path: its sequence numbers start at 1."""
+    if path == "python":
+        return encoder.PyFrameEncoder(PREFIX, epoch=EPOCH)
+    return encoder.compiled_encoder(PREFIX, epoch=EPOCH)  # type: ignore[return-value]
 
 
 both_paths = pytest.mark.parametrize(
@@ -44,16 +52,24 @@ def _epoch(value: object) -> object:
 def test_publishes_carry_the_payloads_in_frame_order(path: str, batch: list[dict], now: int) -> None:
     frame = codec.encode_frame(codec.encode_packet(tick) for tick in batch)
     latest: dict[int, bytes] = {}
-    resp, fields, count, malformed = ENCODERS[path].encode(frame, now, latest)
+    enc = _fresh(path)
+    enc.encode(frame, now, {})  # the second time through, every token's seq goes on from there
+    resp, fields, count, malformed = enc.encode(frame, now, latest)
     assert (count, malformed) == (len(batch), 0)
     commands = parse_commands(resp)
-    payloads = codec.frame_payloads(frame, now)[0]
+    seen: dict[int, int] = {}
+    expected = []
+    for tick in batch:
+        token = tick["instrument_token"]
+        seen[token] = seen.get(token, 0) + 1
+        seq = sum(t["instrument_token"] == token for t in batch) + seen[token]
+        expected.append(tick | {"received_at_ns": now, "seq": seq, "epoch": EPOCH})
     assert [c[0] for c in commands] == [b"PUBLISH"] * len(batch)
     assert [c[1] for c in commands] == [b"kite:ticks:%d" % t["instrument_token"] for t in batch]
-    assert [c[2] for c in commands] == [p for _, p in payloads]
+    assert [msgpack.unpackb(c[2]) for c in commands] == expected
     assert latest == {int(c[1].rsplit(b":", 1)[1]): c[2] for c in commands}  # the last of each token
     (hset,) = parse_commands(b"*%d\r\n$4\r\nHSET\r\n$9\r\nkite:last\r\n" % (2 + 2 * count) + fields)
-    assert hset[2:] == [v for token, p in payloads for v in (b"%d" % token, p)]
+    assert hset[2:] == [v for c in commands for v in (c[1].rsplit(b":", 1)[1], c[2])]
 
 
 @settings(max_examples=300)
@@ -64,7 +80,7 @@ def test_payloads_agree_with_the_official_parser_on_any_packet_bytes(path: str, 
     resp, _, _, _ = ENCODERS[path].encode(frame, 7, {})
     mine = [msgpack.unpackb(c[2]) for c in parse_commands(resp)]
     for tick in mine:
-        del tick["received_at_ns"]
+        del tick["received_at_ns"], tick["seq"], tick["epoch"]
     official = [{k: _epoch(v) for k, v in t.items()} for t in OFFICIAL._parse_binary(frame)]
     assert mine == official
 
@@ -81,9 +97,11 @@ def test_compiled_and_python_are_byte_identical_even_on_broken_frames(packets, d
     frame = bytes(frame) + data.draw(st.binary(max_size=20))  # trailing garbage
     latest_py: dict[int, bytes] = {}
     latest_c: dict[int, bytes] = {}
-    assert ENCODERS["python"].encode(frame, 99, latest_py) == ENCODERS["compiled"].encode(frame, 99, latest_c)
+    python, compiled = _fresh("python"), _fresh("compiled")
+    for _ in range(2):  # twice: the sequence numbers go on identically
+        assert python.encode(frame, 99, latest_py) == compiled.encode(frame, 99, latest_c)
     assert latest_py == latest_c
-    assert ENCODERS["python"].encode(frame, 99, {})[2:] == (
+    assert python.encode(frame, 99, {})[2:] == (
         len(codec.scan_frame(frame)[0]),
         codec.scan_frame(frame)[1],
     )
@@ -117,12 +135,9 @@ def test_the_channel_prefix_and_command_are_the_callers() -> None:
     for make in (encoder.PyFrameEncoder, encoder.compiled_encoder):
         built = make(b"paper:t:", b"SPUBLISH")
         if built is not None:
-            published = parse_commands(built.encode(frame, 1, {})[0])
-            assert published == [[b"SPUBLISH", b"paper:t:7", _payload(frame)]]
-
-
-def _payload(frame: bytes) -> bytes:
-    return codec.frame_payloads(frame, 1)[0][0][1]
+            ((command, channel, payload),) = parse_commands(built.encode(frame, 1, {})[0])
+            assert (command, channel) == (b"SPUBLISH", b"paper:t:7")
+            assert msgpack.unpackb(payload)["last_price"] == 1.0
 
 
 def test_the_environment_switch_forces_the_python_path() -> None:

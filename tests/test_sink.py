@@ -61,4 +61,7 @@ async def test_released_tokens_leave_the_cache_and_are_deleted_from_the_snapshot
     sink.prune({A})
     assert set(sink.cache) == {A}
     _, data = sink._take_batch()
-    assert parse_commands(data) == [[b"HDEL", b"paper:last", b"%d" % B]]
+    assert parse_commands(data) == [
+        [b"HDEL", b"paper:last", b"%d" % B],
+        [b"HDEL", b"paper:token_status", b"%d" % B],
+    ]

@@ -52,7 +52,12 @@ async def test_every_packet_kind_arrives_decoded_on_its_channel(publisher, contr
         "tradable",
         "last_price",
         "received_at_ns",
+        "seq",
+        "epoch",
     }
+    for ticks in seen.values():  # per token: 1, 2, 3, ... in one epoch, the publisher's
+        assert [t["seq"] for t in ticks] == list(range(ticks[0]["seq"], ticks[0]["seq"] + len(ticks)))
+        assert {t["epoch"] for t in ticks} == {publisher.epoch}
     assert 50 < seen[CDS][-1]["last_price"] < 150  # USDINR, divided by 10^7
     assert 50 < quote["last_price"] < 150  # BCD, divided by 10^4
     last = await rds.hgetall(keys.last)
