@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.table import Table
@@ -37,18 +37,21 @@ def watchlist_table(
     symbols: Mapping[int, str],
     placement: Mapping[int, int],
     modes: Mapping[int, str],
+    status: Mapping[int, str] | None = None,
 ) -> Table:
-    """Latest price per instrument, in the order of ``symbols``."""
+    """Latest price per instrument, in the order of ``symbols``, with its stream status."""
+    status = status or {}
     table = Table(title="watchlist", title_justify="left")
-    for column in ("symbol", "token", "ltp", "chg %", "volume", "mode", "conn", "age"):
+    for column in ("symbol", "token", "ltp", "chg %", "volume", "mode", "conn", "age", "stream"):
         table.add_column(column, justify="left" if column in ("symbol", "mode") else "right")
     now = time.time_ns()
     for token, symbol in symbols.items():
         tick = latest.get(token)
         if tick is None:
             table.add_row(
-                symbol, str(token), "…", "", "", modes.get(token, ""), str(placement.get(token, "")), ""
-            )
+                symbol, str(token), "…", "", "", modes.get(token, ""), str(placement.get(token, "")), "",
+                _stream(status.get(token)),
+            )  # fmt: skip
             continue
         change = tick.get("change")
         style = "green" if change and change > 0 else "red" if change and change < 0 else ""
@@ -57,6 +60,16 @@ def watchlist_table(
             Text(f"{change:+.2f}", style=style) if change is not None else "",
             f"{tick['volume_traded']:,}" if "volume_traded" in tick else "",
             modes.get(token, tick["mode"]), str(placement.get(token, "")),
-            f"{(now - tick['received_at_ns']) / 1e9:.1f}s",
+            f"{(now - tick['received_at_ns']) / 1e9:.1f}s", _stream(status.get(token)),
         )  # fmt: skip
     return table
+
+
+def _stream(status: str | None) -> Text:
+    return Text(status or "", style="green" if status == "live" else "bold red")
+
+
+def format_status(status: str, tokens: Iterable[int], reason: str, symbols: Mapping[int, str]) -> str:
+    """One line for a stream status change, as ``kitebus tail`` prints it."""
+    names = ", ".join(symbols.get(t, str(t)) for t in tokens)
+    return f"# {status.upper()}: {names}" + (f" ({reason})" if reason else "")

@@ -14,14 +14,18 @@ released. ``BlockingTickSubscriber`` is the same for synchronous code.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 import redis.asyncio as redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config import Keys, Settings
 from consumers.control import ControlClient, ControlResult, SubscriptionRejected
@@ -29,6 +33,7 @@ from consumers.instruments import Instruments, resolve
 from publisher.tasks import cancel_and_wait
 
 Tick = dict[str, Any]
+log = logging.getLogger("kitebus.subscriber")
 
 
 def _redis_for(source: Settings | str | redis.Redis) -> tuple[redis.Redis, bool]:
@@ -38,8 +43,26 @@ def _redis_for(source: Settings | str | redis.Redis) -> tuple[redis.Redis, bool]
     return redis.from_url(url), True
 
 
+@dataclass(frozen=True)
+class StreamStatus:
+    """A change of stream status for some of the instruments a subscriber listens to."""
+
+    status: str  # "live" or "stale"
+    tokens: tuple[int, ...]
+    connection: int
+    reason: str
+
+
 class TickSubscriber:
-    """One strategy's view of the bus. Not shared between tasks."""
+    """One strategy's view of the bus. Not shared between tasks.
+
+    Beside the ticks it keeps, per instrument: ``status`` (``live`` / ``stale``, from the
+    publisher's stream status; ``on_status`` is called on each change) and ``gaps`` (ticks
+    it never received, told from the publisher's sequence numbers; ``missed`` is their
+    sum). When Redis cuts it off for reading too slowly, it reconnects, resubscribes,
+    takes the snapshot and counts what it missed (``reconnects``), never silently.
+    ``conflate_ms=N`` delivers each instrument's newest tick at most every N ms.
+    """
 
     def __init__(
         self,
@@ -51,6 +74,8 @@ class TickSubscriber:
         snapshot: bool = True,
         release_on_exit: bool = True,
         timeout: float = 10.0,
+        on_status: Callable[[StreamStatus], object] | None = None,
+        conflate_ms: float = 0.0,
     ) -> None:
         settings = source if isinstance(source, Settings) else None
         self._source = source
@@ -62,12 +87,27 @@ class TickSubscriber:
         self.snapshot = snapshot
         self.release_on_exit = release_on_exit
         self.timeout = timeout
+        self.on_status = on_status
+        if conflate_ms < 0:
+            raise ValueError("conflate_ms must be 0 (off) or a positive number of milliseconds")
+        self.conflate_ns = int(conflate_ms * 1e6)
         self.claimed: set[int] = set()
+        self.listened: set[int] = set()
+        self.status: dict[int, str] = {}  # token -> "live" / "stale"
+        self.gaps: dict[int, int] = {}  # token -> ticks never received
+        self.missed = 0
+        self.reconnects = 0
+        self.conflated = 0  # ticks replaced by a newer one before delivery (conflate_ms)
         self._redis: redis.Redis | None = None
         self._owns_redis = False
         self._pubsub: Any = None
         self._pending: deque[Tick] = deque()  # snapshot ticks not yet yielded
-        self._seen_ns: dict[int, int] = {}  # token -> received_at_ns of its snapshot
+        self._last: dict[int, tuple[int, int]] = {}  # token -> (epoch, seq) of the newest tick taken
+        self._seen_ns: dict[int, int] = {}  # token -> received_at_ns, for ticks without seq
+        self._latest_raw: dict[int, bytes] = {}  # conflation: newest payload not yet delivered
+        self._due_ns: dict[int, int] = {}  # conflation: when a token may be delivered again
+        self._status_channel = self.keys.stream_status.encode()
+        self._ticks_prefix = self.keys.ticks("").encode()
         self._listening = asyncio.Event()
 
     async def __aenter__(self) -> TickSubscriber:
@@ -107,6 +147,7 @@ class TickSubscriber:
         wanted = resolve(tokens, self.instruments)
         result = await self.control.unsubscribe(wanted, client=self.client, timeout=self.timeout)
         self.claimed.difference_update(wanted)
+        self.listened.difference_update(wanted)
         await self._pubsub.unsubscribe(*(self.keys.ticks(t) for t in wanted))
         return result
 
@@ -115,14 +156,47 @@ class TickSubscriber:
         wanted = resolve(tokens, self.instruments)
         if not wanted:
             return
-        await self._pubsub.subscribe(*(self.keys.ticks(t) for t in wanted))  # before the snapshot: no gap
+        channels = [self.keys.ticks(t) for t in wanted]
+        if not self.listened:
+            channels.append(self.keys.stream_status)
+        self.listened.update(wanted)
+        await self._pubsub.subscribe(*channels)  # before the snapshot: no gap
         self._listening.set()
+        await self._read_status(wanted)
         if self.snapshot:
-            for raw in await self._redis.hmget(self.keys.last, [str(t) for t in wanted]):  # type: ignore[union-attr]
-                if raw is not None:
-                    tick = msgpack.unpackb(raw)
-                    self._seen_ns[tick["instrument_token"]] = tick["received_at_ns"]
+            await self._read_snapshot(wanted)
+
+    async def _read_snapshot(self, tokens: list[int]) -> None:
+        for raw in await self._redis.hmget(self.keys.last, [str(t) for t in tokens]):  # type: ignore[union-attr]
+            if raw is not None:
+                tick = msgpack.unpackb(raw)
+                if self._accept(tick):
                     self._pending.append(tick)
+
+    async def _read_status(self, tokens: list[int]) -> None:
+        values = await self._redis.hmget(self.keys.token_status, [str(t) for t in tokens])  # type: ignore[union-attr]
+        for token, value in zip(tokens, values, strict=True):
+            self.status[token] = value.decode() if value else "stale"
+
+    def _accept(self, tick: Tick) -> bool:
+        """Whether the tick is new to this subscriber; counts the ticks it skipped over."""
+        token = tick["instrument_token"]
+        seq, epoch = tick.get("seq"), tick.get("epoch")
+        if seq is None:  # a publisher without sequence numbers: tell duplicates by time
+            if tick["received_at_ns"] <= self._seen_ns.get(token, -1):
+                return False
+            self._seen_ns[token] = tick["received_at_ns"]
+            return True
+        last = self._last.get(token)
+        if last is not None and last[0] == epoch:
+            if seq <= last[1]:
+                return False  # the same tick came as the snapshot, or an older one after it
+            if seq > last[1] + 1 and not self.conflate_ns:
+                gap = seq - last[1] - 1
+                self.gaps[token] = self.gaps.get(token, 0) + gap
+                self.missed += gap
+        self._last[token] = (epoch, seq)
+        return True
 
     async def ticks(self) -> AsyncIterator[Tick]:
         """Snapshot ticks first, then live ticks, forever."""
@@ -143,19 +217,89 @@ class TickSubscriber:
         out: list[Tick] = []
         while self._pending and len(out) < limit:
             out.append(self._pending.popleft())
+        if self.conflate_ns:
+            return out + await self._conflated(limit - len(out), 0.0 if out else wait)
         timeout = 0.0 if out else wait
         while len(out) < limit:
-            message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)
+            message = await self._next_message(timeout)
             if message is None:
                 break
             timeout = 0.0
-            if message["type"] != "message":
+            if message["type"] != "message" or self._is_status(message):
                 continue
             tick = msgpack.unpackb(message["data"])
-            if self._seen_ns and tick["received_at_ns"] <= self._seen_ns.get(tick["instrument_token"], -1):
-                continue  # the same tick already came as the snapshot
-            out.append(tick)
+            if self._accept(tick):
+                out.append(tick)
         return out
+
+    async def _conflated(self, limit: int, wait: float) -> list[Tick]:
+        """Each token's newest payload, at most once every ``conflate_ms``; payloads are kept
+        raw until delivered, so a replaced tick costs no decoding."""
+        deadline = time.monotonic() + wait
+        pause = 0.0
+        while True:
+            while (message := await self._next_message(pause)) is not None:
+                self._keep_newest(message)
+                pause = 0.0
+            now = time.monotonic_ns()
+            out = []
+            for token in [t for t in self._latest_raw if self._due_ns.get(t, 0) <= now][:limit]:
+                tick = msgpack.unpackb(self._latest_raw.pop(token))
+                self._due_ns[token] = now + self.conflate_ns
+                if self._accept(tick):
+                    out.append(tick)
+            left = deadline - time.monotonic()
+            if out or left <= 0:
+                return out
+            due = min((self._due_ns[t] for t in self._latest_raw), default=None)
+            pause = left if due is None else min(left, max(0.0, (due - now) / 1e9))
+
+    def _keep_newest(self, message: dict) -> None:
+        if message["type"] != "message" or self._is_status(message):
+            return
+        token = int(message["channel"][len(self._ticks_prefix) :])
+        if token in self._latest_raw:
+            self.conflated += 1
+        self._latest_raw[token] = message["data"]
+
+    def _is_status(self, message: dict) -> bool:
+        """Handle a stream status message (True), or say it is a tick (False)."""
+        if message["channel"] != self._status_channel:
+            return False
+        event = msgpack.unpackb(message["data"])
+        tokens = tuple(t for t in event["tokens"] if t in self.listened)
+        changed = tuple(t for t in tokens if self.status.get(t) != event["status"])
+        for token in tokens:
+            self.status[token] = event["status"]
+        if changed and self.on_status is not None:
+            self.on_status(StreamStatus(event["status"], changed, event["connection"], event["reason"]))
+        return True
+
+    async def _next_message(self, timeout: float) -> dict | None:
+        """The next pub/sub message; when Redis cut this connection (a consumer too slow for
+        its output buffer), reconnect, resubscribe and take the snapshot, counting the gap."""
+        try:
+            return await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)  # type: ignore[no-any-return]
+        except (RedisConnectionError, ConnectionError):
+            await self._recover()
+            return None
+
+    async def _recover(self) -> None:
+        self.reconnects += 1
+        before = self.missed
+        old, self._pubsub = self._pubsub, self._redis.pubsub()  # type: ignore[union-attr]
+        try:
+            await old.aclose()
+        except (RedisConnectionError, ConnectionError, OSError):
+            pass
+        tokens = sorted(self.listened)
+        await self._pubsub.subscribe(*(self.keys.ticks(t) for t in tokens), self.keys.stream_status)
+        await self._read_status(tokens)
+        await self._read_snapshot(tokens)
+        log.warning(
+            "subscriber %s was cut off by Redis (too slow for its output buffer?); resubscribed "
+            "tokens=%d missed=%d", self.client, len(tokens), self.missed - before,
+        )  # fmt: skip
 
     def __aiter__(self) -> AsyncIterator[Tick]:
         return self.ticks()

@@ -106,18 +106,29 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from consumers.display import format_tick
+    from consumers.display import format_status, format_tick
     from consumers.instruments import UnknownInstrument
-    from consumers.subscriber import TickSubscriber
+    from consumers.subscriber import StreamStatus, TickSubscriber
 
     settings = load_settings()
     tokens = [t for arg in args.tokens for t in arg.replace(",", " ").split()]
 
     async def run() -> None:
+        symbols: dict[int, str] = {}
+
+        def show_status(event: StreamStatus) -> None:
+            if args.json:
+                fields = {"stream_status": event.status, "tokens": event.tokens, "reason": event.reason}
+                line = json.dumps(fields)
+            else:
+                line = format_status(event.status, event.tokens, event.reason, symbols)
+            print(line, flush=True)
+
         async with TickSubscriber(
-            settings, client=f"tail-{os.getpid()}", snapshot=not args.no_snapshot
-        ) as sub:
-            symbols = sub.instruments.symbols if sub.instruments else {}
+            settings, client=f"tail-{os.getpid()}", snapshot=not args.no_snapshot, on_status=show_status,
+            conflate_ms=args.conflate_ms,
+        ) as sub:  # fmt: skip
+            symbols.update(sub.instruments.symbols if sub.instruments else {})
             if args.subscribe:
                 await sub.subscribe(tokens, mode=args.subscribe)
             else:
@@ -223,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("tokens", nargs="+", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
     tail.add_argument("--json", action="store_true", help="one JSON object per tick")
     tail.add_argument("--no-snapshot", action="store_true", help="skip each token's latest tick")
+    tail.add_argument(
+        "--conflate-ms", type=float, default=0.0, metavar="MS",
+        help="each token's newest tick at most every MS milliseconds",
+    )  # fmt: skip
     tail.add_argument("--subscribe", choices=["ltp", "quote", "full"], help="also claim them in this mode")
     tail.add_argument("--count", type=int, default=0, help="stop after this many ticks")
     tail.set_defaults(handler=_tail)

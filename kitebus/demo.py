@@ -165,7 +165,7 @@ async def _show(
                             f"published {data['publisher']['published']:,}   (Ctrl-C to stop)"
                         )
                         table = watchlist_table(
-                            latest, symbols, publisher.book.placement, publisher.book.in_force
+                            latest, symbols, publisher.book.placement, publisher.book.in_force, screen.status
                         )
                         live.update(Group(header, table, connections_table(data), help_panel))
                         with contextlib.suppress(TimeoutError):

@@ -91,3 +91,26 @@ async def test_tail_prints_snapshot_then_live_ticks(publisher, control, redis_ur
     assert ticks[0]["received_at_ns"] < ticks[1]["received_at_ns"] < ticks[2]["received_at_ns"]
     code, out, _ = await kitebus(redis_url, "tail", "408065", "--count", "1")
     assert code == 0 and " 408065 full " in out and "bid " in out
+
+
+async def test_tail_prints_stream_status_when_the_connection_drops(publisher, control, redis_url, simulator):
+    await control.subscribe([INFY], mode="ltp", client="t")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kitebus", "tail", "408065", "--count", "100000",
+        env={**os.environ, "REDIS_URL": redis_url, "KITEBUS_NAMESPACE": "kite"},
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(20):
+            while " 408065 " not in "".join(lines):  # ticks are flowing
+                lines.append((await proc.stdout.readline()).decode())
+            simulator.drop()
+            while not any(line.startswith("# STALE: 408065") for line in lines):
+                lines.append((await proc.stdout.readline()).decode())
+            while not any(line.startswith("# LIVE: 408065") for line in lines):
+                lines.append((await proc.stdout.readline()).decode())
+    finally:
+        proc.terminate()
+        await proc.wait()

@@ -44,10 +44,11 @@ async def test_late_joiner_gets_the_snapshot_first(publisher, redis_url, control
     await eventually(lambda: rds.hexists(keys.last, str(INFY)))
     async with TickSubscriber(redis_url, client="late") as sub:
         await sub.subscribe([INFY], mode="quote")
-        snapshot_ns = sub._seen_ns[INFY]
+        snapshot_seq = sub._last[INFY][1]  # (epoch, seq) of the snapshot it took
         first, second = await _first(sub, 2)
-        assert first["received_at_ns"] == snapshot_ns  # the snapshot, immediately
-        assert second["received_at_ns"] > snapshot_ns  # then live ticks, never the same one twice
+        assert first["seq"] == snapshot_seq  # the snapshot, immediately
+        assert second["seq"] > snapshot_seq  # then live ticks, never the same one twice
+        assert second["epoch"] == first["epoch"]
     assert await rds.hget(keys.token_mode, str(INFY)) == b"quote"  # 'early' still holds it
 
 
