@@ -30,10 +30,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from config import Keys, Settings
 from consumers.control import ControlClient, ControlResult, SubscriptionRejected
 from consumers.instruments import Instruments, resolve
+from consumers.pubsub import FastPubSub, Message, url_of
 from publisher.tasks import cancel_and_wait
 
 Tick = dict[str, Any]
 log = logging.getLogger("kitebus.subscriber")
+
+
+def _url_for(source: Settings | str | redis.Redis, client: redis.Redis) -> str:
+    if isinstance(source, Settings):
+        return source.redis_url
+    return source if isinstance(source, str) else url_of(client)
 
 
 def _redis_for(source: Settings | str | redis.Redis) -> tuple[redis.Redis, bool]:
@@ -76,6 +83,7 @@ class TickSubscriber:
         timeout: float = 10.0,
         on_status: Callable[[StreamStatus], object] | None = None,
         conflate_ms: float = 0.0,
+        max_unread: int = 10_000,
     ) -> None:
         settings = source if isinstance(source, Settings) else None
         self._source = source
@@ -91,6 +99,7 @@ class TickSubscriber:
         if conflate_ms < 0:
             raise ValueError("conflate_ms must be 0 (off) or a positive number of milliseconds")
         self.conflate_ns = int(conflate_ms * 1e6)
+        self.max_unread = max_unread  # messages read ahead; past that, the backlog stays in Redis
         self.claimed: set[int] = set()
         self.listened: set[int] = set()
         self.status: dict[int, str] = {}  # token -> "live" / "stale"
@@ -101,18 +110,24 @@ class TickSubscriber:
         self._redis: redis.Redis | None = None
         self._owns_redis = False
         self._pubsub: Any = None
+        self._url = ""
+        self._unread: deque[Message] = deque()  # read from Redis, not yet looked at
         self._pending: deque[Tick] = deque()  # snapshot ticks not yet yielded
         self._last: dict[int, tuple[int, int]] = {}  # token -> (epoch, seq) of the newest tick taken
         self._seen_ns: dict[int, int] = {}  # token -> received_at_ns, for ticks without seq
-        self._latest_raw: dict[int, bytes] = {}  # conflation: newest payload not yet delivered
-        self._due_ns: dict[int, int] = {}  # conflation: when a token may be delivered again
+        # conflation, keyed by channel: the newest payload not yet delivered; when a recently
+        # delivered channel may go again, and those in the order they went; those that may go now
+        self._latest_raw: dict[bytes, bytes] = {}
+        self._due_ns: dict[bytes, int] = {}
+        self._cooling: deque[tuple[int, bytes]] = deque()
+        self._due_now: dict[bytes, None] = {}
         self._status_channel = self.keys.stream_status.encode()
-        self._ticks_prefix = self.keys.ticks("").encode()
         self._listening = asyncio.Event()
 
     async def __aenter__(self) -> TickSubscriber:
         self._redis, self._owns_redis = _redis_for(self._source)
-        self._pubsub = self._redis.pubsub()
+        self._url = _url_for(self._source, self._redis)
+        self._pubsub = await FastPubSub.open(self._url, self.max_unread)
         self.control = ControlClient(self._redis, self.keys.ns)
         return self
 
@@ -122,7 +137,7 @@ class TickSubscriber:
                 await self.control.unsubscribe(sorted(self.claimed), client=self.client, timeout=self.timeout)
                 self.claimed.clear()
         finally:
-            await self._pubsub.aclose()
+            await self._pubsub.close()
             if self._owns_redis:
                 await self._redis.aclose()  # type: ignore[union-attr]
 
@@ -220,53 +235,69 @@ class TickSubscriber:
         if self.conflate_ns:
             return out + await self._conflated(limit - len(out), 0.0 if out else wait)
         timeout = 0.0 if out else wait
+        unread = self._unread
         while len(out) < limit:
-            message = await self._next_message(timeout)
-            if message is None:
-                break
+            if not unread:
+                unread.extend(await self._read(timeout))
+                if not unread:
+                    break
             timeout = 0.0
-            if message["type"] != "message" or self._is_status(message):
+            channel, data = unread.popleft()
+            if self._is_status(channel, data):
                 continue
-            tick = msgpack.unpackb(message["data"])
+            tick = msgpack.unpackb(data)
             if self._accept(tick):
                 out.append(tick)
         return out
 
     async def _conflated(self, limit: int, wait: float) -> list[Tick]:
-        """Each token's newest payload, at most once every ``conflate_ms``; payloads are kept
-        raw until delivered, so a replaced tick costs no decoding."""
+        """Each token's newest payload, at most once every ``conflate_ms``. Payloads are kept
+        raw until delivered, so a replaced tick costs a dict update and no decoding."""
         deadline = time.monotonic() + wait
         pause = 0.0
         while True:
-            while (message := await self._next_message(pause)) is not None:
-                self._keep_newest(message)
-                pause = 0.0
+            messages = [*self._unread, *await self._read(pause)]
+            self._unread.clear()
+            self._keep_newest(messages)
             now = time.monotonic_ns()
+            cooling, due = self._cooling, self._due_ns
+            while cooling and cooling[0][0] <= now:  # their interval is over
+                _, channel = cooling.popleft()
+                del due[channel]
+                if channel in self._latest_raw:
+                    self._due_now[channel] = None
             out = []
-            for token in [t for t in self._latest_raw if self._due_ns.get(t, 0) <= now][:limit]:
-                tick = msgpack.unpackb(self._latest_raw.pop(token))
-                self._due_ns[token] = now + self.conflate_ns
+            for channel in list(self._due_now)[:limit]:
+                del self._due_now[channel]
+                tick = msgpack.unpackb(self._latest_raw.pop(channel))
+                due[channel] = now + self.conflate_ns
+                cooling.append((now + self.conflate_ns, channel))
                 if self._accept(tick):
                     out.append(tick)
             left = deadline - time.monotonic()
             if out or left <= 0:
                 return out
-            due = min((self._due_ns[t] for t in self._latest_raw), default=None)
-            pause = left if due is None else min(left, max(0.0, (due - now) / 1e9))
+            pause = left if not cooling else min(left, max(0.0, (cooling[0][0] - now) / 1e9))
 
-    def _keep_newest(self, message: dict) -> None:
-        if message["type"] != "message" or self._is_status(message):
-            return
-        token = int(message["channel"][len(self._ticks_prefix) :])
-        if token in self._latest_raw:
-            self.conflated += 1
-        self._latest_raw[token] = message["data"]
+    def _keep_newest(self, messages: list[Message]) -> None:
+        """Keep each channel's newest payload, raw (keyed by channel: no parsing per tick)."""
+        latest, due, due_now, status = self._latest_raw, self._due_ns, self._due_now, self._status_channel
+        for channel, data in messages:
+            if channel == status:
+                self._is_status(channel, data)
+            elif channel in latest:
+                self.conflated += 1
+                latest[channel] = data
+            else:
+                if channel not in due:
+                    due_now[channel] = None
+                latest[channel] = data
 
-    def _is_status(self, message: dict) -> bool:
+    def _is_status(self, channel: bytes, data: bytes) -> bool:
         """Handle a stream status message (True), or say it is a tick (False)."""
-        if message["channel"] != self._status_channel:
+        if channel != self._status_channel:
             return False
-        event = msgpack.unpackb(message["data"])
+        event = msgpack.unpackb(data)
         tokens = tuple(t for t in event["tokens"] if t in self.listened)
         changed = tuple(t for t in tokens if self.status.get(t) != event["status"])
         for token in tokens:
@@ -275,30 +306,29 @@ class TickSubscriber:
             self.on_status(StreamStatus(event["status"], changed, event["connection"], event["reason"]))
         return True
 
-    async def _next_message(self, timeout: float) -> dict | None:
-        """The next pub/sub message; when Redis cut this connection (a consumer too slow for
-        its output buffer), reconnect, resubscribe and take the snapshot, counting the gap."""
+    async def _read(self, timeout: float) -> list[Message]:
+        """Pub/sub messages; when Redis cut this connection (a consumer too slow for its
+        output buffer), reconnect, resubscribe and take the snapshot, counting the gap."""
         try:
-            return await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=timeout)  # type: ignore[no-any-return]
+            return await self._pubsub.read(timeout)  # type: ignore[no-any-return]
         except (RedisConnectionError, ConnectionError):
             await self._recover()
-            return None
+            return []
 
     async def _recover(self) -> None:
         self.reconnects += 1
         before = self.missed
-        old, self._pubsub = self._pubsub, self._redis.pubsub()  # type: ignore[union-attr]
-        try:
-            await old.aclose()
-        except (RedisConnectionError, ConnectionError, OSError):
-            pass
+        self._unread.clear()
+        await self._pubsub.close()
+        self._pubsub = await FastPubSub.open(self._url, self.max_unread)
         tokens = sorted(self.listened)
         await self._pubsub.subscribe(*(self.keys.ticks(t) for t in tokens), self.keys.stream_status)
         await self._read_status(tokens)
         await self._read_snapshot(tokens)
         log.warning(
             "subscriber %s was cut off by Redis (too slow for its output buffer?); resubscribed "
-            "tokens=%d missed=%d", self.client, len(tokens), self.missed - before,
+            "tokens=%d missed=%d (from the snapshot; more are counted as ticks arrive)",
+            self.client, len(tokens), self.missed - before,
         )  # fmt: skip
 
     def __aiter__(self) -> AsyncIterator[Tick]:

@@ -32,10 +32,56 @@ typedef struct {
     int bulk_header_len;
 } Layout;
 
+/* token -> last sequence number given: open addressing, linear probing, no Python objects */
+typedef struct {
+    uint32_t *tokens;
+    uint64_t *seqs; /* 0 marks an empty slot: a given sequence number is at least 1 */
+    size_t mask, used;
+} SeqTable;
+
+static int seq_grow(SeqTable *t) {
+    size_t size = t->tokens ? (t->mask + 1) * 2 : 1024;
+    uint32_t *tokens = PyMem_Calloc(size, sizeof(uint32_t));
+    uint64_t *seqs = PyMem_Calloc(size, sizeof(uint64_t));
+    if (tokens == NULL || seqs == NULL) {
+        PyMem_Free(tokens);
+        PyMem_Free(seqs);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (size_t i = 0; t->tokens && i <= t->mask; i++) {
+        if (t->seqs[i] == 0) continue;
+        size_t j = (t->tokens[i] * 2654435761u) & (size - 1);
+        while (seqs[j] != 0) j = (j + 1) & (size - 1);
+        tokens[j] = t->tokens[i];
+        seqs[j] = t->seqs[i];
+    }
+    PyMem_Free(t->tokens);
+    PyMem_Free(t->seqs);
+    t->tokens = tokens;
+    t->seqs = seqs;
+    t->mask = size - 1;
+    return 0;
+}
+
+/* The next sequence number of ``token`` (1 the first time); 0 on a memory error. */
+static uint64_t seq_next(SeqTable *t, uint32_t token) {
+    if ((t->used + 1) * 2 > t->mask + 1 || t->tokens == NULL) {
+        if (seq_grow(t) < 0) return 0;
+    }
+    size_t i = (token * 2654435761u) & t->mask;
+    while (t->seqs[i] != 0 && t->tokens[i] != token) i = (i + 1) & t->mask;
+    if (t->seqs[i] == 0) {
+        t->tokens[i] = token;
+        t->used++;
+    }
+    return ++t->seqs[i];
+}
+
 typedef struct {
     PyObject_HEAD
     Layout *layouts[MAX_LENGTH];
-    PyObject *seqs; /* token -> the last sequence number given */
+    SeqTable seqs;
     uint64_t epoch;
     char command[64]; /* "*3\r\n$7\r\nPUBLISH\r\n" */
     int command_len;
@@ -137,7 +183,8 @@ fail:
 
 static void Encoder_dealloc(Encoder *self) {
     for (int i = 0; i < MAX_LENGTH; i++) PyMem_Free(self->layouts[i]);
-    Py_XDECREF(self->seqs);
+    PyMem_Free(self->seqs.tokens);
+    PyMem_Free(self->seqs.seqs);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -151,8 +198,6 @@ static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwds) {
                                      &command_len, &prefix, &prefix_len, &epoch))
         return -1;
     self->epoch = epoch;
-    Py_XSETREF(self->seqs, PyDict_New());
-    if (self->seqs == NULL) return -1;
     if (command_len > 40 || prefix_len > 200) {
         PyErr_SetString(PyExc_ValueError, "command or channel prefix too long");
         return -1;
@@ -260,17 +305,7 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         }
         int tradable_src = l->nfields + l->nprices;
         uint64_t seq = 0;
-        PyObject *key = PyLong_FromUnsignedLong(token);
-        if (key == NULL) goto done;
-        if (l->has_seq) {
-            PyObject *last = PyDict_GetItemWithError(self->seqs, key);
-            if (last == NULL && PyErr_Occurred()) { Py_DECREF(key); goto done; }
-            seq = (last == NULL ? 0 : PyLong_AsUnsignedLongLong(last)) + 1;
-            PyObject *next = PyLong_FromUnsignedLongLong(seq);
-            int failed = next == NULL || PyDict_SetItem(self->seqs, key, next) < 0;
-            Py_XDECREF(next);
-            if (failed) { Py_DECREF(key); goto done; }
-        }
+        if (l->has_seq && (seq = seq_next(&self->seqs, token)) == 0) goto done;
 
         /* *3 $7 PUBLISH $<n> <prefix><token> $<len> <payload> */
         memcpy(out, self->command, self->command_len);
@@ -322,9 +357,10 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         fout += l->payload_len;
         *fout++ = '\r'; *fout++ = '\n';
 
+        PyObject *key = PyLong_FromUnsignedLong(token);
         PyObject *value = PyBytes_FromStringAndSize((const char *)payload, l->payload_len);
-        int failed = value == NULL || PyDict_SetItem(latest, key, value) < 0;
-        Py_DECREF(key);
+        int failed = key == NULL || value == NULL || PyDict_SetItem(latest, key, value) < 0;
+        Py_XDECREF(key);
         Py_XDECREF(value);
         if (failed) goto done;
     }

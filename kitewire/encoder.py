@@ -86,11 +86,11 @@ def _token_at(frame: bytes, offset: int) -> int:
     return _U32.unpack_from(frame, offset)[0]  # type: ignore[no-any-return]
 
 
-def _programs() -> dict[int, tuple]:
+def _programs(writers: dict = SEQUENCED_WRITERS) -> dict[int, tuple]:
     """The codec's compiled payload programs, in the shape the C encoder takes."""
     return {
         length: (w.field_offsets, w.price_fields, w.has_ohlc, w.last_k, w.close_k, w.chunks, w.slot_specs)
-        for length, w in SEQUENCED_WRITERS.items()
+        for length, w in writers.items()
     }
 
 

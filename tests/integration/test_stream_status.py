@@ -148,7 +148,7 @@ async def test_a_slow_consumer_is_cut_recovers_and_reports_its_gap(
         await ControlClient(rds).subscribe(tokens, mode="full", client="strategy")
         await eventually(lambda: sum(len(s.modes) for s in simulator.sessions) == len(tokens))
         fast.start()
-        async with TickSubscriber(server.url, client="slow") as slow:
+        async with TickSubscriber(server.url, client="slow", max_unread=100) as slow:
             await slow.listen(tokens)
             await slow.batch(limit=10**6, wait=0.1)
             published_before = publisher.sink.published
