@@ -15,6 +15,7 @@ import time
 
 import hiredis
 import msgpack
+import pytest
 import redis.asyncio as redis
 
 from config import Keys
@@ -42,43 +43,12 @@ async def _subscribed(simulator, control, tokens: list[int], mode: str = "quote"
     return _by_session(simulator)
 
 
-async def test_a_dropped_connection_makes_exactly_its_tokens_stale_then_live(
-    simulator, publisher, redis_url, control, rds
-) -> None:
-    tokens = _tokens(6)
-    sessions = await _subscribed(simulator, control, tokens)
-    events: list[tuple[float, StreamStatus]] = []
-    async with _watcher(redis_url, events) as sub:
-        await sub.listen(tokens)
-        await eventually(lambda: _all_status(sub, tokens, "live"))
-        events.clear()
-
-        victim, victim_tokens = next(iter(sessions.items()))
-        dropped_at = time.monotonic()
-        simulator.drop(victim)
-
-        async def pump() -> None:
-            while True:
-                await sub.batch(wait=0.1)
-
-        reader = asyncio.create_task(pump())
-        try:
-            await eventually(lambda: any(e.status == "stale" for _, e in events))
-            await eventually(lambda: any(e.status == "live" for _, e in events))
-        finally:
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
-        stale = [(at, e) for at, e in events if e.status == "stale"]
-        assert set(stale[0][1].tokens) == victim_tokens  # exactly the dropped connection's tokens
-        assert all(set(e.tokens) <= victim_tokens for _, e in events)  # others saw nothing
-        assert stale[0][0] - dropped_at < FAST.stall_timeout
-        assert all(sub.status[t] == "live" for t in tokens)
-        stored = await rds.hgetall(KEYS.token_status)
-        assert {int(k): v for k, v in stored.items()} == dict.fromkeys(tokens, b"live")
-
-
-async def test_a_stalled_connection_is_stale_within_the_watchdog_time(
-    simulator, publisher, redis_url, control
+@pytest.mark.parametrize(
+    ("fault", "bound"),
+    [("drop", 0.5), ("stall", FAST.stall_timeout + 1.0)],  # a stall is seen by the watchdog
+)
+async def test_a_failed_connection_makes_exactly_its_tokens_stale_then_live(
+    simulator, publisher, redis_url, control, rds, fault: str, bound: float
 ) -> None:
     tokens = _tokens(6)
     sessions = await _subscribed(simulator, control, tokens)
@@ -88,14 +58,20 @@ async def test_a_stalled_connection_is_stale_within_the_watchdog_time(
         await eventually(lambda: _all_status(sub, tokens, "live"))
         events.clear()
         victim, victim_tokens = next(iter(sessions.items()))
-        stalled_at = time.monotonic()
-        simulator.stall(30, victim)
+        failed_at = time.monotonic()
+        if fault == "drop":
+            simulator.drop(victim)
+        else:
+            simulator.stall(30, victim)
 
         await eventually(lambda: _all_status(sub, victim_tokens, "stale"), timeout=10)
-        stale_after = next(at for at, e in events if e.status == "stale") - stalled_at
-        assert stale_after < FAST.stall_timeout + 1.0
-        await eventually(lambda: _all_status(sub, victim_tokens, "live"), timeout=10)  # a new session
-        assert all(set(e.tokens) <= victim_tokens for _, e in events)
+        stale = [(at, e) for at, e in events if e.status == "stale"]
+        assert set(stale[0][1].tokens) == victim_tokens  # exactly that connection's tokens
+        assert stale[0][0] - failed_at < bound
+        await eventually(lambda: _all_status(sub, tokens, "live"), timeout=10)  # reconnected
+        assert all(set(e.tokens) <= victim_tokens for _, e in events)  # the others saw nothing
+        stored = await rds.hgetall(KEYS.token_status)
+        assert {int(k): v for k, v in stored.items()} == dict.fromkeys(tokens, b"live")
 
 
 def _watcher(redis_url: str, events: list) -> TickSubscriber:
