@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from config import Keys, load_settings
 from consumers.control import ControlTimeout, SubscriptionRejected
-from consumers.subscriber import Tick, TickSubscriber
+from consumers.subscriber import StreamStatus, Tick, TickSubscriber
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.kiteticker")
@@ -133,6 +133,7 @@ class KiteTicker:
         self._requests: asyncio.Queue[tuple[str, list[int], str]] | None = None
         self._stop: asyncio.Event | None = None
         self._connected = False
+        self._subscriber: TickSubscriber | None = None
         self._retry = True
         self._loop_thread = 0
 
@@ -151,7 +152,11 @@ class KiteTicker:
             self._run()
 
     def is_connected(self) -> bool:
-        return self._connected
+        """On the bus, and none of this ticker's instruments is stale at the publisher."""
+        sub = self._subscriber
+        if not self._connected or sub is None:
+            return False
+        return not any(sub.status.get(t) == "stale" for t in self.subscribed_tokens)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         """Release this ticker's subscriptions and leave the bus (no reconnect)."""
@@ -254,8 +259,10 @@ class KiteTicker:
             async with asyncio.timeout(self.connect_timeout):
                 await self._check_publisher(client)
             sub = TickSubscriber(
-                client, self.client, namespace=self.keys.ns, release_on_exit=False, timeout=5.0
-            )
+                client, self.client, namespace=self.keys.ns, release_on_exit=False, timeout=5.0,
+                on_status=self._stream_changed,
+            )  # fmt: skip
+            self._subscriber = sub
             async with sub:
                 self._connected = True
                 held = dict(self.subscribed_tokens)  # on a reconnect: everything; first time: early calls
@@ -277,7 +284,19 @@ class KiteTicker:
                         task.result()  # raises what ended the session
                 sub.release_on_exit = True  # closed by the user: the `async with` releases our claims
         finally:
+            self._subscriber = None
             await client.aclose()
+
+    def _stream_changed(self, event: StreamStatus) -> None:
+        """The publisher lost (or got back) the Kite connection these instruments are on."""
+        mine = [t for t in event.tokens if t in self.subscribed_tokens]
+        if not mine:
+            return
+        if event.status == "stale":
+            names = ",".join(map(str, mine))
+            self._callback(self.on_error, 1006, f"stream stale for {names}: {event.reason}")
+        else:
+            log.info("stream live again tokens=%d", len(mine))
 
     async def _check_publisher(self, client: redis.Redis) -> None:
         status = await client.hgetall(self.keys.status)

@@ -159,3 +159,24 @@ async def test_a_stopped_publisher_is_a_close_then_a_reconnect_that_resubscribes
             await second.stop()
     finally:
         ticker.close()
+
+
+async def test_a_dropped_kite_connection_at_the_publisher_is_an_error_and_not_connected(
+    simulator, publisher, settings
+) -> None:
+    ticker = _ticker(settings, client="dropin-4")
+    errors: list[str] = []
+    seen: list[int] = []
+    ticker.on_connect = lambda ws, response: ws.subscribe([INFY])
+    ticker.on_error = lambda ws, code, reason: errors.append(f"{code} {reason}")
+    ticker.on_ticks = lambda ws, ticks: seen.extend(t["instrument_token"] for t in ticks)
+    await _run_threaded(ticker)
+    try:
+        await eventually(lambda: INFY in seen and ticker.is_connected())
+        simulator.drop()
+        await eventually(lambda: any(e.startswith("1006 stream stale for 408065") for e in errors))
+        seen.clear()
+        await eventually(lambda: INFY in seen and ticker.is_connected())  # back once the publisher is
+    finally:
+        ticker.close()
+        await asyncio.to_thread(ticker.websocket_thread.join, 10)
