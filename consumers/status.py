@@ -109,7 +109,8 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         f"heartbeat {_age(pub['heartbeat_age'])} ago, "
         f"pid {pub['pid'] or '-'}; published {pub['published']:,}, conflated {pub['conflated']:,}, "
         f"dropped {pub['dropped']:,}, malformed {pub['malformed']:,}"
-        + (" [yellow]waiting for Redis (backpressure)[/]" if pub["backpressure"] else "")
+        + (" [yellow]waiting for Redis (backpressure)[/]" if pub["backpressure"] else ""),
+        soft_wrap=True,  # one line for scripts and pipes, whatever the console's width
     )
     console.print(connections_table(data))
     console.print(f"tokens {totals['tokens']:,} of {totals['capacity']:,} ({totals['remaining']:,} free)")

@@ -114,3 +114,21 @@ async def test_tail_prints_stream_status_when_the_connection_drops(publisher, co
     finally:
         proc.terminate()
         await proc.wait()
+
+
+async def test_status_into_a_closed_pipe_ends_quietly_and_its_first_line_is_whole(publisher, redis_url):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head -c 0`: the reader is gone before kitebus writes
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kitebus", "status", "--json", "--sample", "0.1",
+        env={**os.environ, "REDIS_URL": redis_url, "KITEBUS_NAMESPACE": "kite"},
+        stdout=write_end, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0 and b"Traceback" not in err
+
+    code, out, _ = await kitebus(redis_url, "status", "--sample", "0.1")
+    first = out.splitlines()[0]
+    assert code == 0 and first.startswith("publisher [kite]: running")
+    assert first.rstrip().endswith("malformed 0")  # not wrapped at 80 columns
