@@ -28,6 +28,7 @@ class Settings(BaseSettings):
 
     kite_api_key: SecretStr | None = Field(None, validation_alias=_env("KITE_API_KEY"))
     kite_access_token: SecretStr | None = Field(None, validation_alias=_env("KITE_ACCESS_TOKEN"))
+    kite_access_token_file: Path | None = Field(None, validation_alias=_env("KITE_ACCESS_TOKEN_FILE"))
     kite_ws_url: str = Field("wss://ws.kite.trade", validation_alias=_env("KITE_WS_URL"))
     redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))
     namespace: str = Field("kite", validation_alias=_env("KITEBUS_NAMESPACE"))
@@ -42,6 +43,18 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", validation_alias=_env("KITEBUS_LOG_LEVEL"))
     instruments: str | None = Field(None, validation_alias=_env("KITEBUS_INSTRUMENTS"))
+
+    @field_validator("kite_access_token_file")
+    @classmethod
+    def _access_token_file(cls, value: Path | None) -> Path | None:
+        if value is None or not str(value):
+            return None
+        value = value.expanduser().absolute()
+        if not value.parent.is_dir():
+            raise ValueError(f"its folder {value.parent} does not exist (the file itself may come later)")
+        if value.is_dir():
+            raise ValueError("is a folder, not a file")
+        return value
 
     @field_validator("kite_ws_url")
     @classmethod
@@ -87,20 +100,19 @@ class Settings(BaseSettings):
         """How many instruments the publisher can hold in all."""
         return self.connections * self.tokens_per_connection
 
-    def require_credentials(self) -> tuple[str, str]:
-        """Return (api_key, access_token) or raise SettingsError naming what is missing."""
-        missing = [
-            name
-            for name, value in (
-                ("KITE_API_KEY", self.kite_api_key),
-                ("KITE_ACCESS_TOKEN", self.kite_access_token),
-            )
-            if value is None or not value.get_secret_value()
-        ]
+    def require_credentials(self) -> tuple[str, str | None]:
+        """Return (api_key, KITE_ACCESS_TOKEN or None) or raise SettingsError naming what is
+        missing. With KITE_ACCESS_TOKEN_FILE the access token comes from that file."""
+        missing = []
+        if self.kite_api_key is None or not self.kite_api_key.get_secret_value():
+            missing.append("KITE_API_KEY")
+        token = self.kite_access_token.get_secret_value() if self.kite_access_token else ""
+        if not token and self.kite_access_token_file is None:
+            missing.append("KITE_ACCESS_TOKEN (or KITE_ACCESS_TOKEN_FILE)")
         if missing:
             raise SettingsError(f"missing setting {' and '.join(missing)} (required to publish)")
-        assert self.kite_api_key is not None and self.kite_access_token is not None
-        return self.kite_api_key.get_secret_value(), self.kite_access_token.get_secret_value()
+        assert self.kite_api_key is not None
+        return self.kite_api_key.get_secret_value(), token or None
 
 
 class SettingsError(Exception):

@@ -43,6 +43,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
     rows = []
     for index, conn in enumerate(conns):
         previous = before[index] if index < len(before) else {}
+        refused_at = float(conn.get("auth_failed_at") or 0)
         ticks, last = int(conn.get("ticks", 0)), float(conn.get("last_message_at", 0) or 0)
         rows.append({
             "index": index,
@@ -54,6 +55,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "last_message_age": round(now - last, 3) if last else None,
             "reconnects": int(conn.get("reconnects", 0)),
             "last_error": conn.get("last_error", ""),
+            "auth_failed_for": round(now - refused_at, 1) if refused_at else None,
         })  # fmt: skip
     clients = {}
     for raw in sorted(await client.smembers(keys.clients)):
@@ -73,6 +75,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "dropped": int(status.get("dropped", 0)),
             "malformed": int(status.get("malformed", 0)),
             "backpressure": status.get("backpressure") == "1",
+            "access_token_error": status.get("access_token_error", ""),
         },
         "connections": rows,
         "totals": {"tokens": tokens, "capacity": capacity, "remaining": capacity - tokens},
@@ -112,6 +115,20 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         + (" [yellow]waiting for Redis (backpressure)[/]" if pub["backpressure"] else ""),
         soft_wrap=True,  # one line for scripts and pipes, whatever the console's width
     )
+    refused = [row for row in data["connections"] if row.get("auth_failed_for") is not None]
+    if refused:
+        longest = max(row["auth_failed_for"] for row in refused)
+        names = ",".join(str(row["index"]) for row in refused)
+        console.print(
+            f"[bold red]ACCESS TOKEN REFUSED by Kite for {_age(longest)} on connection(s) {names}:[/] "
+            "write the new one with `kitebus ctl token` (it is picked up without a restart)",
+            soft_wrap=True,
+        )
+    if pub["access_token_error"]:
+        problem = escape(pub["access_token_error"])
+        console.print(
+            f"[bold red]ACCESS TOKEN FILE: {problem}[/]; the last good token stays in use", soft_wrap=True
+        )
     console.print(connections_table(data))
     console.print(f"tokens {totals['tokens']:,} of {totals['capacity']:,} ({totals['remaining']:,} free)")
     clients = data["clients"]

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -47,6 +48,11 @@ def _ctl(args: argparse.Namespace) -> int:
     from consumers.instruments import Instruments, UnknownInstrument, resolve
 
     settings = load_settings()
+    if args.op == "token":
+        return _write_access_token(settings, args)
+    if not args.tokens:
+        print(f"kitebus ctl {args.op}: name at least one instrument token", file=sys.stderr)
+        return 2
     if args.op == "mode" and args.mode is None:
         print("kitebus ctl mode: --mode is required", file=sys.stderr)
         return 2
@@ -81,6 +87,32 @@ def _ctl(args: argparse.Namespace) -> int:
         return 0 if result.ok else 1
 
     return asyncio.run(run())
+
+
+def _write_access_token(settings: Settings, args: argparse.Namespace) -> int:
+    """``kitebus ctl token``: the access token from standard input into KITE_ACCESS_TOKEN_FILE."""
+    from publisher.access_token import AccessTokenError, write_token_file
+
+    path = Path(args.file).expanduser().absolute() if args.file else settings.kite_access_token_file
+    if path is None:
+        print("kitebus ctl token: set KITE_ACCESS_TOKEN_FILE (or give --file)", file=sys.stderr)
+        return 2
+    if args.tokens:
+        print("kitebus ctl token: the token comes from standard input, never the command line "
+              "(where ps would show it)", file=sys.stderr)  # fmt: skip
+        return 2
+    if sys.stdin.isatty():
+        print("kitebus ctl token: paste the access token, then Enter and Ctrl-D", file=sys.stderr)
+    try:
+        write_token_file(path, sys.stdin.read())
+    except AccessTokenError as exc:
+        print(f"kitebus ctl token: not written: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"kitebus ctl token: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"access token written to {path}; a running publisher picks it up by itself")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -217,8 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     ctl = commands.add_parser("ctl", help="send a subscription request and wait for its result")
-    ctl.add_argument("op", choices=["subscribe", "unsubscribe", "mode"])
-    ctl.add_argument("tokens", nargs="+", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    ctl.add_argument(
+        "op", choices=["subscribe", "unsubscribe", "mode", "token"],
+        help="token: write the access token from standard input to KITE_ACCESS_TOKEN_FILE",
+    )  # fmt: skip
+    ctl.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    ctl.add_argument("--file", help="with token: the file to write (default: KITE_ACCESS_TOKEN_FILE)")
     ctl.add_argument("--mode", choices=["ltp", "quote", "full"], help="quote by default for subscribe")
     ctl.add_argument("--client", default="ops", help="whose claim this is (default: ops)")
     ctl.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the result")

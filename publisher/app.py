@@ -18,6 +18,7 @@ import redis.asyncio as redis
 
 from config import Keys, Settings
 from kitewire.encoder import Encoder
+from publisher.access_token import AccessTokenSource
 from publisher.connection import KiteConnection
 from publisher.control import REDIS_DOWN, ControlLoop
 from publisher.monitor import Monitor
@@ -46,6 +47,7 @@ class Publisher:
 
     def __init__(self, settings: Settings, tuning: Tuning = Tuning(), encoder: Encoder | None = None) -> None:
         api_key, access_token = settings.require_credentials()
+        self.access_token = AccessTokenSource(access_token, settings.kite_access_token_file, self._new_token)
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.redis = redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=10)
@@ -60,7 +62,7 @@ class Publisher:
                 index,
                 settings.kite_ws_url,
                 api_key,
-                access_token,
+                self.access_token.token,
                 self.sink.publish_frame,
                 self.sink.writable,
                 self.sink.publish_status,
@@ -74,10 +76,15 @@ class Publisher:
         self.control = ControlLoop(self.redis, self.keys, self.book, self.connections)
         self.monitor = Monitor(
             self.redis, self.keys, self.book, self.connections, self.sink, self.control.write_all, self.epoch,
-            interval=tuning.status_interval,
+            interval=tuning.status_interval, access_token=self.access_token,
         )  # fmt: skip
 
+    def _new_token(self, access_token: str) -> None:
+        for connection in self.connections:
+            connection.set_access_token(access_token)
+
     async def start(self) -> None:
+        self.access_token.start()
         await self._wait_for_redis()
         plan, dropped = self.book.restore(await self.control.load_claims())
         for index, change in plan.items():
@@ -117,6 +124,7 @@ class Publisher:
         except (*REDIS_DOWN, TimeoutError) as exc:
             log.warning("could not mark status stopped error=%s", exc.__class__.__name__)
         await self.sink.close()
+        await self.access_token.close()
         await self.redis.aclose()
         log.info("stopped")
 

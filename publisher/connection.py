@@ -25,6 +25,10 @@ from publisher.subscriptions import ConnectionChange
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.connection")
+# websockets logs the handshake's request line, access token included, at DEBUG: its logger
+# for Kite sockets never goes below INFO, whatever KITEBUS_LOG_LEVEL says.
+_WIRE_LOG = logging.getLogger("kitebus.connection.websocket")
+_WIRE_LOG.setLevel(logging.INFO)
 
 BATCH = 1000  # tokens per subscribe/unsubscribe/mode message
 
@@ -53,7 +57,7 @@ class KiteConnection:
         index: int,
         ws_url: str,
         api_key: str,
-        access_token: str,
+        access_token: str | None,
         on_frame: FrameHandler,
         writable: asyncio.Event | None = None,
         on_status: StatusHandler | None = None,
@@ -64,8 +68,12 @@ class KiteConnection:
         auth_retry: float = 60.0,
     ) -> None:
         self.index = index
-        self._url = f"{ws_url}?{urlencode({'api_key': api_key, 'access_token': access_token})}"
-        self._secrets = (api_key, access_token)
+        self._ws_url, self._api_key = ws_url, api_key
+        self._access_token = access_token
+        self._secrets = {api_key}
+        if access_token:
+            self._secrets.add(access_token)
+        self._wake = asyncio.Event()  # a new access token: stop waiting, connect now
         self._on_frame = on_frame
         self._writable = writable or _ALWAYS
         self._on_status = on_status or _ignore
@@ -82,11 +90,33 @@ class KiteConnection:
         self.reconnects = 0
         self.last_message_at = 0.0
         self.last_error = ""
+        self.auth_failed_at = 0.0  # when Kite first refused the access token (0: it does not)
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"kite-connection-{self.index}")
+
+    def set_access_token(self, access_token: str) -> None:
+        """Use this token from the next handshake on; a connection that is down or refused
+        tries again at once. A live socket keeps going (Kite closes it at logout)."""
+        self._access_token = access_token
+        self._secrets.add(access_token)
+        if self.state != LIVE:
+            self._wake.set()
+
+    @property
+    def _url(self) -> str:
+        return f"{self._ws_url}?{urlencode({'api_key': self._api_key, 'access_token': self._access_token})}"
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if a new access token arrives."""
+        self._wake.clear()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
 
     async def close(self) -> None:
         """Stop: close the socket cleanly and end the task."""
@@ -122,6 +152,10 @@ class KiteConnection:
         attempt = 0
         try:
             while True:
+                if self._access_token is None:
+                    self._fail(AUTH_FAILED, "no valid access token yet (see KITE_ACCESS_TOKEN_FILE)")
+                    await self._pause(self.auth_retry)
+                    continue
                 if self.state != AUTH_FAILED:  # stays visible until a handshake succeeds
                     self.state = CONNECTING
                 started = time.monotonic()
@@ -130,12 +164,13 @@ class KiteConnection:
                 except InvalidStatus as exc:
                     status = exc.response.status_code
                     if status in (HTTPStatus.FORBIDDEN, HTTPStatus.UNAUTHORIZED):
-                        self._fail(AUTH_FAILED, f"handshake refused: HTTP {status} (check KITE_ACCESS_TOKEN)")
+                        self._fail(AUTH_FAILED, f"handshake refused: HTTP {status} (access token expired?)")
+                        self.auth_failed_at = self.auth_failed_at or time.time()
                         log.error(
                             "connection=%d auth refused status=%d retry_in=%.0fs",
                             self.index, status, self.auth_retry,
                         )  # fmt: skip
-                        await asyncio.sleep(self.auth_retry * random.uniform(0.9, 1.1))
+                        await self._pause(self.auth_retry * random.uniform(0.9, 1.1))
                         attempt = 0
                         self.reconnects += 1
                         continue
@@ -154,7 +189,7 @@ class KiteConnection:
                 delay = min(self.backoff_cap, self.backoff_base * 2**attempt) * random.uniform(0.5, 1.0)
                 attempt += 1
                 log.warning("connection=%d down error=%r retry_in=%.2fs", self.index, self.last_error, delay)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 self.reconnects += 1
         finally:
             self._socket = None
@@ -178,7 +213,7 @@ class KiteConnection:
         # sends a heartbeat when idle) is the liveness check.
         async with connect(
             self._url, open_timeout=10, ping_interval=None, close_timeout=2,
-            max_size=2**23, max_queue=4,
+            max_size=2**23, max_queue=4, logger=_WIRE_LOG,
         ) as socket:  # fmt: skip
             self.last_message_at = time.time()
             async with self._lock:
@@ -188,6 +223,7 @@ class KiteConnection:
                 for mode, tokens in _by_mode(modes).items():
                     await _send_batches(socket, lambda batch, m=mode: messages.set_mode(m, batch), tokens)
                 self.state = LIVE
+                self.auth_failed_at = 0.0
             log.info("connection=%d live tokens=%d", self.index, len(modes))
             await self._read(socket)
 

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from config.keys import Keys
 from kitewire.encoder import SPEEDUPS
+from publisher.access_token import AccessTokenSource
 from publisher.connection import LIVE, KiteConnection
 from publisher.control import REDIS_DOWN
 from publisher.sink import TickSink
@@ -40,6 +41,7 @@ class Monitor:
         epoch: int = 0,
         *,
         interval: float = 1.0,
+        access_token: AccessTokenSource | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -48,6 +50,7 @@ class Monitor:
         self.sink = sink
         self._on_redis_reset = on_redis_reset
         self.epoch = epoch
+        self.access_token = access_token
         self.interval = interval
         self.started_at = time.time()
         self.state = "starting"
@@ -79,6 +82,8 @@ class Monitor:
             "pauses": str(sink.pauses),
             "cached": str(len(sink.cache)),
             "speedups": "1" if SPEEDUPS else "0",
+            "access_token_error": self.access_token.error if self.access_token else "",
+            "access_token_changed_at": f"{self.access_token.changed_at:.3f}" if self.access_token else "0",
             "redis_reconnects": str(sink.redis_reconnects),
         }
 
@@ -91,6 +96,7 @@ class Monitor:
             "reconnects": str(connection.reconnects),
             "last_message_at": f"{connection.last_message_at:.3f}",
             "last_error": connection.last_error,
+            "auth_failed_at": f"{connection.auth_failed_at:.3f}" if connection.auth_failed_at else "",
         }
 
     async def write(self) -> None:

@@ -41,6 +41,7 @@ class Session:
 
     id: int
     api_key: str
+    access_token: str
     websocket: ServerConnection
     modes: dict[int, str] = field(default_factory=dict)
     stalled_until: float = 0.0
@@ -142,7 +143,7 @@ class TickerServer:
 
     async def _serve(self, websocket: ServerConnection) -> None:
         query = parse_qs(urlsplit(websocket.request.path).query)  # type: ignore[union-attr]
-        session = Session(next(self._ids), query["api_key"][0], websocket)
+        session = Session(next(self._ids), query["api_key"][0], query["access_token"][0], websocket)
         self.sessions.append(session)
         log.info("connection opened session=%d peer=%s", session.id, websocket.remote_address)
         sender = asyncio.create_task(self._send_loop(session))
@@ -284,6 +285,16 @@ class TickerServer:
                     await session.websocket.send(codec.encode_frame(packets))
                     sent += len(packets)
         return sent
+
+    async def rotate_access_token(self, access_token: str) -> int:
+        """Kite's daily logout: from now on only ``access_token`` is valid, and every
+        connection opened with another one is closed. Returns how many were closed."""
+        self.access_token = access_token
+        expired = [s for s in self.sessions if s.access_token != access_token]
+        for session in expired:
+            await session.websocket.close(code=1000, reason="access token expired")
+        log.info("access token rotated closed=%d", len(expired))
+        return len(expired)
 
     def refuse_connections(self, seconds: float) -> None:
         """Refuse every new handshake (HTTP 503) for ``seconds``."""

@@ -1,0 +1,124 @@
+"""The day's access token: from ``KITE_ACCESS_TOKEN``, or from a file that is watched.
+
+Kite's access tokens expire every morning. With ``KITE_ACCESS_TOKEN_FILE`` the token is
+read from that file (it wins over ``KITE_ACCESS_TOKEN``) and the file is watched: a change,
+written in place or replaced by rename as a login script does, is read within a second
+or two and handed to ``on_change``. A file that is missing, unreadable, empty or holds
+more than one line is reported (log, ``error``) and the last good token stays in use.
+The token itself is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import watchfiles
+
+from publisher.tasks import cancel_and_wait
+
+log = logging.getLogger("kitebus.access_token")
+
+MAX_LENGTH = 512
+
+
+class AccessTokenError(ValueError):
+    """The text is not one access token; the message never contains the text."""
+
+
+def parse_token(text: str) -> str:
+    """One line, not empty, no spaces inside; a trailing newline is fine."""
+    lines = text.splitlines()
+    if not lines or not lines[0].strip():
+        raise AccessTokenError("it is empty")
+    if len([line for line in lines if line.strip()]) > 1:
+        raise AccessTokenError("it holds more than one line")
+    token = lines[0].strip()
+    if len(token) > MAX_LENGTH or any(c.isspace() or not c.isprintable() for c in token):
+        raise AccessTokenError("it is not an access token (spaces, control characters or too long)")
+    return token
+
+
+def read_token_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AccessTokenError("the file is missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AccessTokenError(f"the file cannot be read ({exc.__class__.__name__})") from None
+    return parse_token(text)
+
+
+def write_token_file(path: Path, token: str) -> None:
+    """Replace the file atomically (a temporary file in the same folder, then a rename),
+    readable by its owner only."""
+    token = parse_token(token)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(token + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class AccessTokenSource:
+    """The access token in use. With a file, ``start`` watches it until ``close``."""
+
+    def __init__(
+        self, token: str | None, path: Path | None, on_change: Callable[[str], None] | None = None
+    ) -> None:
+        self.token = token
+        self.path = path
+        self.on_change = on_change
+        self.error = ""  # what is wrong with the file now ("" when it is fine)
+        self.changed_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        if path is not None:
+            self.reload(notify=False)  # the first token is the one to start with, not a change
+
+    def reload(self, notify: bool = True) -> bool:
+        """Read the file again; True when it held a new valid token."""
+        assert self.path is not None
+        try:
+            token = read_token_file(self.path)
+        except AccessTokenError as exc:
+            self.error = f"{self.path}: {exc}"
+            log.error("access token file %s: %s; keeping the last good token", self.path, exc)
+            return False
+        self.error = ""
+        if token == self.token:
+            return False
+        self.token = token
+        self.changed_at = time.time()
+        log.warning("access token changed path=%s", self.path)
+        if notify and self.on_change is not None:
+            self.on_change(token)
+        return True
+
+    def start(self) -> None:
+        if self.path is not None:
+            self._task = asyncio.create_task(self._watch(), name="access-token-watch")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    async def _watch(self) -> None:
+        assert self.path is not None
+        name = self.path.name
+        # The folder, not the file: a login script replaces the file by rename.
+        async for _ in watchfiles.awatch(
+            self.path.parent, watch_filter=lambda _, changed: Path(changed).name == name,
+            debounce=200, step=50, recursive=False,
+        ):  # fmt: skip
+            self.reload()
