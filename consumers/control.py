@@ -39,6 +39,7 @@ class ControlResult:
     error: str
     applied: tuple[int, ...]
     rejected: tuple[int, ...]
+    released: tuple[int, ...] = ()  # op set: the claims the client no longer makes
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> ControlResult:
@@ -50,7 +51,7 @@ class ControlResult:
 
         return cls(
             text("request"), text("op"), text("client"), text("ok") == "1", text("error"),
-            tokens("applied"), tokens("rejected"),
+            tokens("applied"), tokens("rejected"), tokens("released"),
         )  # fmt: skip
 
 
@@ -112,3 +113,10 @@ class ControlClient:
     ) -> ControlResult:
         """Change the mode this client asks for on tokens it holds."""
         return await self._checked("mode", tokens, mode=mode, client=client, timeout=timeout)
+
+    async def set_watchlist(
+        self, tokens: Iterable[int | str], mode: str = "quote", client: str = "default", timeout: float = 10.0
+    ) -> ControlResult:
+        """Make this client's claims exactly these tokens in this mode, in one step (op
+        ``set``): tokens it keeps are never unsubscribed in between. All or nothing."""
+        return await self._checked("set", tokens, mode=mode, client=client, timeout=timeout)

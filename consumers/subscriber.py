@@ -154,6 +154,18 @@ class TickSubscriber:
         await self.listen(result.applied)
         return result
 
+    async def set_watchlist(self, tokens: Iterable[int | str], mode: str = "quote") -> ControlResult:
+        """Make this client's claims exactly these instruments (op ``set``, all or nothing),
+        and listen to exactly them."""
+        wanted = resolve(tokens, self.instruments)
+        result = await self.control.set_watchlist(wanted, mode=mode, client=self.client, timeout=self.timeout)
+        self.claimed = set(result.applied)
+        if result.released:
+            self.listened.difference_update(result.released)
+            await self._pubsub.unsubscribe(*(self.keys.ticks(t) for t in result.released))
+        await self.listen([t for t in result.applied if t not in self.listened])
+        return result
+
     async def set_mode(self, tokens: Iterable[int | str], mode: str) -> ControlResult:
         return await self.control.set_mode(resolve(tokens, self.instruments), mode, client=self.client)
 

@@ -250,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = commands.add_parser("ctl", help="send a subscription request and wait for its result")
     ctl.add_argument(
-        "op", choices=["subscribe", "unsubscribe", "mode", "token"],
-        help="token: write the access token from standard input to KITE_ACCESS_TOKEN_FILE",
+        "op", choices=["subscribe", "unsubscribe", "mode", "set", "token"],
+        help="set: the client's claims become exactly TOKEN...; "
+        "token: write the access token from standard input to KITE_ACCESS_TOKEN_FILE",
     )  # fmt: skip
     ctl.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
     ctl.add_argument("--file", help="with token: the file to write (default: KITE_ACCESS_TOKEN_FILE)")

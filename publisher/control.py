@@ -196,6 +196,8 @@ class ControlLoop:
             "applied": _tokens_text(outcome.applied) if outcome else "",
             "rejected": _tokens_text(outcome.rejected) if outcome else "",
         }
+        if outcome is not None and outcome.released:
+            result["released"] = _tokens_text(outcome.released)
         async with self._redis.pipeline(transaction=True) as pipe:
             if request is not None and outcome is not None:
                 self._persist(pipe, request, outcome)
@@ -212,14 +214,14 @@ class ControlLoop:
     def _persist(self, pipe: redis.client.Pipeline, request: Request, outcome: Outcome) -> None:
         keys, book = self._keys, self._book
         claims_key = keys.claims(request.client)
-        if outcome.applied:
-            if request.op == "unsubscribe":
-                pipe.hdel(claims_key, *map(str, outcome.applied))
-                if request.client not in book.claims:
-                    pipe.srem(keys.clients, request.client)
-            else:
-                pipe.hset(claims_key, mapping={str(t): request.mode for t in outcome.applied})  # type: ignore[misc]
-                pipe.sadd(keys.clients, request.client)
+        released = outcome.applied if request.op == "unsubscribe" else outcome.released
+        if released:
+            pipe.hdel(claims_key, *map(str, released))
+        if outcome.applied and request.op != "unsubscribe":
+            pipe.hset(claims_key, mapping={str(t): request.mode for t in outcome.applied})  # type: ignore[misc]
+            pipe.sadd(keys.clients, request.client)
+        if released and request.client not in book.claims:
+            pipe.srem(keys.clients, request.client)
         for index, change in outcome.plan.items():
             if change.unsubscribe:
                 gone = [str(t) for t in change.unsubscribe]

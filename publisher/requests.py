@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from kitewire.codec import MODE_QUOTE, MODES
 
-OPS = ("subscribe", "unsubscribe", "mode")
+OPS = ("subscribe", "unsubscribe", "mode", "set")
 DEFAULT_CLIENT = "default"
 MAX_TOKENS_FIELD = 200_000  # characters; 9000 tokens of 10 digits and a comma is ~99k
 MAX_TOKENS_PER_REQUEST = 20_000
@@ -68,9 +68,9 @@ def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
     """Validate a control-stream entry's fields (bytes or str keys and values)."""
     op = _text(fields, "op", MAX_FIELD)
     if not op:
-        raise RequestError("missing field 'op' (subscribe, unsubscribe or mode)")
+        raise RequestError("missing field 'op' (subscribe, unsubscribe, mode or set)")
     if op not in OPS:
-        raise RequestError(f"unknown op {op[:20]!r} (subscribe, unsubscribe or mode)")
+        raise RequestError(f"unknown op {op[:20]!r} (subscribe, unsubscribe, mode or set)")
     tokens_text = _text(fields, "tokens", MAX_TOKENS_FIELD)
     if tokens_text is None:
         raise RequestError("missing field 'tokens'")
@@ -83,7 +83,7 @@ def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
         raise RequestError(f"unknown mode {mode[:20]!r} (ltp, quote or full)")
     if op == "mode" and mode is None:
         raise RequestError("missing field 'mode' (ltp, quote or full)")
-    if op == "subscribe":
+    if op in ("subscribe", "set"):
         mode = mode or MODE_QUOTE
     if op == "unsubscribe":
         mode = None

@@ -38,6 +38,7 @@ class Outcome:
     rejected: tuple[int, ...]
     error: str
     plan: Plan
+    released: tuple[int, ...] = ()  # a set: the client's claims it no longer makes
 
     @property
     def ok(self) -> bool:
@@ -81,6 +82,8 @@ class SubscriptionBook:
                 (applied if self._hold(request.client, token, request.mode, plan) else rejected).append(token)
             used = sum(self.loads)
             error = f"{len(rejected)} token(s) rejected: capacity full ({used} of {self.capacity} in use)"
+        elif request.op == "set":
+            return self._set(request)
         else:
             assert request.mode is not None
             held = self.claims.get(request.client, {})
@@ -92,6 +95,28 @@ class SubscriptionBook:
                     rejected.append(token)
             error = f"{len(rejected)} token(s) not subscribed by client '{request.client}'"
         return Outcome(tuple(applied), tuple(rejected), error if rejected else "", _nonempty(plan))
+
+    def _set(self, request: Request) -> Outcome:
+        """Make the client's claims exactly these tokens in this mode, all or nothing.
+        Tokens it keeps are never released in between (no gap); the ones it drops go first,
+        so that their room serves the new ones."""
+        assert request.mode is not None
+        wanted = set(request.tokens)
+        held = self.claims.get(request.client, {})
+        dropped = [t for t in held if t not in wanted]
+        frees = sum(1 for t in dropped if set(self._holders[t]) == {request.client})
+        new = sum(1 for t in wanted if t not in self.placement)
+        free = self.capacity - sum(self.loads)
+        if new > free + frees:
+            error = f"set needs room for {new} new token(s), {free + frees} free: nothing changed"
+            return Outcome((), request.tokens, error, {})
+        plan: Plan = {}
+        for token in dropped:
+            self._release(request.client, token, plan)
+        for token in request.tokens:
+            placed = self._hold(request.client, token, request.mode, plan)
+            assert placed, "room was checked above"
+        return Outcome(request.tokens, (), "", _nonempty(plan), tuple(dropped))
 
     def restore(self, claims: Mapping[str, Mapping[int, str]]) -> tuple[Plan, dict[str, list[int]]]:
         """Load persisted claims (at start, before any request). Returns the plan and, per

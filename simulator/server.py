@@ -46,6 +46,7 @@ class Session:
     modes: dict[int, str] = field(default_factory=dict)
     stalled_until: float = 0.0
     flooding: bool = False  # a line-rate flood owns the socket: the send loop keeps off
+    unsubscribed: list[int] = field(default_factory=list)  # every token this session dropped, in order
     last_sent: float = 0.0
     sent_ticks: int = 0
 
@@ -172,7 +173,8 @@ class TickerServer:
                 await self._subscribe(session, _tokens(value))
             elif action == "unsubscribe":
                 for token in _tokens(value):
-                    session.modes.pop(token, None)
+                    if session.modes.pop(token, None) is not None:
+                        session.unsubscribed.append(token)
             elif action == "mode":
                 mode, tokens = value
                 if mode not in MODES:

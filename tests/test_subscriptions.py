@@ -110,3 +110,40 @@ def test_invariants_hold_for_any_request_sequence(connections, per_connection, s
         for token, mode in book.in_force.items():
             asked = [claims[token] for claims in book.claims.values() if token in claims]
             assert mode == max(asked, key=MODE_RANK.__getitem__)
+
+
+def set_(tokens, mode="quote", client="a") -> Request:
+    return Request("set", tuple(tokens), client, mode)
+
+
+def test_set_replaces_a_watchlist_without_releasing_what_stays() -> None:
+    book = SubscriptionBook(3, 10)
+    book.apply(sub([1, 2, 3], mode="quote"))
+    book.apply(sub([3], mode="ltp", client="b"))
+    outcome = book.apply(set_([2, 3, 4], mode="full"))
+    assert outcome.ok and outcome.applied == (2, 3, 4) and outcome.released == (1,)
+    assert book.claims["a"] == {2: "full", 3: "full", 4: "full"}
+    unsubscribed = {t for change in outcome.plan.values() for t in change.unsubscribe}
+    assert unsubscribed == {1}  # 2 and 3 stay subscribed at Kite the whole time
+    modes = {t: m for change in outcome.plan.values() for t, m in change.modes.items()}
+    assert modes == {2: "full", 3: "full"}
+    assert book.in_force == {2: "full", 3: "full", 4: "full"}
+
+
+def test_set_is_all_or_nothing_and_counts_the_room_its_releases_free() -> None:
+    book = SubscriptionBook(1, 3)
+    book.apply(sub([1, 2, 3]))
+    assert book.apply(set_([4, 5, 6])).ok  # 1, 2, 3 make room for 4, 5, 6
+    assert book.placement == {4: 0, 5: 0, 6: 0}
+    book.apply(sub([4], client="b"))  # b shares 4: releasing it frees nothing
+    before = (dict(book.placement), {c: dict(h) for c, h in book.claims.items()})
+    outcome = book.apply(set_([7, 8, 9]))
+    assert not outcome.ok and outcome.rejected == (7, 8, 9) and "nothing changed" in outcome.error
+    assert (book.placement, book.claims) == before and outcome.plan == {}
+
+
+def test_set_to_nothing_is_not_a_request_but_set_of_the_same_is_a_no_op() -> None:
+    book = SubscriptionBook(3, 10)
+    book.apply(sub([1, 2]))
+    outcome = book.apply(set_([1, 2]))
+    assert outcome.ok and outcome.plan == {} and outcome.released == ()

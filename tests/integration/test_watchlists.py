@@ -1,0 +1,72 @@
+"""Daily operations on watchlists, watched at the simulator: op set never opens a gap."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumers.control import SubscriptionRejected
+from consumers.subscriber import TickSubscriber
+from simulator.server import subscribed
+from tests.integration.conftest import eventually
+
+A, B, C, D = 408065, 2953217, 341249, 1270529  # INFY, TCS, HDFCBANK, ICICIBANK
+
+
+def _at_kite(simulator) -> dict[int, str]:
+    return {t: m for modes in subscribed(simulator).values() for t, m in modes.items()}
+
+
+def _unsubscribed_at_kite(simulator) -> set[int]:
+    return {t for s in simulator.sessions for t in s.unsubscribed}
+
+
+async def test_set_replaces_a_watchlist_and_what_stays_is_never_unsubscribed(
+    simulator, publisher, control, rds, keys
+) -> None:
+    await control.subscribe([A, B, C], mode="quote", client="w")
+    await eventually(lambda: _at_kite(simulator) == {A: "quote", B: "quote", C: "quote"})
+
+    result = await control.set_watchlist([B, C, D], mode="full", client="w")
+    assert result.ok and result.applied == (B, C, D) and result.released == (A,)
+    await eventually(lambda: _at_kite(simulator) == {B: "full", C: "full", D: "full"})
+    assert _unsubscribed_at_kite(simulator) == {A}  # B and C stayed subscribed throughout
+    assert await rds.hgetall(keys.claims("w")) == {str(t).encode(): b"full" for t in (B, C, D)}
+    assert set(await rds.hkeys(keys.token_conn)) == {str(t).encode() for t in (B, C, D)}
+
+
+async def test_set_with_a_bad_token_is_rejected_and_changes_nothing(simulator, publisher, control, rds, keys):
+    await control.subscribe([A, B], mode="quote", client="w")
+    before = await rds.hgetall(keys.claims("w"))
+    result = await control.request("set", ["408065", "12x"], mode="full", client="w")
+    assert not result.ok and "bad token" in result.error
+    assert await rds.hgetall(keys.claims("w")) == before
+    assert publisher.book.claims["w"] == {A: "quote", B: "quote"}
+
+
+async def test_set_beyond_capacity_is_all_or_nothing(simulator, settings, redis_url, control) -> None:
+    from publisher.app import Publisher
+    from tests.integration.conftest import FAST
+
+    small = Publisher(settings.model_copy(update={"connections": 1, "tokens_per_connection": 2}), FAST)
+    await small.start()
+    try:
+        await control.subscribe([A], client="other")
+        await control.subscribe([B], client="w")
+        with pytest.raises(SubscriptionRejected, match="nothing changed"):
+            await control.set_watchlist([C, D], client="w")  # needs 2, only B's place frees up
+        assert small.book.claims == {"other": {A: "quote"}, "w": {B: "quote"}}
+    finally:
+        await small.stop()
+
+
+async def test_the_library_listens_to_exactly_the_new_watchlist(simulator, publisher, redis_url) -> None:
+    async with TickSubscriber(redis_url, client="lib") as sub:
+        await sub.subscribe([A, B])
+        await sub.set_watchlist([B, C], mode="ltp")
+        assert sub.claimed == {B, C} and sub.listened == {B, C}
+
+        async def only_new() -> bool:
+            ticks = await sub.batch(limit=10_000, wait=0.2)
+            return bool(ticks) and {t["instrument_token"] for t in ticks} <= {B, C}
+
+        await eventually(only_new)
