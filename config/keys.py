@@ -62,3 +62,7 @@ class Keys:
 
     def claims(self, client: str) -> str:
         return f"{self.ns}:claims:{client}"
+
+    def deadlines(self, client: str) -> str:
+        """Hash: token -> epoch seconds when that claim of the client lapses (ttl claims only)."""
+        return f"{self.ns}:deadlines:{client}"

@@ -70,13 +70,17 @@ class ControlClient:
         mode: str | None = None,
         client: str = "default",
         timeout: float = 10.0,
+        ttl: float | None = None,
     ) -> ControlResult:
-        """Write a request and return its result (whatever ``ok`` says)."""
+        """Write a request and return its result (whatever ``ok`` says). ``ttl`` (seconds):
+        the claim lapses by itself then."""
         latest = await self._redis.xrevrange(self._keys.control_results, count=1)
         cursor = latest[0][0] if latest else b"0-0"
         fields = {"op": op, "tokens": ",".join(map(str, tokens)), "client": client}
         if mode is not None:
             fields["mode"] = mode
+        if ttl is not None:
+            fields["ttl"] = f"{ttl:g}"
         entry_id = (await self._redis.xadd(self._keys.control, fields)).decode()
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
@@ -97,10 +101,11 @@ class ControlClient:
         return result
 
     async def subscribe(
-        self, tokens: Iterable[int | str], mode: str = "quote", client: str = "default", timeout: float = 10.0
+        self, tokens: Iterable[int | str], mode: str = "quote", client: str = "default",
+        timeout: float = 10.0, ttl: float | None = None,
     ) -> ControlResult:
         """Subscribe; raises SubscriptionRejected naming any token that was refused."""
-        return await self._checked("subscribe", tokens, mode=mode, client=client, timeout=timeout)
+        return await self._checked("subscribe", tokens, mode=mode, client=client, timeout=timeout, ttl=ttl)
 
     async def unsubscribe(
         self, tokens: Iterable[int | str], client: str = "default", timeout: float = 10.0
@@ -109,14 +114,16 @@ class ControlClient:
         return await self._checked("unsubscribe", tokens, client=client, timeout=timeout)
 
     async def set_mode(
-        self, tokens: Iterable[int | str], mode: str, client: str = "default", timeout: float = 10.0
+        self, tokens: Iterable[int | str], mode: str, client: str = "default", timeout: float = 10.0,
+        ttl: float | None = None,
     ) -> ControlResult:
         """Change the mode this client asks for on tokens it holds."""
-        return await self._checked("mode", tokens, mode=mode, client=client, timeout=timeout)
+        return await self._checked("mode", tokens, mode=mode, client=client, timeout=timeout, ttl=ttl)
 
     async def set_watchlist(
-        self, tokens: Iterable[int | str], mode: str = "quote", client: str = "default", timeout: float = 10.0
+        self, tokens: Iterable[int | str], mode: str = "quote", client: str = "default",
+        timeout: float = 10.0, ttl: float | None = None,
     ) -> ControlResult:
         """Make this client's claims exactly these tokens in this mode, in one step (op
         ``set``): tokens it keeps are never unsubscribed in between. All or nothing."""
-        return await self._checked("set", tokens, mode=mode, client=client, timeout=timeout)
+        return await self._checked("set", tokens, mode=mode, client=client, timeout=timeout, ttl=ttl)

@@ -67,7 +67,7 @@ def _ctl(args: argparse.Namespace) -> int:
         client = _redis(settings)
         try:
             result = await ControlClient(client, settings.namespace).request(
-                args.op, tokens, mode=args.mode, client=args.client, timeout=args.timeout
+                args.op, tokens, mode=args.mode, client=args.client, timeout=args.timeout, ttl=args.ttl
             )
         except ControlTimeout as exc:
             print(f"kitebus ctl: {exc}", file=sys.stderr)
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--file", help="with token: the file to write (default: KITE_ACCESS_TOKEN_FILE)")
     ctl.add_argument("--mode", choices=["ltp", "quote", "full"], help="quote by default for subscribe")
     ctl.add_argument("--client", default="ops", help="whose claim this is (default: ops)")
+    ctl.add_argument("--ttl", type=float, help="seconds after which the claim lapses by itself")
     ctl.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the result")
     ctl.add_argument("--json", action="store_true", help="print the result as JSON")
     ctl.set_defaults(handler=_ctl)

@@ -86,7 +86,7 @@ class Publisher:
     async def start(self) -> None:
         self.access_token.start()
         await self._wait_for_redis()
-        plan, dropped = self.book.restore(await self.control.load_claims())
+        plan, dropped = self.book.restore(*await self.control.load_claims())
         for index, change in plan.items():
             await self.connections[index].apply(change)
         await self.control.drop_claims(dropped)

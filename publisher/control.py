@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 
 import redis.asyncio as redis
@@ -66,9 +67,11 @@ class ControlLoop:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def load_claims(self) -> dict[str, dict[int, str]]:
-        """Every client's persisted claims, skipping (and logging) entries that are not valid."""
+    async def load_claims(self) -> tuple[dict[str, dict[int, str]], dict[str, dict[int, float]]]:
+        """Every client's persisted claims and their deadlines, skipping (and logging)
+        entries that are not valid."""
         claims: dict[str, dict[int, str]] = {}
+        deadlines: dict[str, dict[int, float]] = {}
         for raw_client in await self._redis.smembers(self._keys.clients):
             client = raw_client.decode()
             held: dict[int, str] = {}
@@ -78,7 +81,12 @@ class ControlLoop:
                 except ValueError:
                     log.warning("ignoring bad claim client=%s token=%r", client, raw_token[:20])
             claims[client] = held
-        return claims
+            for raw_token, raw_deadline in (await self._redis.hgetall(self._keys.deadlines(client))).items():
+                try:
+                    deadlines.setdefault(client, {})[int(raw_token)] = float(raw_deadline)
+                except ValueError:
+                    log.warning("ignoring bad claim deadline client=%s token=%r", client, raw_token[:20])
+        return claims, deadlines
 
     async def write_all(self) -> None:
         """Rewrite every hash and claim from the book (at start and after Redis lost data)."""
@@ -95,6 +103,7 @@ class ControlLoop:
                 pipe.delete(keys.claims(client))
                 pipe.hset(keys.claims(client), mapping={str(t): m for t, m in held.items()})
                 pipe.sadd(keys.clients, client)
+                self._persist_deadlines(pipe, client)
             await pipe.execute()
 
     async def drop_claims(self, dropped: Mapping[str, Sequence[int]]) -> None:
@@ -132,6 +141,7 @@ class ControlLoop:
                 await self._drain(pending=True)
                 while not self._stopping:
                     await self._drain(pending=False)
+                    await self._expire_due()
             except REDIS_DOWN as exc:
                 self.last_error = f"redis: {exc.__class__.__name__}"
                 log.warning("control loop lost redis error=%s retry_in=%.1fs", exc.__class__.__name__, delay)
@@ -170,7 +180,7 @@ class ControlLoop:
         except RequestError as exc:
             await self._answer(entry_id, fields, str(exc))
             return
-        outcome = self._book.apply(request)
+        outcome = self._book.apply(request, time.time())
         for index, change in outcome.plan.items():
             await self._connections[index].apply(change)
         await self._answer(entry_id, fields, outcome.error, request, outcome)
@@ -178,18 +188,28 @@ class ControlLoop:
     async def _answer_internal_error(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
         await self._answer(entry_id, fields, "internal error in the publisher (see its log)")
 
+    async def _expire_due(self) -> None:
+        """Claims whose ttl ran out lapse: a normal release, recorded as op ``expire``."""
+        for client, tokens in self._book.due(time.time()).items():
+            request = Request("unsubscribe", tokens, client)
+            outcome = self._book.apply(request)
+            for index, change in outcome.plan.items():
+                await self._connections[index].apply(change)
+            await self._answer(None, None, "", request, outcome)
+
     async def _answer(
         self,
-        entry_id: str,
+        entry_id: str | None,
         fields: Mapping[bytes, bytes] | None,
         error: str,
         request: Request | None = None,
         outcome: Outcome | None = None,
     ) -> None:
-        """Persist the outcome (if any), write the result and XACK, all in one MULTI/EXEC."""
+        """Persist the outcome (if any), write the result and XACK, all in one MULTI/EXEC.
+        Without an entry id it is the publisher's own change (an expiry): nothing to XACK."""
         result = {
-            "request": entry_id,
-            "op": request.op if request else _field(fields, "op"),
+            "request": entry_id or "",
+            "op": ("expire" if entry_id is None else request.op) if request else _field(fields, "op"),
             "client": request.client if request else _field(fields, "client"),
             "ok": "1" if outcome is not None and outcome.ok else "0",
             "error": error,
@@ -202,7 +222,8 @@ class ControlLoop:
             if request is not None and outcome is not None:
                 self._persist(pipe, request, outcome)
             pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
-            pipe.xack(self._keys.control, CONTROL_GROUP, entry_id)
+            if entry_id is not None:
+                pipe.xack(self._keys.control, CONTROL_GROUP, entry_id)
             await pipe.execute()
         log.log(
             logging.INFO if result["ok"] == "1" else logging.WARNING,
@@ -222,6 +243,7 @@ class ControlLoop:
             pipe.sadd(keys.clients, request.client)
         if released and request.client not in book.claims:
             pipe.srem(keys.clients, request.client)
+        self._persist_deadlines(pipe, request.client)
         for index, change in outcome.plan.items():
             if change.unsubscribe:
                 gone = [str(t) for t in change.unsubscribe]
@@ -232,6 +254,15 @@ class ControlLoop:
             modes = {**change.subscribe, **change.modes}
             if modes:
                 pipe.hset(keys.token_mode, mapping={str(t): m for t, m in modes.items()})
+
+
+    def _persist_deadlines(self, pipe: redis.client.Pipeline, client: str) -> None:
+        """The client's claim deadlines, rewritten from the book (a handful of fields)."""
+        pipe.delete(self._keys.deadlines(client))
+        deadlines = self._book.deadlines.get(client)
+        if deadlines:
+            mapping = {str(t): f"{deadline:.3f}" for t, deadline in deadlines.items()}
+            pipe.hset(self._keys.deadlines(client), mapping=mapping)
 
 
 def _field(fields: Mapping[bytes, bytes] | None, name: str) -> str:

@@ -13,6 +13,7 @@ DEFAULT_CLIENT = "default"
 MAX_TOKENS_FIELD = 200_000  # characters; 9000 tokens of 10 digits and a comma is ~99k
 MAX_TOKENS_PER_REQUEST = 20_000
 MAX_FIELD = 64
+MAX_TTL = 7 * 24 * 3600  # a week: a claim meant to last longer should not expire
 _CLIENT = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
 _SEPARATORS = re.compile(r"[,\s]+")
 
@@ -29,6 +30,7 @@ class Request:
     tokens: tuple[int, ...]
     client: str
     mode: str | None = None  # None only for unsubscribe
+    ttl: float | None = None  # seconds until the claim lapses by itself (subscribe, mode, set)
 
 
 def _text(fields: Mapping[bytes | str, bytes | str], name: str, limit: int) -> str | None:
@@ -87,4 +89,19 @@ def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
         mode = mode or MODE_QUOTE
     if op == "unsubscribe":
         mode = None
-    return Request(op, tokens, client, mode)
+    ttl = _ttl(_text(fields, "ttl", MAX_FIELD) or None, op)
+    return Request(op, tokens, client, mode, ttl)
+
+
+def _ttl(text: str | None, op: str) -> float | None:
+    if text is None:
+        return None
+    if op == "unsubscribe":
+        raise RequestError("field 'ttl' makes no sense for unsubscribe")
+    try:
+        ttl = float(text)
+    except ValueError:
+        raise RequestError(f"bad ttl {text[:20]!r}: a number of seconds") from None
+    if not 0 < ttl <= MAX_TTL:  # also refuses nan and inf
+        raise RequestError(f"bad ttl {text[:20]!r}: more than 0 and at most {MAX_TTL} seconds (a week)")
+    return ttl

@@ -57,6 +57,7 @@ class SubscriptionBook:
         self._holders: dict[int, dict[str, str]] = {}  # token -> client -> mode asked
         self.placement: dict[int, int] = {}  # token -> connection index
         self.in_force: dict[int, str] = {}  # token -> richest mode asked
+        self.deadlines: dict[str, dict[int, float]] = {}  # client -> token -> when its claim lapses
         self.loads = [0] * connections
 
     @property
@@ -67,7 +68,34 @@ class SubscriptionBook:
         """Every token placed on connection ``index`` with its mode in force."""
         return {t: self.in_force[t] for t, i in self.placement.items() if i == index}
 
-    def apply(self, request: Request) -> Outcome:
+    def apply(self, request: Request, now: float = 0.0) -> Outcome:
+        """Apply a request; ``now`` (epoch seconds) dates the deadlines of ``ttl`` claims."""
+        outcome = self._apply(request)
+        if request.op != "unsubscribe":
+            for token in outcome.applied:
+                self._set_deadline(request, token, now)
+        return outcome
+
+    def _set_deadline(self, request: Request, token: int, now: float) -> None:
+        """A ttl gives the claim a deadline; a subscribe or set without one makes it lasting;
+        a mode change without one leaves it as it was."""
+        deadlines = self.deadlines.setdefault(request.client, {})
+        if request.ttl is not None:
+            deadlines[token] = now + request.ttl
+        elif request.op != "mode":
+            deadlines.pop(token, None)
+        if not deadlines:
+            del self.deadlines[request.client]
+
+    def due(self, now: float) -> dict[str, tuple[int, ...]]:
+        """Per client, the claims whose deadline has passed."""
+        lapsed = {
+            client: tuple(sorted(t for t, deadline in deadlines.items() if deadline <= now))
+            for client, deadlines in self.deadlines.items()
+        }
+        return {client: tokens for client, tokens in lapsed.items() if tokens}
+
+    def _apply(self, request: Request) -> Outcome:
         plan: Plan = {}
         applied: list[int] = []
         rejected: list[int] = []
@@ -118,15 +146,21 @@ class SubscriptionBook:
             assert placed, "room was checked above"
         return Outcome(request.tokens, (), "", _nonempty(plan), tuple(dropped))
 
-    def restore(self, claims: Mapping[str, Mapping[int, str]]) -> tuple[Plan, dict[str, list[int]]]:
-        """Load persisted claims (at start, before any request). Returns the plan and, per
-        client, the tokens that no longer fit (they are dropped from the claims)."""
+    def restore(
+        self,
+        claims: Mapping[str, Mapping[int, str]],
+        deadlines: Mapping[str, Mapping[int, float]] | None = None,
+    ) -> tuple[Plan, dict[str, list[int]]]:
+        """Load persisted claims and their deadlines (at start, before any request). Returns
+        the plan and, per client, the tokens that no longer fit (dropped from the claims)."""
         plan: Plan = {}
         dropped: dict[str, list[int]] = {}
         for client in sorted(claims):
             for token, mode in claims[client].items():
                 if mode not in MODE_RANK or not self._hold(client, token, mode, plan):
                     dropped.setdefault(client, []).append(token)
+                elif deadlines and token in deadlines.get(client, {}):
+                    self.deadlines.setdefault(client, {})[token] = deadlines[client][token]
         return _nonempty(plan), dropped
 
     # --- the two state changes ----------------------------------------------------------
@@ -156,6 +190,9 @@ class SubscriptionBook:
         del held[token]
         if not held:
             del self.claims[client]
+        deadlines = self.deadlines.get(client)
+        if deadlines is not None and deadlines.pop(token, None) is not None and not deadlines:
+            del self.deadlines[client]
         holders = self._holders[token]
         del holders[client]
         index = self.placement[token]

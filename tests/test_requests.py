@@ -43,3 +43,17 @@ def test_defaults_and_separators() -> None:
 def test_garbage_is_rejected_with_a_clear_message(fields, message) -> None:
     with pytest.raises(RequestError, match=message):
         parse_request(fields)
+
+
+def test_ttl_is_a_positive_number_of_seconds_up_to_a_week() -> None:
+    from publisher.requests import MAX_TTL, RequestError, parse_request
+
+    base = {"op": "subscribe", "tokens": "1", "client": "a"}
+    assert parse_request(base | {"ttl": "7200"}).ttl == 7200.0
+    assert parse_request(base | {"ttl": "0.5"}).ttl == 0.5
+    assert parse_request(base).ttl is None
+    for bad in ("0", "-1", "abc", "nan", "inf", str(MAX_TTL + 1)):
+        with pytest.raises(RequestError, match="bad ttl"):
+            parse_request(base | {"ttl": bad})
+    with pytest.raises(RequestError, match="no sense for unsubscribe"):
+        parse_request({"op": "unsubscribe", "tokens": "1", "ttl": "5"})

@@ -147,3 +147,21 @@ def test_set_to_nothing_is_not_a_request_but_set_of_the_same_is_a_no_op() -> Non
     book.apply(sub([1, 2]))
     outcome = book.apply(set_([1, 2]))
     assert outcome.ok and outcome.plan == {} and outcome.released == ()
+
+
+def test_ttl_claims_come_due_and_a_lasting_subscribe_clears_the_deadline() -> None:
+    book = SubscriptionBook(3, 10)
+    book.apply(Request("subscribe", (1, 2), "a", "quote", ttl=60), now=1000)
+    book.apply(Request("mode", (2,), "a", "full"), now=1010)  # a mode change keeps the deadline
+    assert book.deadlines == {"a": {1: 1060, 2: 1060}}
+    assert book.due(1059) == {} and book.due(1060) == {"a": (1, 2)}
+    book.apply(sub([1]), now=1020)  # subscribed again without ttl: lasting
+    assert book.deadlines == {"a": {2: 1060}}
+    book.apply(unsub([2]))
+    assert book.deadlines == {} and book.due(10**9) == {}
+
+
+def test_deadlines_survive_a_restore() -> None:
+    book = SubscriptionBook(3, 10)
+    book.restore({"a": {1: "quote", 2: "full"}}, {"a": {2: 99.0}})
+    assert book.deadlines == {"a": {2: 99.0}} and book.due(100) == {"a": (2,)}

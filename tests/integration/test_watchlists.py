@@ -6,8 +6,9 @@ import pytest
 
 from consumers.control import SubscriptionRejected
 from consumers.subscriber import TickSubscriber
+from publisher.app import Publisher
 from simulator.server import subscribed
-from tests.integration.conftest import eventually
+from tests.integration.conftest import FAST, eventually
 
 A, B, C, D = 408065, 2953217, 341249, 1270529  # INFY, TCS, HDFCBANK, ICICIBANK
 
@@ -44,9 +45,6 @@ async def test_set_with_a_bad_token_is_rejected_and_changes_nothing(simulator, p
 
 
 async def test_set_beyond_capacity_is_all_or_nothing(simulator, settings, redis_url, control) -> None:
-    from publisher.app import Publisher
-    from tests.integration.conftest import FAST
-
     small = Publisher(settings.model_copy(update={"connections": 1, "tokens_per_connection": 2}), FAST)
     await small.start()
     try:
@@ -70,3 +68,37 @@ async def test_the_library_listens_to_exactly_the_new_watchlist(simulator, publi
             return bool(ticks) and {t["instrument_token"] for t in ticks} <= {B, C}
 
         await eventually(only_new)
+
+
+async def _results(rds, keys, op: str) -> list[dict]:
+    entries = await rds.xrange(keys.control_results)
+    return [{k.decode(): v.decode() for k, v in f.items()} for _, f in entries if f[b"op"] == op.encode()]
+
+
+async def test_a_ttl_claim_lapses_by_itself_as_a_normal_release(simulator, publisher, control, rds, keys):
+    await control.subscribe([A], mode="ltp", client="lasting")
+    await control.subscribe([A, B], mode="full", client="news", ttl=1.0)
+    assert await rds.hkeys(keys.deadlines("news")) != []
+    await eventually(lambda: _at_kite(simulator) == {A: "full", B: "full"})
+
+    await eventually(lambda: _at_kite(simulator) == {A: "ltp"}, timeout=5)  # B released, A back to ltp
+    expired = await _results(rds, keys, "expire")
+    assert len(expired) == 1 and expired[0]["client"] == "news" and expired[0]["applied"] == f"{A},{B}"
+    assert expired[0]["ok"] == "1" and expired[0]["request"] == ""
+    assert await rds.hgetall(keys.claims("news")) == {} and await rds.hgetall(keys.deadlines("news")) == {}
+    assert publisher.book.claims == {"lasting": {A: "ltp"}}
+
+
+async def test_a_claims_deadline_survives_a_publisher_restart(simulator, settings, control, rds, keys):
+    first = Publisher(settings, FAST)
+    await first.start()
+    await control.subscribe([C], mode="quote", client="news", ttl=2.0)
+    await first.stop()
+    second = Publisher(settings, FAST)
+    await second.start()
+    try:
+        assert second.book.deadlines["news"][C] == pytest.approx(first.book.deadlines["news"][C], abs=0.01)
+        await eventually(lambda: C not in second.book.placement, timeout=6)
+        assert len(await _results(rds, keys, "expire")) == 1
+    finally:
+        await second.stop()
