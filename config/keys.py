@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CONTROL_GROUP = "publisher"
+RESULTS_MAXLEN = 10_000  # entries kept in {ns}:control:results (trimmed approximately)
 
 
 @dataclass(frozen=True)

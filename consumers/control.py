@@ -40,9 +40,10 @@ class ControlResult:
     applied: tuple[int, ...]
     rejected: tuple[int, ...]
     released: tuple[int, ...] = ()  # op set: the claims the client no longer makes
+    result_id: str = ""  # this entry's id in the results stream
 
     @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> ControlResult:
+    def from_fields(cls, fields: dict[bytes, bytes], result_id: str = "") -> ControlResult:
         def text(name: str) -> str:
             return fields.get(name.encode(), b"").decode()
 
@@ -51,7 +52,7 @@ class ControlResult:
 
         return cls(
             text("request"), text("op"), text("client"), text("ok") == "1", text("error"),
-            tokens("applied"), tokens("rejected"), tokens("released"),
+            tokens("applied"), tokens("rejected"), tokens("released"), result_id,
         )  # fmt: skip
 
 
@@ -91,8 +92,24 @@ class ControlClient:
                 for result_id, result_fields in entries:
                     cursor = result_id
                     if result_fields.get(b"request") == entry_id.encode():
-                        return ControlResult.from_fields(result_fields)
+                        return ControlResult.from_fields(result_fields, result_id.decode())
         raise ControlTimeout(f"no result for request {entry_id} in {timeout:g}s: is the publisher running?")
+
+    async def wait_live(self, result: ControlResult, timeout: float = 15.0) -> ControlResult:
+        """The ``live`` follow-up of a subscribe or set result: every newly subscribed token
+        has ticked (``applied``), or the publisher names the silent ones (``rejected``)."""
+        cursor = result.result_id or "0-0"
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            reply = await self._redis.xread(
+                {self._keys.control_results: cursor}, count=100, block=max(1, int(min(left, 1.0) * 1000))
+            )
+            for _, entries in reply or []:
+                for result_id, fields in entries:
+                    cursor = result_id
+                    if fields.get(b"request") == result.request.encode() and fields.get(b"op") == b"live":
+                        return ControlResult.from_fields(fields, result_id.decode())
+        raise ControlTimeout(f"no live follow-up for request {result.request} in {timeout:g}s")
 
     async def _checked(self, op: str, tokens: Iterable[int | str], **kwargs: object) -> ControlResult:
         result = await self.request(op, tokens, **kwargs)  # type: ignore[arg-type]

@@ -319,7 +319,7 @@ class KiteTicker:
             op, tokens, mode = await self._requests.get()
             try:
                 if op == "subscribe":
-                    await sub.subscribe(tokens, mode=mode)
+                    await sub.subscribe(tokens, mode=mode, wait_live=False)  # Kite's does not wait either
                 elif op == "mode":
                     await sub.set_mode(tokens, mode)
                 else:

@@ -28,7 +28,7 @@ import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config import Keys, Settings
-from consumers.control import ControlClient, ControlResult, SubscriptionRejected
+from consumers.control import ControlClient, ControlResult, ControlTimeout, SubscriptionRejected
 from consumers.instruments import Instruments, resolve
 from consumers.pubsub import FastPubSub, Message, url_of
 from publisher.tasks import cancel_and_wait
@@ -102,6 +102,7 @@ class TickSubscriber:
         self.max_unread = max_unread  # messages read ahead; past that, the backlog stays in Redis
         self.claimed: set[int] = set()
         self.listened: set[int] = set()
+        self.silent: set[int] = set()  # subscribed, but no first tick within the publisher's timeout
         self.status: dict[int, str] = {}  # token -> "live" / "stale"
         self.gaps: dict[int, int] = {}  # token -> ticks never received
         self.missed = 0
@@ -141,18 +142,38 @@ class TickSubscriber:
             if self._owns_redis:
                 await self._redis.aclose()  # type: ignore[union-attr]
 
-    async def subscribe(self, tokens: Iterable[int | str], mode: str = "quote") -> ControlResult:
-        """Claim the instruments (raises SubscriptionRejected naming refused tokens) and
-        start receiving their ticks."""
+    async def subscribe(
+        self, tokens: Iterable[int | str], mode: str = "quote", *, ttl: float | None = None,
+        wait_live: bool = True, live_timeout: float = 15.0,
+    ) -> ControlResult:  # fmt: skip
+        """Claim the instruments (raises SubscriptionRejected naming refused tokens), start
+        receiving their ticks and, with ``wait_live``, return once each newly subscribed one
+        has ticked on the bus; those that stay silent are named in ``silent`` and logged."""
         wanted = resolve(tokens, self.instruments)
         try:
-            result = await self.control.subscribe(wanted, mode=mode, client=self.client, timeout=self.timeout)
+            result = await self.control.subscribe(
+                wanted, mode=mode, client=self.client, timeout=self.timeout, ttl=ttl
+            )
         except SubscriptionRejected as exc:
             self.claimed.update(exc.result.applied)  # partly applied: still ours to release
             raise
         self.claimed.update(result.applied)
         await self.listen(result.applied)
+        if wait_live and result.applied:
+            await self._wait_live(result, live_timeout)
         return result
+
+    async def _wait_live(self, result: ControlResult, timeout: float) -> None:
+        try:
+            live = await self.control.wait_live(result, timeout)
+        except ControlTimeout as exc:
+            log.warning("subscriber %s: %s", self.client, exc)
+            return
+        self.silent.difference_update(live.applied)
+        self.silent.update(live.rejected)
+        if live.rejected:
+            silent = ",".join(map(str, live.rejected))
+            log.warning("subscriber %s: no first tick yet from %s", self.client, silent)
 
     async def set_watchlist(self, tokens: Iterable[int | str], mode: str = "quote") -> ControlResult:
         """Make this client's claims exactly these instruments (op ``set``, all or nothing),

@@ -21,6 +21,7 @@ from kitewire.encoder import Encoder
 from publisher.access_token import AccessTokenSource
 from publisher.connection import KiteConnection
 from publisher.control import REDIS_DOWN, ControlLoop
+from publisher.live import LiveWatch
 from publisher.monitor import Monitor
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
@@ -40,6 +41,7 @@ class Tuning:
     status_interval: float = 1.0
     max_backlog: int = 4 << 20  # bytes of unsent ticks before the connections pause
     conflate_after: float = 1.0  # seconds over that bound before ticks are conflated
+    live_timeout: float = 10.0  # seconds a new token may take to tick before it is named silent
 
 
 class Publisher:
@@ -73,7 +75,8 @@ class Publisher:
             )
             for index in range(settings.connections)
         ]
-        self.control = ControlLoop(self.redis, self.keys, self.book, self.connections)
+        self.live = LiveWatch(self.redis, self.keys, self.sink, timeout=tuning.live_timeout)
+        self.control = ControlLoop(self.redis, self.keys, self.book, self.connections, live=self.live)
         self.monitor = Monitor(
             self.redis, self.keys, self.book, self.connections, self.sink, self.control.write_all, self.epoch,
             interval=tuning.status_interval, access_token=self.access_token,
@@ -101,11 +104,13 @@ class Publisher:
             connection.start()
         self.monitor.state = "running"
         self.monitor.start(self.settings.metrics_port)
+        self.live.start()
         self.control.start()
 
     async def stop(self) -> None:
         self.monitor.state = "stopping"
         await self.control.close()
+        await self.live.close()
         for connection in self.connections:
             await connection.close()
         self.monitor.state = "stopped"

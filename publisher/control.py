@@ -18,8 +18,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from config.keys import CONTROL_GROUP, Keys
+from config.keys import CONTROL_GROUP, RESULTS_MAXLEN, Keys
 from publisher.connection import KiteConnection
+from publisher.live import LiveWatch
 from publisher.requests import Request, RequestError, parse_request
 from publisher.subscriptions import Outcome, SubscriptionBook
 from publisher.tasks import cancel_and_wait
@@ -27,7 +28,6 @@ from publisher.tasks import cancel_and_wait
 log = logging.getLogger("kitebus.control")
 
 CONSUMER = "kitebus"
-RESULTS_MAXLEN = 10_000
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -46,12 +46,14 @@ class ControlLoop:
         connections: Sequence[KiteConnection],
         *,
         block_ms: int = 250,  # also how long a stop may wait for the read in hand
+        live: LiveWatch | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
         self._book = book
         self._connections = connections
         self._block_ms = block_ms
+        self._live = live
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.last_error = ""
@@ -181,9 +183,14 @@ class ControlLoop:
             await self._answer(entry_id, fields, str(exc))
             return
         outcome = self._book.apply(request, time.time())
+        live = self._live if request.op in ("subscribe", "set") and outcome.applied else None
+        new = [t for change in outcome.plan.values() for t in change.subscribe]
+        before = live.before(new) if live else {}  # before Kite hears of them: its first tick is quick
         for index, change in outcome.plan.items():
             await self._connections[index].apply(change)
         await self._answer(entry_id, fields, outcome.error, request, outcome)
+        if live:
+            live.watch(entry_id, request.client, before, [t for t in outcome.applied if t not in before])
 
     async def _answer_internal_error(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
         await self._answer(entry_id, fields, "internal error in the publisher (see its log)")

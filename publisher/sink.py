@@ -116,6 +116,8 @@ class TickSink:
         self._line_start = True  # the reply stream is at the start of a line
         # figures for status and metrics
         self.published = 0
+        self.queued = 0  # ticks handed in, in order (for "has this tick reached Redis yet?")
+        self._discarded = 0  # ticks given up under overload, in all
         self.conflated = 0
         self.dropped = 0
         self.malformed = 0
@@ -135,6 +137,7 @@ class TickSink:
             self.malformed += malformed
         if not ticks:
             return 0
+        self.queued += ticks
         if self.conflating:
             self._give_up(ticks, frame)
         else:
@@ -165,6 +168,12 @@ class TickSink:
     def buffered(self) -> int:
         """Ticks queued or in flight, not yet acknowledged by Redis."""
         return self._pending_ticks + sum(batch.ticks for batch in self._in_flight)
+
+    @property
+    def acknowledged(self) -> int:
+        """Ticks done with: published (Redis answered), given up, or lost in a failed write.
+        A tick handed in when ``queued`` was N is done with once this reaches N."""
+        return self.published + self._discarded + self.dropped
 
     @property
     def backlog_bytes(self) -> int:
@@ -223,6 +232,7 @@ class TickSink:
 
     def _give_up(self, ticks: int, source: Source) -> None:
         self._given_up += ticks
+        self._discarded += ticks
         self._republish.update(_tokens(source))
 
     def _end_conflation(self) -> None:

@@ -179,9 +179,10 @@ class TickerServer:
                 mode, tokens = value
                 if mode not in MODES:
                     raise ValueError(f"Invalid mode {mode}")
-                for token in _tokens(tokens):
-                    if token in session.modes:
-                        session.modes[token] = mode
+                changed = [t for t in _tokens(tokens) if session.modes.get(t, mode) != mode]
+                for token in changed:
+                    session.modes[token] = mode
+                await self._send_current(session, changed)
             else:
                 raise ValueError(f"Invalid action {action}")
         except (ValueError, TypeError) as exc:
@@ -189,6 +190,7 @@ class TickerServer:
 
     async def _subscribe(self, session: Session, tokens: list[int]) -> None:
         refused = 0
+        added = []
         for token in tokens:
             if token in session.modes:
                 continue
@@ -196,11 +198,22 @@ class TickerServer:
                 refused += 1
                 continue
             session.modes[token] = MODE_QUOTE
+            added.append(token)
+        await self._send_current(session, added)
         if refused:
             await self._send_error(
                 session,
                 f"Maximum {MAX_TOKENS_PER_CONNECTION} instruments per connection; {refused} not subscribed",
             )
+
+    async def _send_current(self, session: Session, tokens: list[int]) -> None:
+        """As Kite does: a tick of each newly subscribed (or re-moded) instrument at once."""
+        if not tokens or session.stalled or session.flooding:
+            return
+        stamp = int(time.time())
+        packets = [codec.encode_packet(self.market.tick(t, session.modes[t], stamp)) for t in tokens]
+        with contextlib.suppress(ConnectionClosed):
+            await self._send_packets(session, packets)
 
     async def _send_error(self, session: Session, message: str) -> None:
         with contextlib.suppress(ConnectionClosed):

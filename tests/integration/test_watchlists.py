@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from consumers.control import SubscriptionRejected
@@ -102,3 +104,29 @@ async def test_a_claims_deadline_survives_a_publisher_restart(simulator, setting
         assert len(await _results(rds, keys, "expire")) == 1
     finally:
         await second.stop()
+
+
+async def test_a_subscribe_is_followed_by_live_once_each_new_token_ticked(simulator, publisher, control, rds):
+    await control.subscribe([A], client="early")
+    result = await control.subscribe([A, B], mode="quote", client="w")
+    live = await control.wait_live(result, timeout=10)
+    assert live.ok and live.op == "live" and set(live.applied) == {A, B} and live.rejected == ()
+    async with TickSubscriber(rds, client="lib") as sub:
+        await sub.subscribe([C])  # waits for the live follow-up by default
+        assert sub.silent == set()
+        ticks = await sub.batch(wait=2)
+        assert C in {t["instrument_token"] for t in ticks}  # the snapshot is there at once
+
+
+async def test_a_token_that_never_ticks_is_named_silent(simulator, settings, control) -> None:
+    quick = dataclasses.replace(FAST, stall_timeout=10.0, live_timeout=0.5)
+    running = Publisher(settings, quick)
+    await running.start()
+    try:
+        await eventually(lambda: all(c.state == "live" for c in running.connections))
+        simulator.stall(5)  # nothing from Kite for a while
+        result = await control.subscribe([D], client="w")
+        live = await control.wait_live(result, timeout=5)
+        assert not live.ok and live.rejected == (D,) and f"no tick within 0.5s from: {D}" in live.error
+    finally:
+        await running.stop()

@@ -1,0 +1,113 @@
+"""Results that mean "live": a follow-up entry once each newly subscribed token has ticked.
+
+A subscribe (or set) result says the request was applied. For its newly subscribed
+tokens the publisher then watches the tick flow: when each has had its first tick
+published (or ``timeout`` seconds passed), it writes a second entry to
+``{ns}:control:results`` for the same request: op ``live``, ``applied`` the tokens that
+ticked, ``rejected`` the silent ones, named in ``error`` too. Tokens that were already
+subscribed count as live at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio as redis
+
+from config.keys import RESULTS_MAXLEN, Keys
+from publisher.sink import TickSink
+from publisher.tasks import cancel_and_wait
+
+log = logging.getLogger("kitebus.live")
+
+POLL = 0.005  # seconds between looks at the tick flow while a request waits
+
+
+@dataclass
+class _Waiter:
+    request: str
+    client: str
+    deadline: float
+    waiting: dict[int, bytes | None]  # token -> its payload in the cache when the request came
+    live: list[int] = field(default_factory=list)
+    marks: dict[int, int] = field(default_factory=dict)  # token -> queued count when it ticked
+
+
+class LiveWatch:
+    """Owns the task that writes the ``live`` follow-ups."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, sink: TickSink, timeout: float = 10.0) -> None:
+        self._redis = client
+        self._keys = keys
+        self._sink = sink
+        self.timeout = timeout
+        self._waiters: list[_Waiter] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def before(self, new: list[int]) -> dict[int, bytes | None]:
+        """What the cache holds for tokens about to be subscribed: call before telling Kite,
+        whose first tick can come at once."""
+        cache = self._sink.cache
+        return {t: cache.get(t) for t in new}
+
+    def watch(
+        self, request: str, client: str, before: dict[int, bytes | None], already_live: list[int]
+    ) -> None:
+        """Start watching a request's newly subscribed tokens (``before``: from ``before()``)."""
+        waiter = _Waiter(request, client, time.monotonic() + self.timeout, dict(before))
+        waiter.live.extend(already_live)
+        self._waiters.append(waiter)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="live-watch")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._task)
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            if not self._waiters:
+                self._wake.clear()
+                await self._wake.wait()
+            await asyncio.sleep(POLL)
+            now = time.monotonic()
+            for waiter in list(self._waiters):
+                if self._progress(waiter) or now >= waiter.deadline:
+                    self._waiters.remove(waiter)
+                    try:
+                        await self._report(waiter)
+                    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                        log.warning("live follow-up not written request=%s error=%s", waiter.request, exc)
+
+    def _progress(self, waiter: _Waiter) -> bool:
+        """Note tokens that ticked; True once every one's tick has reached Redis."""
+        sink = self._sink
+        for token, before in list(waiter.waiting.items()):
+            if token not in waiter.marks and sink.cache.get(token) is not before:
+                waiter.marks[token] = sink.queued  # its tick is at or before this place in the queue
+        for token, mark in list(waiter.marks.items()):
+            if sink.acknowledged >= mark:
+                del waiter.waiting[token], waiter.marks[token]
+                waiter.live.append(token)
+        return not waiter.waiting
+
+    async def _report(self, waiter: _Waiter) -> None:
+        silent = sorted(waiter.waiting)
+        error = f"no tick within {self.timeout:g}s from: {','.join(map(str, silent))}" if silent else ""
+        result = {
+            "request": waiter.request, "op": "live", "client": waiter.client, "ok": "0" if silent else "1",
+            "error": error, "applied": _text(waiter.live), "rejected": _text(silent),
+        }  # fmt: skip
+        await self._redis.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+        level = logging.WARNING if silent else logging.INFO
+        log.log(level, "live request=%s live=%d silent=%d", waiter.request, len(waiter.live), len(silent))
+
+
+def _text(tokens: list[int]) -> str:
+    return ",".join(map(str, tokens))
