@@ -83,22 +83,23 @@ class ControlClient:
         if ttl is not None:
             fields["ttl"] = f"{ttl:g}"
         entry_id = (await self._redis.xadd(self._keys.control, fields)).decode()
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            reply = await self._redis.xread(
-                {self._keys.control_results: cursor}, count=100, block=max(1, int(min(left, 1.0) * 1000))
-            )
-            for _, entries in reply or []:
-                for result_id, result_fields in entries:
-                    cursor = result_id
-                    if result_fields.get(b"request") == entry_id.encode():
-                        return ControlResult.from_fields(result_fields, result_id.decode())
-        raise ControlTimeout(f"no result for request {entry_id} in {timeout:g}s: is the publisher running?")
+        result = await self._find(cursor, entry_id, None, timeout)
+        if result is None:
+            raise ControlTimeout(f"no result for request {entry_id} in {timeout:g}s: is the publisher running?")
+        return result
 
     async def wait_live(self, result: ControlResult, timeout: float = 15.0) -> ControlResult:
         """The ``live`` follow-up of a subscribe or set result: every newly subscribed token
         has ticked (``applied``), or the publisher names the silent ones (``rejected``)."""
-        cursor = result.result_id or "0-0"
+        live = await self._find(result.result_id or "0-0", result.request, "live", timeout)
+        if live is None:
+            raise ControlTimeout(f"no live follow-up for request {result.request} in {timeout:g}s")
+        return live
+
+    async def _find(
+        self, cursor: bytes | str, request: str, op: str | None, timeout: float
+    ) -> ControlResult | None:
+        """The first result after ``cursor`` for that request (and op), or None in time."""
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             reply = await self._redis.xread(
@@ -107,9 +108,11 @@ class ControlClient:
             for _, entries in reply or []:
                 for result_id, fields in entries:
                     cursor = result_id
-                    if fields.get(b"request") == result.request.encode() and fields.get(b"op") == b"live":
+                    if fields.get(b"request") == request.encode() and (
+                        op is None or fields.get(b"op") == op.encode()
+                    ):
                         return ControlResult.from_fields(fields, result_id.decode())
-        raise ControlTimeout(f"no live follow-up for request {result.request} in {timeout:g}s")
+        return None
 
     async def _checked(self, op: str, tokens: Iterable[int | str], **kwargs: object) -> ControlResult:
         result = await self.request(op, tokens, **kwargs)  # type: ignore[arg-type]
