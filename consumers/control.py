@@ -85,7 +85,7 @@ class ControlClient:
         entry_id = (await self._redis.xadd(self._keys.control, fields)).decode()
         result = await self._find(cursor, entry_id, None, timeout)
         if result is None:
-            raise ControlTimeout(f"no result for request {entry_id} in {timeout:g}s: is the publisher running?")
+            raise ControlTimeout(f"no result for {entry_id} in {timeout:g}s: is the publisher running?")
         return result
 
     async def wait_live(self, result: ControlResult, timeout: float = 15.0) -> ControlResult:
