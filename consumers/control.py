@@ -41,6 +41,7 @@ class ControlResult:
     rejected: tuple[int, ...]
     released: tuple[int, ...] = ()  # op set: the claims the client no longer makes
     result_id: str = ""  # this entry's id in the results stream
+    loads: tuple[int, ...] = ()  # op rebalanced: tokens per connection once the moves ended
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes], result_id: str = "") -> ControlResult:
@@ -52,7 +53,7 @@ class ControlResult:
 
         return cls(
             text("request"), text("op"), text("client"), text("ok") == "1", text("error"),
-            tokens("applied"), tokens("rejected"), tokens("released"), result_id,
+            tokens("applied"), tokens("rejected"), tokens("released"), result_id, tokens("loads"),
         )  # fmt: skip
 
 
@@ -66,7 +67,7 @@ class ControlClient:
     async def request(
         self,
         op: str,
-        tokens: Iterable[int | str],
+        tokens: Iterable[int | str] | None,
         *,
         mode: str | None = None,
         client: str = "default",
@@ -74,10 +75,12 @@ class ControlClient:
         ttl: float | None = None,
     ) -> ControlResult:
         """Write a request and return its result (whatever ``ok`` says). ``ttl`` (seconds):
-        the claim lapses by itself then."""
+        the claim lapses by itself then. ``tokens`` is None only for rebalance."""
         latest = await self._redis.xrevrange(self._keys.control_results, count=1)
         cursor = latest[0][0] if latest else b"0-0"
-        fields = {"op": op, "tokens": ",".join(map(str, tokens)), "client": client}
+        fields = {"op": op, "client": client}
+        if tokens is not None:
+            fields["tokens"] = ",".join(map(str, tokens))
         if mode is not None:
             fields["mode"] = mode
         if ttl is not None:
@@ -91,10 +94,21 @@ class ControlClient:
     async def wait_live(self, result: ControlResult, timeout: float = 15.0) -> ControlResult:
         """The ``live`` follow-up of a subscribe or set result: every newly subscribed token
         has ticked (``applied``), or the publisher names the silent ones (``rejected``)."""
-        live = await self._find(result.result_id or "0-0", result.request, "live", timeout)
-        if live is None:
-            raise ControlTimeout(f"no live follow-up for request {result.request} in {timeout:g}s")
-        return live
+        return await self.follow_up(result, "live", timeout)
+
+    async def rebalance(self, client: str = "default", timeout: float = 30.0) -> ControlResult:
+        """Even out the publisher's connections and wait until every move has ended; returns
+        the ``rebalanced`` follow-up (``applied``: the moved tokens, ``loads``: per connection).
+        Raises SubscriptionRejected if the publisher refused (a rebalance still running)."""
+        result = await self._checked("rebalance", None, client=client, timeout=timeout)
+        return await self.follow_up(result, "rebalanced", timeout)
+
+    async def follow_up(self, result: ControlResult, op: str, timeout: float = 15.0) -> ControlResult:
+        """The publisher's follow-up entry ``op`` (``live``, ``rebalanced``) for a result."""
+        found = await self._find(result.result_id or "0-0", result.request, op, timeout)
+        if found is None:
+            raise ControlTimeout(f"no {op} follow-up for request {result.request} in {timeout:g}s")
+        return found
 
     async def _find(
         self, cursor: bytes | str, request: str, op: str | None, timeout: float
@@ -114,7 +128,7 @@ class ControlClient:
                         return ControlResult.from_fields(fields, result_id.decode())
         return None
 
-    async def _checked(self, op: str, tokens: Iterable[int | str], **kwargs: object) -> ControlResult:
+    async def _checked(self, op: str, tokens: Iterable[int | str] | None, **kwargs: object) -> ControlResult:
         result = await self.request(op, tokens, **kwargs)  # type: ignore[arg-type]
         if not result.ok:
             raise SubscriptionRejected(result)

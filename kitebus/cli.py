@@ -50,6 +50,8 @@ def _ctl(args: argparse.Namespace) -> int:
     settings = load_settings()
     if args.op == "token":
         return _write_access_token(settings, args)
+    if args.op == "rebalance":
+        return _rebalance(settings, args)
     if not args.tokens:
         print(f"kitebus ctl {args.op}: name at least one instrument token", file=sys.stderr)
         return 2
@@ -67,8 +69,9 @@ def _ctl(args: argparse.Namespace) -> int:
         client = _redis(settings)
         try:
             result = await ControlClient(client, settings.namespace).request(
-                args.op, tokens, mode=args.mode, client=args.client, timeout=args.timeout, ttl=args.ttl
-            )
+                args.op, tokens, mode=args.mode, client=args.client, ttl=args.ttl,
+                timeout=10.0 if args.timeout is None else args.timeout,
+            )  # fmt: skip
         except ControlTimeout as exc:
             print(f"kitebus ctl: {exc}", file=sys.stderr)
             return 3
@@ -85,6 +88,37 @@ def _ctl(args: argparse.Namespace) -> int:
             if result.error:
                 print(f"error: {result.error}")
         return 0 if result.ok else 1
+
+    return asyncio.run(run())
+
+
+def _rebalance(settings: Settings, args: argparse.Namespace) -> int:
+    """``kitebus ctl rebalance``: even out the connections, wait until every move ended."""
+    from consumers.control import ControlClient, ControlTimeout, SubscriptionRejected
+
+    if args.tokens or args.mode or args.ttl:
+        print("kitebus ctl rebalance: no tokens, --mode or --ttl (it moves what is held)", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        client = _redis(settings)
+        try:
+            timeout = 30.0 if args.timeout is None else args.timeout  # the moves wait for first ticks
+            result = await ControlClient(client, settings.namespace).rebalance(args.client, timeout)
+        except SubscriptionRejected as exc:
+            print(f"REJECTED: rebalance: {exc}", file=sys.stderr)
+            return 1
+        except ControlTimeout as exc:
+            print(f"kitebus ctl: {exc}", file=sys.stderr)
+            return 3
+        finally:
+            await client.aclose()
+        if args.json:
+            print(json.dumps(dataclasses.asdict(result)))
+        else:
+            loads = ",".join(map(str, result.loads))
+            print(f"ok: rebalance moved {len(result.applied)} token(s); tokens per connection now {loads}")
+        return 0
 
     return asyncio.run(run())
 
@@ -250,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = commands.add_parser("ctl", help="send a subscription request and wait for its result")
     ctl.add_argument(
-        "op", choices=["subscribe", "unsubscribe", "mode", "set", "token"],
+        "op", choices=["subscribe", "unsubscribe", "mode", "set", "rebalance", "token"],
         help="set: the client's claims become exactly TOKEN...; "
+        "rebalance: even out the connections (make-before-break) and wait until done; "
         "token: write the access token from standard input to KITE_ACCESS_TOKEN_FILE",
     )  # fmt: skip
     ctl.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
@@ -259,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.add_argument("--mode", choices=["ltp", "quote", "full"], help="quote by default for subscribe")
     ctl.add_argument("--client", default="ops", help="whose claim this is (default: ops)")
     ctl.add_argument("--ttl", type=float, help="seconds after which the claim lapses by itself")
-    ctl.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the result")
+    ctl.add_argument("--timeout", type=float, help="seconds to wait for the result (10; rebalance 30)")
     ctl.add_argument("--json", action="store_true", help="print the result as JSON")
     ctl.set_defaults(handler=_ctl)
 

@@ -13,7 +13,7 @@ length never raises: the bad packet is skipped and counted, the good ones are ke
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import itemgetter, truediv
@@ -168,6 +168,37 @@ def frame_tokens(frame: bytes) -> list[int]:
     """The instrument tokens of a frame's known packets, in order."""
     packets, _ = scan_frame(frame)
     return [_U32.unpack_from(frame, offset)[0] for _, offset in packets]
+
+
+def drop_packets(frame: bytes, drop: Callable[[int, bytes], bool]) -> bytes:
+    """The frame without the known packets for which ``drop(token, body)`` is true.
+
+    Everything else is kept byte for byte, unknown and cut-short packets included, so the
+    frame's decoder still sees and counts them as it would have. Returns ``frame`` itself
+    when nothing is dropped.
+    """
+    size = len(frame)
+    if size < 2:
+        return frame
+    (count,) = _U16.unpack_from(frame, 0)
+    kept: list[bytes] = []
+    dropped = 0
+    pos = 2
+    for _ in range(count):
+        if pos + 2 > size:
+            break
+        (length,) = _U16.unpack_from(frame, pos)
+        end = pos + 2 + length
+        if end > size:
+            break
+        if length in LAYOUTS and drop(_U32.unpack_from(frame, pos + 2)[0], frame[pos + 2 : end]):
+            dropped += 1
+        else:
+            kept.append(frame[pos:end])
+        pos = end
+    if not dropped:
+        return frame
+    return _U16.pack(count - dropped) + b"".join(kept) + frame[pos:]
 
 
 # --- decoding to dicts ---------------------------------------------------------------------

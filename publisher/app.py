@@ -23,6 +23,8 @@ from publisher.connection import KiteConnection
 from publisher.control import REDIS_DOWN, ControlLoop
 from publisher.live import LiveWatch
 from publisher.monitor import Monitor
+from publisher.moves import Moves
+from publisher.rebalance import Rebalancer
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
 from publisher.tasks import run_until
@@ -59,13 +61,14 @@ class Publisher:
             settings.redis_url, self.keys, encoder=encoder, epoch=self.epoch,
             max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after,
         )  # fmt: skip
+        self.moves = Moves()  # tokens moving between connections in a rebalance
         self.connections = [
             KiteConnection(
                 index,
                 settings.kite_ws_url,
                 api_key,
                 self.access_token.token,
-                self.sink.publish_frame,
+                self.moves.handler(index, self.sink.publish_frame),
                 self.sink.writable,
                 self.sink.publish_status,
                 stall_timeout=tuning.stall_timeout,
@@ -76,7 +79,13 @@ class Publisher:
             for index in range(settings.connections)
         ]
         self.live = LiveWatch(self.redis, self.keys, self.sink, timeout=tuning.live_timeout)
-        self.control = ControlLoop(self.redis, self.keys, self.book, self.connections, live=self.live)
+        self.rebalancer = Rebalancer(
+            self.redis, self.keys, self.book, self.connections, self.moves, timeout=tuning.live_timeout
+        )
+        self.control = ControlLoop(
+            self.redis, self.keys, self.book, self.connections, live=self.live,
+            rebalancer=self.rebalancer, moves=self.moves,
+        )  # fmt: skip
         self.monitor = Monitor(
             self.redis, self.keys, self.book, self.connections, self.sink, self.control.write_all, self.epoch,
             interval=tuning.status_interval, access_token=self.access_token,
@@ -110,6 +119,7 @@ class Publisher:
     async def stop(self) -> None:
         self.monitor.state = "stopping"
         await self.control.close()
+        await self.rebalancer.close()
         await self.live.close()
         for connection in self.connections:
             await connection.close()

@@ -21,8 +21,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config.keys import CONTROL_GROUP, RESULTS_MAXLEN, Keys
 from publisher.connection import KiteConnection
 from publisher.live import LiveWatch
+from publisher.moves import Moves
+from publisher.rebalance import Rebalancer
 from publisher.requests import Request, RequestError, parse_request
-from publisher.subscriptions import Outcome, SubscriptionBook
+from publisher.subscriptions import Outcome, RebalanceBusy, SubscriptionBook
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.control")
@@ -47,6 +49,8 @@ class ControlLoop:
         *,
         block_ms: int = 250,  # also how long a stop may wait for the read in hand
         live: LiveWatch | None = None,
+        rebalancer: Rebalancer | None = None,
+        moves: Moves | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -54,6 +58,8 @@ class ControlLoop:
         self._connections = connections
         self._block_ms = block_ms
         self._live = live
+        self._rebalancer = rebalancer
+        self._moves = moves or Moves()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.last_error = ""
@@ -96,7 +102,7 @@ class ControlLoop:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.token_conn, keys.token_mode, keys.token_status, keys.clients)
             if book.placement:
-                pipe.hset(keys.token_conn, mapping={str(t): str(i) for t, i in book.placement.items()})
+                pipe.hset(keys.token_conn, mapping={str(t): str(book.serving(t)) for t in book.placement})
                 pipe.hset(keys.token_mode, mapping={str(t): m for t, m in book.in_force.items()})
                 streams = {str(t): c.stream for c in self._connections for t in c.modes}
                 if streams:
@@ -182,15 +188,44 @@ class ControlLoop:
         except RequestError as exc:
             await self._answer(entry_id, fields, str(exc))
             return
+        if request.op == "rebalance":
+            await self._rebalance(entry_id, fields, request.client)
+            return
         outcome = self._book.apply(request, time.time())
         live = self._live if request.op in ("subscribe", "set") and outcome.applied else None
         new = [t for change in outcome.plan.values() for t in change.subscribe]
         before = live.before(new) if live else {}  # before Kite hears of them: its first tick is quick
-        for index, change in outcome.plan.items():
-            await self._connections[index].apply(change)
+        await self._execute(outcome)
         await self._answer(entry_id, fields, outcome.error, request, outcome)
         if live:
             live.watch(entry_id, request.client, before, [t for t in outcome.applied if t not in before])
+
+    async def _execute(self, outcome: Outcome) -> None:
+        """Tell the connections; a token subscribed or released anew ends its move, if any."""
+        if self._moves:
+            for change in outcome.plan.values():
+                self._moves.forget([*change.subscribe, *change.unsubscribe])
+                for token, mode in change.modes.items():
+                    self._moves.set_mode(token, mode)
+        for index, change in outcome.plan.items():
+            await self._connections[index].apply(change)
+
+    async def _rebalance(self, entry_id: str, fields: Mapping[bytes, bytes], client: str) -> None:
+        """Start moving tokens; the result lists them, a ``rebalanced`` follow-up ends it."""
+        if self._rebalancer is None:
+            error = "rebalance is not available in this publisher"
+            outcome = Outcome((), (), error, {})
+        elif self._rebalancer.busy:
+            error = "a rebalance is still moving tokens: wait for its 'rebalanced' result"
+            outcome = Outcome((), (), error, {})
+        else:
+            try:
+                moved = await self._rebalancer.begin(entry_id, client)
+            except RebalanceBusy as exc:
+                outcome = Outcome((), (), str(exc), {})
+            else:
+                outcome = Outcome(moved, (), "", {})
+        await self._answer(entry_id, fields, outcome.error, None, outcome)
 
     async def _answer_internal_error(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
         await self._answer(entry_id, fields, "internal error in the publisher (see its log)")
@@ -200,8 +235,7 @@ class ControlLoop:
         for client, tokens in self._book.due(time.time()).items():
             request = Request("unsubscribe", tokens, client)
             outcome = self._book.apply(request)
-            for index, change in outcome.plan.items():
-                await self._connections[index].apply(change)
+            await self._execute(outcome)
             await self._answer(None, None, "", request, outcome)
 
     async def _answer(
@@ -251,13 +285,13 @@ class ControlLoop:
         if released and request.client not in book.claims:
             pipe.srem(keys.clients, request.client)
         self._persist_deadlines(pipe, request.client)
-        for index, change in outcome.plan.items():
+        for change in outcome.plan.values():
             if change.unsubscribe:
                 gone = [str(t) for t in change.unsubscribe]
                 pipe.hdel(keys.token_conn, *gone)
                 pipe.hdel(keys.token_mode, *gone)
             if change.subscribe:
-                pipe.hset(keys.token_conn, mapping={str(t): str(index) for t in change.subscribe})
+                pipe.hset(keys.token_conn, mapping={str(t): str(book.serving(t)) for t in change.subscribe})
             modes = {**change.subscribe, **change.modes}
             if modes:
                 pipe.hset(keys.token_mode, mapping={str(t): m for t, m in modes.items()})

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 from kitewire.codec import MODE_QUOTE, MODES
 
-OPS = ("subscribe", "unsubscribe", "mode", "set")
+OPS = ("subscribe", "unsubscribe", "mode", "set", "rebalance")
 DEFAULT_CLIENT = "default"
 MAX_TOKENS_FIELD = 200_000  # characters; 9000 tokens of 10 digits and a comma is ~99k
 MAX_TOKENS_PER_REQUEST = 20_000
 MAX_FIELD = 64
 MAX_TTL = 7 * 24 * 3600  # a week: a claim meant to last longer should not expire
+_OPS_TEXT = "subscribe, unsubscribe, mode, set or rebalance"
 _CLIENT = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
 _SEPARATORS = re.compile(r"[,\s]+")
 
@@ -27,7 +28,7 @@ class Request:
     """One validated control request."""
 
     op: str
-    tokens: tuple[int, ...]
+    tokens: tuple[int, ...]  # empty only for rebalance
     client: str
     mode: str | None = None  # None only for unsubscribe
     ttl: float | None = None  # seconds until the claim lapses by itself (subscribe, mode, set)
@@ -70,16 +71,21 @@ def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
     """Validate a control-stream entry's fields (bytes or str keys and values)."""
     op = _text(fields, "op", MAX_FIELD)
     if not op:
-        raise RequestError("missing field 'op' (subscribe, unsubscribe, mode or set)")
+        raise RequestError(f"missing field 'op' ({_OPS_TEXT})")
     if op not in OPS:
-        raise RequestError(f"unknown op {op[:20]!r} (subscribe, unsubscribe, mode or set)")
+        raise RequestError(f"unknown op {op[:20]!r} ({_OPS_TEXT})")
+    client = _text(fields, "client", MAX_FIELD) or DEFAULT_CLIENT
+    if not _CLIENT.match(client):
+        raise RequestError(f"bad client {client!r}: letters, digits and _ . : @ - only")
+    if op == "rebalance":
+        for name in ("tokens", "mode", "ttl"):
+            if _text(fields, name, MAX_TOKENS_FIELD) is not None:
+                raise RequestError(f"field '{name}' makes no sense for rebalance (it moves what is held)")
+        return Request(op, (), client)
     tokens_text = _text(fields, "tokens", MAX_TOKENS_FIELD)
     if tokens_text is None:
         raise RequestError("missing field 'tokens'")
     tokens = parse_tokens(tokens_text)
-    client = _text(fields, "client", MAX_FIELD) or DEFAULT_CLIENT
-    if not _CLIENT.match(client):
-        raise RequestError(f"bad client {client!r}: letters, digits and _ . : @ - only")
     mode = _text(fields, "mode", MAX_FIELD) or None
     if mode is not None and mode not in MODES:
         raise RequestError(f"unknown mode {mode[:20]!r} (ltp, quote or full)")

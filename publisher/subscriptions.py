@@ -2,8 +2,9 @@
 
 A token is subscribed at Kite while at least one client claims it; its mode in force is
 the richest any holder asked for. A new token goes to the least-loaded connection with
-room; a placed token never moves (moving would open a gap in its ticks). Every change
-comes back as a plan of per-connection operations for the connections to execute.
+room. A placed token moves only in a rebalance, make-before-break: while it moves it is
+held (and counted) on both connections, so no connection ever passes its limit. Every
+change comes back as a plan of per-connection operations for the connections to execute.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ class Outcome:
         return not self.rejected and not self.error
 
 
+class RebalanceBusy(Exception):
+    """A rebalance was asked for while the previous one is still moving tokens."""
+
+
 class SubscriptionBook:
     """Per-client claims, the mode in force per token, and which connection holds it."""
 
@@ -58,15 +63,56 @@ class SubscriptionBook:
         self.placement: dict[int, int] = {}  # token -> connection index
         self.in_force: dict[int, str] = {}  # token -> richest mode asked
         self.deadlines: dict[str, dict[int, float]] = {}  # client -> token -> when its claim lapses
-        self.loads = [0] * connections
+        self.moving: dict[int, int] = {}  # token -> the connection it is moving away from
+        self.loads = [0] * connections  # tokens held per connection, a moving one on both
 
     @property
     def capacity(self) -> int:
         return self.connections * self.per_connection
 
     def connection_modes(self, index: int) -> dict[int, str]:
-        """Every token placed on connection ``index`` with its mode in force."""
-        return {t: self.in_force[t] for t, i in self.placement.items() if i == index}
+        """Every token held on connection ``index`` (a moving one on both) with its mode in force."""
+        held = {t for t, i in self.placement.items() if i == index}
+        held.update(t for t, src in self.moving.items() if src == index)
+        return {t: self.in_force[t] for t in held}
+
+    def serving(self, token: int) -> int:
+        """The connection whose ticks of ``token`` are published: the old one while it moves."""
+        return self.moving.get(token, self.placement[token])
+
+    # --- rebalancing ---------------------------------------------------------------------
+
+    def rebalance(self) -> tuple[dict[int, tuple[int, int]], Plan]:
+        """Even out the connections: token -> (from, to) for each token to move, and the plan
+        that subscribes them on their new connections (the make half). Each stays held on
+        its old connection until ``finish_move``. Raises ``RebalanceBusy`` while moving."""
+        if self.moving:
+            raise RebalanceBusy(f"a rebalance is still moving {len(self.moving)} token(s)")
+        base, extra = divmod(sum(self.loads), self.connections)
+        by_load = sorted(range(self.connections), key=lambda i: (-self.loads[i], i))
+        target = {index: base + (rank < extra) for rank, index in enumerate(by_load)}
+        surplus = {i: sorted(self.connection_modes(i))[: max(0, self.loads[i] - target[i])] for i in by_load}
+        moves: dict[int, tuple[int, int]] = {}
+        plan: Plan = {}
+        for dst in by_load[::-1]:
+            for _ in range(target[dst] - self.loads[dst]):
+                src = next(i for i in by_load if surplus[i])
+                token = surplus[src].pop()
+                moves[token] = (src, dst)
+                self.moving[token] = src
+                self.placement[token] = dst
+                self.loads[dst] += 1
+                _change(plan, dst).subscribe[token] = self.in_force[token]
+        return moves, plan
+
+    def finish_move(self, token: int, src: int) -> ConnectionChange | None:
+        """The break half of one move: drop ``token`` from ``src``. None if the move ended
+        otherwise (the token was released, or moved again) in the meantime."""
+        if self.moving.get(token) != src:
+            return None
+        del self.moving[token]
+        self.loads[src] -= 1
+        return ConnectionChange(unsubscribe={token})
 
     def apply(self, request: Request, now: float = 0.0) -> Outcome:
         """Apply a request; ``now`` (epoch seconds) dates the deadlines of ``ttl`` claims."""
@@ -200,22 +246,29 @@ class SubscriptionBook:
             self._refresh_mode(token, index, plan)
             return
         del self._holders[token], self.placement[token], self.in_force[token]
-        self.loads[index] -= 1
-        change = _change(plan, index)
-        if change.subscribe.pop(token, None) is None:
-            change.unsubscribe.add(token)
-        change.modes.pop(token, None)
+        held_on = [index]
+        src = self.moving.pop(token, None)
+        if src is not None:  # released in the middle of a move: it goes from both
+            held_on.append(src)
+        for index in held_on:
+            self.loads[index] -= 1
+            change = _change(plan, index)
+            if change.subscribe.pop(token, None) is None:
+                change.unsubscribe.add(token)
+            change.modes.pop(token, None)
 
     def _refresh_mode(self, token: int, index: int, plan: Plan) -> None:
         richest = max(self._holders[token].values(), key=MODE_RANK.__getitem__)
         if richest == self.in_force[token]:
             return
         self.in_force[token] = richest
-        change = _change(plan, index)
-        if token in change.subscribe:
-            change.subscribe[token] = richest
-        else:
-            change.modes[token] = richest
+        held_on = (index,) if token not in self.moving else (index, self.moving[token])
+        for index in held_on:
+            change = _change(plan, index)
+            if token in change.subscribe:
+                change.subscribe[token] = richest
+            else:
+                change.modes[token] = richest
 
     def _room(self) -> int | None:
         best = min(range(self.connections), key=self.loads.__getitem__)

@@ -47,6 +47,7 @@ class Session:
     stalled_until: float = 0.0
     flooding: bool = False  # a line-rate flood owns the socket: the send loop keeps off
     unsubscribed: list[int] = field(default_factory=list)  # every token this session dropped, in order
+    peak: int = 0  # the most instruments this session ever held at once
     last_sent: float = 0.0
     sent_ticks: int = 0
 
@@ -59,7 +60,8 @@ class TickerServer:
     """The simulator. ``async with TickerServer(...) as server:`` serves on ``server.url``.
 
     ``rate`` is ticks per second per instrument; ``max_rate`` the ceiling on ticks per
-    second per connection (instruments then take turns).
+    second per connection (instruments then take turns). ``snapshots`` off: no tick of
+    its own at subscribe or mode time (a test that sends every tick itself).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class TickerServer:
         max_rate: float = 20_000.0,
         seed: int = 0,
         heartbeat_interval: float = 1.0,
+        snapshots: bool = True,
     ) -> None:
         if not 0 < rate <= 100:
             raise ValueError("rate must be in (0, 100] ticks per second per instrument")
@@ -82,6 +85,7 @@ class TickerServer:
         self.api_key, self.access_token = api_key, access_token
         self.rate, self.max_rate = rate, max_rate
         self.heartbeat_interval = heartbeat_interval
+        self.snapshots = snapshots
         self.market = Market(seed)
         self.sessions: list[Session] = []
         self._ids = itertools.count()
@@ -199,6 +203,7 @@ class TickerServer:
                 continue
             session.modes[token] = MODE_QUOTE
             added.append(token)
+        session.peak = max(session.peak, len(session.modes))
         await self._send_current(session, added)
         if refused:
             await self._send_error(
@@ -208,7 +213,7 @@ class TickerServer:
 
     async def _send_current(self, session: Session, tokens: list[int]) -> None:
         """As Kite does: a tick of each newly subscribed (or re-moded) instrument at once."""
-        if not tokens or session.stalled or session.flooding:
+        if not tokens or session.stalled or session.flooding or not self.snapshots:
             return
         stamp = int(time.time())
         packets = [codec.encode_packet(self.market.tick(t, session.modes[t], stamp)) for t in tokens]

@@ -12,6 +12,10 @@ def test_a_redis_cli_entry_parses() -> None:
     assert parse_request(fields) == Request("subscribe", (408065, 884737), "ops", "full")
 
 
+def test_rebalance_needs_no_tokens() -> None:
+    assert parse_request({"op": "rebalance", "client": "ops"}) == Request("rebalance", (), "ops")
+
+
 def test_defaults_and_separators() -> None:
     request = parse_request({"op": "subscribe", "tokens": " 1, 2  3,,4 2 "})
     assert request == Request("subscribe", (1, 2, 3, 4), "default", "quote")
@@ -33,6 +37,9 @@ def test_defaults_and_separators() -> None:
         ({"op": "subscribe", "tokens": "١٢٣"}, "bad token"),  # non-ASCII digits
         ({"op": "subscribe", "tokens": "1", "mode": "deep"}, "unknown mode"),
         ({"op": "mode", "tokens": "1"}, "missing field 'mode'"),
+        ({"op": "rebalance", "tokens": "1"}, "field 'tokens' makes no sense for rebalance"),
+        ({"op": "rebalance", "mode": "full"}, "field 'mode' makes no sense for rebalance"),
+        ({"op": "rebalance", "client": "a b"}, "bad client"),
         ({"op": "subscribe", "tokens": "1", "client": "a b"}, "bad client"),
         ({"op": "subscribe", "tokens": "1", "client": "x" * 65}, "too long"),
         ({"op": "subscribe", "tokens": "1," * MAX_TOKENS_FIELD}, "too long"),

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from kitewire.codec import MODE_RANK, MODES
 from publisher.requests import Request
-from publisher.subscriptions import ConnectionChange, SubscriptionBook
+from publisher.subscriptions import ConnectionChange, RebalanceBusy, SubscriptionBook
 
 
 def sub(tokens, mode="quote", client="a") -> Request:
@@ -77,24 +77,44 @@ def test_restore_places_claims_and_drops_what_no_longer_fits() -> None:
 
 requests = st.builds(
     Request,
-    op=st.sampled_from(["subscribe", "unsubscribe", "mode"]),
-    tokens=st.lists(st.integers(1, 40), min_size=1, max_size=12, unique=True).map(tuple),
+    op=st.sampled_from(["subscribe", "unsubscribe", "mode", "rebalance", "finish"]),
+    tokens=st.lists(st.integers(1, 16), min_size=1, max_size=8, unique=True).map(tuple),
     client=st.sampled_from(["a", "b", "c"]),
     mode=st.sampled_from(MODES),
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=600)
 @given(st.integers(1, 3), st.integers(1, 12), st.lists(requests, max_size=40))
 def test_invariants_hold_for_any_request_sequence(connections, per_connection, sequence) -> None:
+    """Requests, rebalances and the moves' ends in any order: what Kite was told always
+    matches the book, no connection passes its limit, every held token is held somewhere."""
     book = SubscriptionBook(connections, per_connection)
     kite: dict[int, dict[int, str]] = {i: {} for i in range(connections)}  # what plans told Kite
+    moves: dict[int, tuple[int, int]] = {}
     for request in sequence:
-        if request.op == "unsubscribe":
-            request = Request("unsubscribe", request.tokens, request.client)
-        outcome = book.apply(request)
-        assert set(outcome.applied) | set(outcome.rejected) == set(request.tokens)
-        for index, change in outcome.plan.items():
+        if request.op == "rebalance":
+            try:
+                new_moves, plan = book.rebalance()
+            except RebalanceBusy:
+                assert book.moving
+                continue
+            moves.update(new_moves)
+        elif request.op == "finish":  # the break half of some of the moves, possibly stale
+            plan = {}
+            for token in request.tokens:
+                if token in moves:
+                    src, _ = moves.pop(token)
+                    change = book.finish_move(token, src)
+                    if change is not None:
+                        plan[src] = change
+        else:
+            if request.op == "unsubscribe":
+                request = Request("unsubscribe", request.tokens, request.client)
+            outcome = book.apply(request)
+            assert set(outcome.applied) | set(outcome.rejected) == set(request.tokens)
+            plan = outcome.plan
+        for index, change in plan.items():
             for token in change.unsubscribe:
                 del kite[index][token]
             for token, mode in change.subscribe.items():
@@ -107,6 +127,9 @@ def test_invariants_hold_for_any_request_sequence(connections, per_connection, s
             assert len(kite[index]) == book.loads[index] <= per_connection
         held = {t for claims in book.claims.values() for t in claims}
         assert held == set(book.placement) == set(book.in_force)
+        assert held == {t for index in kite.values() for t in index}
+        for token, src in book.moving.items():
+            assert token in kite[src] and token in kite[book.placement[token]]
         for token, mode in book.in_force.items():
             asked = [claims[token] for claims in book.claims.values() if token in claims]
             assert mode == max(asked, key=MODE_RANK.__getitem__)
@@ -165,3 +188,47 @@ def test_deadlines_survive_a_restore() -> None:
     book = SubscriptionBook(3, 10)
     book.restore({"a": {1: "quote", 2: "full"}}, {"a": {2: 99.0}})
     assert book.deadlines == {"a": {2: 99.0}} and book.due(100) == {"a": (2,)}
+
+
+def test_rebalance_evens_out_make_before_break() -> None:
+    book = SubscriptionBook(3, 4)
+    book.apply(sub(range(1, 13)))
+    book.apply(unsub([2, 5, 8, 11, 3, 6, 9]))  # connection 0 keeps 1, 4, 7, 10
+    assert book.loads == [4, 0, 1]
+    moves, plan = book.rebalance()
+    assert len(moves) == 2 and all(src == 0 for src, _ in moves.values())
+    assert sorted(dst for _, dst in moves.values()) == [1, 2]
+    assert plan == {dst: ConnectionChange(subscribe={t: "quote"}) for t, (_, dst) in moves.items()}
+    assert book.loads == [4, 1, 2]  # the moving tokens count on both connections
+    assert all(book.serving(t) == 0 for t in moves)  # still published from the old one
+    for token, (src, dst) in moves.items():
+        assert book.finish_move(token, src) == ConnectionChange(unsubscribe={token})
+        assert book.serving(token) == dst
+    assert book.loads == [2, 1, 2] and book.moving == {}
+
+
+def test_a_second_rebalance_is_refused_while_tokens_move() -> None:
+    book = SubscriptionBook(2, 10)
+    book.apply(sub(range(1, 7)))
+    book.apply(unsub([2, 4, 6]))
+    book.rebalance()
+    before = (dict(book.placement), list(book.loads))
+    try:
+        book.rebalance()
+    except RebalanceBusy as exc:
+        assert "still moving 1 token(s)" in str(exc)
+    else:
+        raise AssertionError("a second rebalance was accepted")
+    assert (book.placement, book.loads) == before
+
+
+def test_a_token_released_while_it_moves_goes_from_both_connections() -> None:
+    book = SubscriptionBook(2, 10)
+    book.apply(sub([1, 2, 3, 4]))
+    book.apply(unsub([2, 4]))
+    (token, (src, dst)), = book.rebalance()[0].items()
+    outcome = book.apply(Request("mode", (token,), "a", "full"))
+    assert outcome.plan == {i: ConnectionChange(modes={token: "full"}) for i in (src, dst)}
+    outcome = book.apply(unsub([token]))
+    assert outcome.plan == {i: ConnectionChange(unsubscribe={token}) for i in (src, dst)}
+    assert book.finish_move(token, src) is None and book.loads == [1, 0]

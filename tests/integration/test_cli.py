@@ -132,3 +132,13 @@ async def test_status_into_a_closed_pipe_ends_quietly_and_its_first_line_is_whol
     first = out.splitlines()[0]
     assert code == 0 and first.startswith("publisher [kite]: running")
     assert first.rstrip().endswith("malformed 0")  # not wrapped at 80 columns
+
+
+async def test_ctl_rebalance_waits_for_the_moves_and_takes_no_tokens(publisher, control, redis_url) -> None:
+    await control.subscribe([1, 2, 3, 4, 5, 6], client="s")  # two per connection
+    await control.unsubscribe([2, 5, 3], client="s")  # left: 1 and 4 on 0, 6 on 2
+    code, out, _ = await kitebus(redis_url, "ctl", "rebalance")
+    assert code == 0 and out.strip() == "ok: rebalance moved 1 token(s); tokens per connection now 1,1,1"
+    assert publisher.book.loads == [1, 1, 1] and publisher.book.moving == {}
+    code, _, err = await kitebus(redis_url, "ctl", "rebalance", "408065")
+    assert code == 2 and "no tokens" in err
