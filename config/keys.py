@@ -48,6 +48,11 @@ class Keys:
         return f"{self.ns}:stream_status"
 
     @property
+    def instruments(self) -> str:
+        """Hash: ``EXCHANGE:TRADINGSYMBOL`` -> token and token -> symbol, from Kite's dump."""
+        return f"{self.ns}:instruments"
+
+    @property
     def clients(self) -> str:
         return f"{self.ns}:clients"
 

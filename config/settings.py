@@ -91,8 +91,10 @@ class Settings(BaseSettings):
     @field_validator("instruments")
     @classmethod
     def _instruments(cls, value: str | None) -> str | None:
-        if value and not Path(value).is_file():
-            raise ValueError("no such file")
+        """A path or an http(s) URL; whether it can be read is the publisher's to report."""
+        value = (value or "").strip()
+        if "://" in value and not value.startswith(("http://", "https://")):
+            raise ValueError("a path or an http(s) URL")
         return value or None
 
     @property

@@ -1,66 +1,50 @@
-"""Instrument symbols (``EXCHANGE:TRADINGSYMBOL``) -> tokens, from Kite's instruments CSV."""
+"""Symbols (``EXCHANGE:TRADINGSYMBOL``) <-> tokens through ``{ns}:instruments``, the hash
+the publisher loads from Kite's instruments dump: no file on the strategy's machine."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable
-from pathlib import Path
+
+import redis.asyncio as redis
+
+from config.keys import Keys
+from kitewire.instruments import UnknownInstrument, normal_symbol, split_items
+
+__all__ = ["UnknownInstrument", "names", "resolve", "split_items"]
 
 
-class UnknownInstrument(LookupError):
-    """A symbol is not in the instruments file (or no file is configured)."""
-
-
-class Instruments:
-    """The ``instrument_token``, ``exchange`` and ``tradingsymbol`` columns of Kite's
-    instruments dump (``https://api.kite.trade/instruments``)."""
-
-    def __init__(self, by_symbol: dict[str, int]) -> None:
-        self._by_symbol = by_symbol
-        self.symbols = {token: symbol for symbol, token in by_symbol.items()}
-
-    @classmethod
-    def from_csv(cls, path: str | Path) -> Instruments:
-        by_symbol: dict[str, int] = {}
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing = {"instrument_token", "exchange", "tradingsymbol"} - set(reader.fieldnames or ())
-            if missing:
-                raise ValueError(
-                    f"{path}: not a Kite instruments file (no column {', '.join(sorted(missing))})"
-                )
-            for row in reader:
-                by_symbol[f"{row['exchange']}:{row['tradingsymbol']}"] = int(row["instrument_token"])
-        return cls(by_symbol)
-
-    def token(self, symbol: str) -> int:
-        try:
-            return self._by_symbol[symbol]
-        except KeyError:
-            raise UnknownInstrument(f"unknown instrument {symbol!r}") from None
-
-
-def resolve(items: Iterable[int | str], instruments: Instruments | None) -> list[int]:
-    """Tokens as given (ints or digit strings) or ``EXCHANGE:SYMBOL`` through ``instruments``."""
-    tokens = []
+async def resolve(client: redis.Redis, keys: Keys, items: Iterable[int | str]) -> list[int]:
+    """Tokens (ints or digit strings) as given, ``EXCHANGE:SYMBOL`` looked up; order kept,
+    duplicates dropped. Raises UnknownInstrument naming every unknown symbol, ValueError
+    for an item that is neither."""
+    parsed: list[int | str] = []
     for item in items:
-        if isinstance(item, int) or str(item).isdigit():
-            tokens.append(int(item))
-        elif instruments is None:
-            raise UnknownInstrument(
-                f"{item!r} is a symbol, but no instruments file is configured (KITEBUS_INSTRUMENTS)"
-            )
+        if isinstance(item, int) and not isinstance(item, bool):
+            parsed.append(item)
+        elif isinstance(item, str) and item.strip().isascii() and item.strip().isdigit():
+            parsed.append(int(item))
+        elif isinstance(item, str) and ":" in item:
+            parsed.append(normal_symbol(item))
         else:
-            tokens.append(instruments.token(str(item)))
-    return tokens
+            raise ValueError(f"bad token {str(item)[:30]!r}: an instrument token or EXCHANGE:SYMBOL")
+    symbols = list(dict.fromkeys(p for p in parsed if isinstance(p, str)))
+    found: dict[str, int] = {}
+    if symbols:
+        values = await client.hmget(keys.instruments, symbols)
+        unknown = [s for s, v in zip(symbols, values, strict=True) if v is None]
+        if unknown:
+            empty = not await client.exists(keys.instruments)
+            hint = " (no instruments in Redis: set KITEBUS_INSTRUMENTS for the publisher)" if empty else ""
+            raise UnknownInstrument(unknown, hint)
+        found = {s: int(v) for s, v in zip(symbols, values, strict=True)}
+    tokens = [found[p] if isinstance(p, str) else p for p in parsed]
+    return list(dict.fromkeys(tokens))
 
 
-def write_csv(path: str | Path, rows: Iterable[tuple[int, str, str]]) -> None:
-    """Write (token, exchange, tradingsymbol) rows in Kite's instruments format."""
-    columns = ["instrument_token", "exchange_token", "tradingsymbol", "name", "last_price", "expiry",
-               "strike", "tick_size", "lot_size", "instrument_type", "segment", "exchange"]  # fmt: skip
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for token, exchange, symbol in rows:
-            writer.writerow([token, token >> 8, symbol, symbol, 0, "", 0, 0.05, 1, "EQ", exchange, exchange])
+async def names(client: redis.Redis, keys: Keys, tokens: Iterable[int]) -> dict[int, str]:
+    """``EXCHANGE:SYMBOL`` of each token the loaded instruments know."""
+    wanted = list(dict.fromkeys(tokens))
+    if not wanted:
+        return {}
+    values = await client.hmget(keys.instruments, [str(t) for t in wanted])
+    return {t: v.decode() for t, v in zip(wanted, values, strict=True) if v is not None}

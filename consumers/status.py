@@ -76,6 +76,8 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "malformed": int(status.get("malformed", 0)),
             "backpressure": status.get("backpressure") == "1",
             "access_token_error": status.get("access_token_error", ""),
+            "instruments": int(status.get("instruments", 0)),
+            "instruments_error": status.get("instruments_error", ""),
         },
         "connections": rows,
         "totals": {"tokens": tokens, "capacity": capacity, "remaining": capacity - tokens},
@@ -128,6 +130,12 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         problem = escape(pub["access_token_error"])
         console.print(
             f"[bold red]ACCESS TOKEN FILE: {problem}[/]; the last good token stays in use", soft_wrap=True
+        )
+    if pub["instruments_error"]:
+        problem = escape(pub["instruments_error"])
+        console.print(
+            f"[bold red]INSTRUMENTS: {problem}[/]; the last good dump stays in use",
+            soft_wrap=True,
         )
     console.print(connections_table(data))
     console.print(f"tokens {totals['tokens']:,} of {totals['capacity']:,} ({totals['remaining']:,} free)")

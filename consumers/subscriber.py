@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config import Keys, Settings
 from consumers.control import ControlClient, ControlResult, ControlTimeout, SubscriptionRejected
-from consumers.instruments import Instruments, resolve
+from consumers.instruments import names, resolve
 from consumers.pubsub import FastPubSub, Message, url_of
 from publisher.tasks import cancel_and_wait
 
@@ -77,7 +77,6 @@ class TickSubscriber:
         client: str = "default",
         *,
         namespace: str | None = None,
-        instruments: Instruments | str | None = None,
         snapshot: bool = True,
         release_on_exit: bool = True,
         timeout: float = 10.0,
@@ -89,9 +88,6 @@ class TickSubscriber:
         self._source = source
         self.client = client
         self.keys = Keys(namespace or (settings.namespace if settings else "kite"))
-        if instruments is None and settings is not None and settings.instruments:
-            instruments = settings.instruments
-        self.instruments = Instruments.from_csv(instruments) if isinstance(instruments, str) else instruments
         self.snapshot = snapshot
         self.release_on_exit = release_on_exit
         self.timeout = timeout
@@ -149,7 +145,7 @@ class TickSubscriber:
         """Claim the instruments (raises SubscriptionRejected naming refused tokens), start
         receiving their ticks and, with ``wait_live``, return once each newly subscribed one
         has ticked on the bus; those that stay silent are named in ``silent`` and logged."""
-        wanted = resolve(tokens, self.instruments)
+        wanted = await self.resolve(tokens)
         try:
             result = await self.control.subscribe(
                 wanted, mode=mode, client=self.client, timeout=self.timeout, ttl=ttl
@@ -178,7 +174,7 @@ class TickSubscriber:
     async def set_watchlist(self, tokens: Iterable[int | str], mode: str = "quote") -> ControlResult:
         """Make this client's claims exactly these instruments (op ``set``, all or nothing),
         and listen to exactly them."""
-        wanted = resolve(tokens, self.instruments)
+        wanted = await self.resolve(tokens)
         result = await self.control.set_watchlist(wanted, mode=mode, client=self.client, timeout=self.timeout)
         self.claimed = set(result.applied)
         if result.released:
@@ -188,20 +184,29 @@ class TickSubscriber:
         return result
 
     async def set_mode(self, tokens: Iterable[int | str], mode: str) -> ControlResult:
-        return await self.control.set_mode(resolve(tokens, self.instruments), mode, client=self.client)
+        return await self.control.set_mode(await self.resolve(tokens), mode, client=self.client)
 
     async def unsubscribe(self, tokens: Iterable[int | str]) -> ControlResult:
         """Release the claims and stop receiving those ticks."""
-        wanted = resolve(tokens, self.instruments)
+        wanted = await self.resolve(tokens)
         result = await self.control.unsubscribe(wanted, client=self.client, timeout=self.timeout)
         self.claimed.difference_update(wanted)
         self.listened.difference_update(wanted)
         await self._pubsub.unsubscribe(*(self.keys.ticks(t) for t in wanted))
         return result
 
+    async def resolve(self, tokens: Iterable[int | str]) -> list[int]:
+        """Tokens as given, ``EXCHANGE:SYMBOL`` through the publisher's ``{ns}:instruments``;
+        raises UnknownInstrument naming unknown symbols."""
+        return await resolve(self._redis, self.keys, tokens)  # type: ignore[arg-type]
+
+    async def symbols(self, tokens: Iterable[int]) -> dict[int, str]:
+        """``EXCHANGE:SYMBOL`` of each token the publisher's instruments know."""
+        return await names(self._redis, self.keys, tokens)  # type: ignore[arg-type]
+
     async def listen(self, tokens: Iterable[int | str]) -> None:
         """Receive ticks of instruments without claiming them (someone else holds them)."""
-        wanted = resolve(tokens, self.instruments)
+        wanted = await self.resolve(tokens)
         if not wanted:
             return
         channels = [self.keys.ticks(t) for t in wanted]

@@ -45,7 +45,7 @@ def _redis(settings: Settings) -> Any:
 
 def _ctl(args: argparse.Namespace) -> int:
     from consumers.control import ControlClient, ControlTimeout
-    from consumers.instruments import Instruments, UnknownInstrument, resolve
+    from consumers.instruments import split_items
 
     settings = load_settings()
     if args.op == "token":
@@ -58,12 +58,7 @@ def _ctl(args: argparse.Namespace) -> int:
     if args.op == "mode" and args.mode is None:
         print("kitebus ctl mode: --mode is required", file=sys.stderr)
         return 2
-    try:
-        instruments = Instruments.from_csv(settings.instruments) if settings.instruments else None
-        tokens = resolve([t for arg in args.tokens for t in arg.replace(",", " ").split()], instruments)
-    except (UnknownInstrument, OSError, ValueError) as exc:
-        print(f"kitebus ctl: {exc}", file=sys.stderr)
-        return 2
+    tokens = split_items(",".join(args.tokens))  # symbols are the publisher's to resolve
 
     async def run() -> int:
         client = _redis(settings)
@@ -173,11 +168,11 @@ def _status(args: argparse.Namespace) -> int:
 
 def _tail(args: argparse.Namespace) -> int:
     from consumers.display import format_status, format_tick
-    from consumers.instruments import UnknownInstrument
+    from consumers.instruments import UnknownInstrument, split_items
     from consumers.subscriber import StreamStatus, TickSubscriber
 
     settings = load_settings()
-    tokens = [t for arg in args.tokens for t in arg.replace(",", " ").split()]
+    tokens = split_items(",".join(args.tokens))
 
     async def run() -> None:
         symbols: dict[int, str] = {}
@@ -194,11 +189,11 @@ def _tail(args: argparse.Namespace) -> int:
             settings, client=f"tail-{os.getpid()}", snapshot=not args.no_snapshot, on_status=show_status,
             conflate_ms=args.conflate_ms,
         ) as sub:  # fmt: skip
-            symbols.update(sub.instruments.symbols if sub.instruments else {})
             if args.subscribe:
                 await sub.subscribe(tokens, mode=args.subscribe)
             else:
                 await sub.listen(tokens)
+            symbols.update(await sub.symbols(sub.listened))
             seen = 0
             async for tick in sub:
                 line = (
@@ -213,7 +208,7 @@ def _tail(args: argparse.Namespace) -> int:
 
     try:
         _run_until_signal(lambda stop: run_until(run(), stop))
-    except UnknownInstrument as exc:
+    except (UnknownInstrument, ValueError) as exc:
         print(f"kitebus tail: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -28,10 +28,10 @@ from rich.text import Text
 from config import Keys, Settings
 from consumers.control import ControlClient
 from consumers.display import watchlist_table
-from consumers.instruments import write_csv
 from consumers.status import connections_table, read_status
 from consumers.subscriber import TickSubscriber
 from kitebus.localredis import LocalRedis
+from kitewire.instruments import write_csv
 from publisher.app import Publisher
 from publisher.tasks import cancel_and_wait
 from simulator.market import INSTRUMENTS, instrument_for
@@ -92,7 +92,8 @@ def _live_rates(data: dict[str, Any], publisher: Publisher, rates: Samples) -> N
 def _help(url: str, namespace: str, port: int | None, instruments: Path) -> Panel:
     cli = f"{Path(os.sys.executable).parent}/kitebus"
     lines = [
-        f"export REDIS_URL={url} KITEBUS_NAMESPACE={namespace} KITEBUS_INSTRUMENTS={instruments}",
+        f"# symbols: the publisher loaded KITEBUS_INSTRUMENTS={instruments} into {namespace}:instruments",
+        f"export REDIS_URL={url} KITEBUS_NAMESPACE={namespace}",
         f"{cli} status",
         f"{cli} ctl subscribe NSE:LT NSE:AXISBANK --mode full",
         f"{cli} tail NSE:INFY",
@@ -113,7 +114,7 @@ async def run_demo(settings: Settings, stop: asyncio.Event, duration: float | No
                 demo_settings = settings.model_copy(update={
                     "kite_ws_url": simulator.url, "redis_url": url, "namespace": namespace,
                     "kite_api_key": SecretStr(DEFAULT_API_KEY),
-                    "kite_access_token": SecretStr(DEFAULT_ACCESS_TOKEN),
+                    "kite_access_token": SecretStr(DEFAULT_ACCESS_TOKEN), "instruments": str(instruments),
                 })  # fmt: skip
                 publisher = Publisher(demo_settings)
                 await publisher.start()

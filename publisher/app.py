@@ -21,6 +21,7 @@ from kitewire.encoder import Encoder
 from publisher.access_token import AccessTokenSource
 from publisher.connection import KiteConnection
 from publisher.control import REDIS_DOWN, ControlLoop
+from publisher.instruments import InstrumentsLoader
 from publisher.live import LiveWatch
 from publisher.monitor import Monitor
 from publisher.moves import Moves
@@ -82,14 +83,20 @@ class Publisher:
         self.rebalancer = Rebalancer(
             self.redis, self.keys, self.book, self.connections, self.moves, timeout=tuning.live_timeout
         )
+        self.instruments = InstrumentsLoader(self.redis, self.keys, settings.instruments)
         self.control = ControlLoop(
             self.redis, self.keys, self.book, self.connections, live=self.live,
-            rebalancer=self.rebalancer, moves=self.moves,
+            rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments,
         )  # fmt: skip
         self.monitor = Monitor(
-            self.redis, self.keys, self.book, self.connections, self.sink, self.control.write_all, self.epoch,
-            interval=tuning.status_interval, access_token=self.access_token,
+            self.redis, self.keys, self.book, self.connections, self.sink, self._redis_reset, self.epoch,
+            interval=tuning.status_interval, access_token=self.access_token, instruments=self.instruments,
         )  # fmt: skip
+
+    async def _redis_reset(self) -> None:
+        """Redis came back without its data: rewrite every hash, load the instruments again."""
+        await self.control.write_all()
+        self.instruments.reload()
 
     def _new_token(self, access_token: str) -> None:
         for connection in self.connections:
@@ -104,6 +111,7 @@ class Publisher:
         await self.control.drop_claims(dropped)
         await self.control.write_all()
         await self.control.ensure_group()
+        await self.instruments.load()  # before any request: symbols in pending ones resolve
         log.info(
             "restored tokens=%d clients=%d capacity=%d",
             len(self.book.placement), len(self.book.claims), self.book.capacity,
@@ -114,12 +122,14 @@ class Publisher:
         self.monitor.state = "running"
         self.monitor.start(self.settings.metrics_port)
         self.live.start()
+        self.instruments.start()
         self.control.start()
 
     async def stop(self) -> None:
         self.monitor.state = "stopping"
         await self.control.close()
         await self.rebalancer.close()
+        await self.instruments.close()
         await self.live.close()
         for connection in self.connections:
             await connection.close()

@@ -19,7 +19,9 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.keys import CONTROL_GROUP, RESULTS_MAXLEN, Keys
+from kitewire.instruments import UnknownInstrument
 from publisher.connection import KiteConnection
+from publisher.instruments import InstrumentsLoader
 from publisher.live import LiveWatch
 from publisher.moves import Moves
 from publisher.rebalance import Rebalancer
@@ -51,6 +53,7 @@ class ControlLoop:
         live: LiveWatch | None = None,
         rebalancer: Rebalancer | None = None,
         moves: Moves | None = None,
+        instruments: InstrumentsLoader | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -60,6 +63,7 @@ class ControlLoop:
         self._live = live
         self._rebalancer = rebalancer
         self._moves = moves or Moves()
+        self._instruments = instruments or InstrumentsLoader(client, keys, None)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.last_error = ""
@@ -185,7 +189,9 @@ class ControlLoop:
             if fields is None:
                 raise RequestError("the entry was deleted from the stream before it was read")
             request = parse_request(fields)
-        except RequestError as exc:
+            if request.symbols:  # nothing changes unless every symbol is known
+                request = request.resolved(await self._instruments.resolve(request.symbols))
+        except (RequestError, UnknownInstrument) as exc:
             await self._answer(entry_id, fields, str(exc))
             return
         if request.op == "rebalance":

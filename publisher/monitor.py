@@ -19,6 +19,7 @@ from kitewire.encoder import SPEEDUPS
 from publisher.access_token import AccessTokenSource
 from publisher.connection import LIVE, KiteConnection
 from publisher.control import REDIS_DOWN
+from publisher.instruments import InstrumentsLoader
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
 from publisher.tasks import cancel_and_wait
@@ -42,6 +43,7 @@ class Monitor:
         *,
         interval: float = 1.0,
         access_token: AccessTokenSource | None = None,
+        instruments: InstrumentsLoader | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -51,6 +53,7 @@ class Monitor:
         self._on_redis_reset = on_redis_reset
         self.epoch = epoch
         self.access_token = access_token
+        self.instruments = instruments
         self.interval = interval
         self.started_at = time.time()
         self.state = "starting"
@@ -85,6 +88,17 @@ class Monitor:
             "access_token_error": self.access_token.error if self.access_token else "",
             "access_token_changed_at": f"{self.access_token.changed_at:.3f}" if self.access_token else "0",
             "redis_reconnects": str(sink.redis_reconnects),
+            **self._instruments_fields(),
+        }
+
+    def _instruments_fields(self) -> dict[str, str]:
+        loader = self.instruments
+        if loader is None or not loader.source:
+            return {"instruments": "0", "instruments_loaded_at": "0", "instruments_error": ""}
+        return {
+            "instruments": str(loader.count),
+            "instruments_loaded_at": f"{loader.loaded_at:.3f}",
+            "instruments_error": loader.error,
         }
 
     @staticmethod

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kitewire.codec import MODE_QUOTE, MODES
+from kitewire.instruments import normal_symbol, split_items
 
 OPS = ("subscribe", "unsubscribe", "mode", "set", "rebalance")
 DEFAULT_CLIENT = "default"
@@ -16,7 +18,6 @@ MAX_FIELD = 64
 MAX_TTL = 7 * 24 * 3600  # a week: a claim meant to last longer should not expire
 _OPS_TEXT = "subscribe, unsubscribe, mode, set or rebalance"
 _CLIENT = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
-_SEPARATORS = re.compile(r"[,\s]+")
 
 
 class RequestError(ValueError):
@@ -28,10 +29,18 @@ class Request:
     """One validated control request."""
 
     op: str
-    tokens: tuple[int, ...]  # empty only for rebalance
+    tokens: tuple[int, ...]  # empty only for rebalance, or when every item is a symbol
     client: str
     mode: str | None = None  # None only for unsubscribe
     ttl: float | None = None  # seconds until the claim lapses by itself (subscribe, mode, set)
+    symbols: tuple[str, ...] = ()  # EXCHANGE:TRADINGSYMBOL items, for the publisher to resolve
+
+    def resolved(self, tokens: tuple[int, ...]) -> Request:
+        """This request with its symbols replaced by their ``tokens``."""
+        merged = tuple(dict.fromkeys((*self.tokens, *tokens)))
+        if len(merged) > MAX_TOKENS_PER_REQUEST:
+            raise RequestError(f"too many tokens ({len(merged)}, at most {MAX_TOKENS_PER_REQUEST})")
+        return dataclasses.replace(self, tokens=merged, symbols=())
 
 
 def _text(fields: Mapping[bytes | str, bytes | str], name: str, limit: int) -> str | None:
@@ -48,23 +57,30 @@ def _text(fields: Mapping[bytes | str, bytes | str], name: str, limit: int) -> s
     return value.strip()
 
 
-def parse_tokens(text: str) -> tuple[int, ...]:
-    """Instrument tokens separated by commas and/or spaces; duplicates dropped, order kept."""
+def parse_tokens(text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Instrument tokens and ``EXCHANGE:SYMBOL`` items separated by commas and/or spaces
+    (see ``split_items``); duplicates dropped, order kept."""
     tokens: dict[int, None] = {}
-    for part in _SEPARATORS.split(text.strip()):
-        if not part:
+    symbols: dict[str, None] = {}
+    for part in split_items(text):
+        if ":" in part:
+            try:
+                symbols[normal_symbol(part)] = None
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
             continue
         if not part.isascii() or not part.isdigit():
-            raise RequestError(f"bad token {part[:20]!r}: tokens are positive integers")
+            raise RequestError(f"bad token {part[:20]!r}: tokens are positive integers (or EXCHANGE:SYMBOL)")
         token = int(part)
         if not 0 < token < 2**32:
             raise RequestError(f"bad token {part[:20]!r}: out of range")
         tokens[token] = None
-    if not tokens:
+    if not tokens and not symbols:
         raise RequestError("field 'tokens' holds no token")
-    if len(tokens) > MAX_TOKENS_PER_REQUEST:
-        raise RequestError(f"too many tokens ({len(tokens)}, at most {MAX_TOKENS_PER_REQUEST})")
-    return tuple(tokens)
+    if len(tokens) + len(symbols) > MAX_TOKENS_PER_REQUEST:
+        count = len(tokens) + len(symbols)
+        raise RequestError(f"too many tokens ({count}, at most {MAX_TOKENS_PER_REQUEST})")
+    return tuple(tokens), tuple(symbols)
 
 
 def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
@@ -85,7 +101,7 @@ def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
     tokens_text = _text(fields, "tokens", MAX_TOKENS_FIELD)
     if tokens_text is None:
         raise RequestError("missing field 'tokens'")
-    tokens = parse_tokens(tokens_text)
+    tokens, symbols = parse_tokens(tokens_text)
     mode = _text(fields, "mode", MAX_FIELD) or None
     if mode is not None and mode not in MODES:
         raise RequestError(f"unknown mode {mode[:20]!r} (ltp, quote or full)")
@@ -96,7 +112,7 @@ def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
     if op == "unsubscribe":
         mode = None
     ttl = _ttl(_text(fields, "ttl", MAX_FIELD) or None, op)
-    return Request(op, tokens, client, mode, ttl)
+    return Request(op, tokens, client, mode, ttl, symbols)
 
 
 def _ttl(text: str | None, op: str) -> float | None:

@@ -101,7 +101,9 @@ def test_keys_follow_the_namespace() -> None:
     assert (keys.control, keys.control_results) == ("paper:control", "paper:control:results")
 
 
-def test_instruments_file_must_exist(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setenv("KITEBUS_INSTRUMENTS", str(tmp_path / "missing.csv"))
-    with pytest.raises(SettingsError, match="KITEBUS_INSTRUMENTS: no such file"):
+def test_instruments_is_a_path_or_an_http_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KITEBUS_INSTRUMENTS", "ftp://example.com/instruments.csv")
+    with pytest.raises(SettingsError, match="KITEBUS_INSTRUMENTS: a path or an http"):
         load_settings()
+    monkeypatch.setenv("KITEBUS_INSTRUMENTS", " https://api.kite.trade/instruments ")
+    assert load_settings().instruments == "https://api.kite.trade/instruments"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from consumers.control import ControlClient
 from publisher.app import Publisher, Tuning
 from simulator.server import TickerServer
 
+INSTRUMENTS_CSV = Path(__file__).parent.parent / "data" / "instruments.csv"  # a small dump in Kite's format
 FAST = Tuning(stall_timeout=1.0, backoff_base=0.05, backoff_cap=0.5, auth_retry=0.5, status_interval=0.1)
 
 
@@ -43,7 +45,7 @@ async def simulator() -> AsyncIterator[TickerServer]:
 def settings(redis_url: str, simulator: TickerServer) -> Settings:
     return load_settings(
         kite_ws_url=simulator.url, redis_url=redis_url, kite_api_key="kitebus",
-        kite_access_token="simulator", namespace="kite",
+        kite_access_token="simulator", namespace="kite", instruments=str(INSTRUMENTS_CSV),
     )  # fmt: skip
 
 

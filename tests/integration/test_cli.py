@@ -7,8 +7,6 @@ import json
 import os
 import sys
 
-from consumers.instruments import write_csv
-from simulator.market import INSTRUMENTS
 from tests.integration.conftest import eventually
 
 INFY = 408065
@@ -37,19 +35,19 @@ async def test_ctl_rejection_exits_1_and_bad_input_exits_2(publisher, redis_url)
     code, out, _ = await kitebus(redis_url, "ctl", "mode", "123", "--mode", "full", "--json")
     result = json.loads(out)
     assert code == 1 and result["ok"] is False and result["rejected"] == [123]
-    code, _, err = await kitebus(redis_url, "ctl", "subscribe", "NSE:INFY")
-    assert code == 2 and "no instruments file" in err
+    code, out, _ = await kitebus(redis_url, "ctl", "subscribe", "NSE:NOPE")
+    assert code == 1 and "unknown instrument NSE:NOPE" in out
     code, _, err = await kitebus(redis_url, "ctl", "mode", "1")
     assert code == 2 and "--mode is required" in err
 
 
-async def test_ctl_resolves_symbols(publisher, redis_url, tmp_path) -> None:
-    path = tmp_path / "instruments.csv"
-    write_csv(path, [(i.token, i.exchange, i.symbol) for i in INSTRUMENTS])
-    code, out, _ = await kitebus(
-        redis_url, "ctl", "subscribe", "NSE:INFY", "--json", KITEBUS_INSTRUMENTS=str(path)
-    )
-    assert code == 0 and json.loads(out)["applied"] == [INFY]
+async def test_ctl_and_tail_take_symbols_with_no_file_on_their_side(publisher, redis_url) -> None:
+    code, out, _ = await kitebus(redis_url, "ctl", "subscribe", "NSE:INFY", "NSE:NIFTY 50", "--json")
+    assert code == 0 and json.loads(out)["applied"] == [INFY, 256265]
+    code, out, _ = await kitebus(redis_url, "tail", "NSE:INFY", "--count", "1")
+    assert code == 0 and "NSE:INFY" in out
+    code, _, err = await kitebus(redis_url, "tail", "NSE:NOPE", "--count", "1")
+    assert code == 2 and "unknown instrument NSE:NOPE" in err
 
 
 async def test_ctl_times_out_without_a_publisher(redis_url) -> None:
@@ -90,7 +88,7 @@ async def test_tail_prints_snapshot_then_live_ticks(publisher, control, redis_ur
     assert code == 0 and [t["instrument_token"] for t in ticks] == [INFY] * 3
     assert ticks[0]["received_at_ns"] < ticks[1]["received_at_ns"] < ticks[2]["received_at_ns"]
     code, out, _ = await kitebus(redis_url, "tail", "408065", "--count", "1")
-    assert code == 0 and " 408065 full " in out and "bid " in out
+    assert code == 0 and " NSE:INFY(408065) full " in out and "bid " in out
 
 
 async def test_tail_prints_stream_status_when_the_connection_drops(publisher, control, redis_url, simulator):
@@ -104,12 +102,12 @@ async def test_tail_prints_stream_status_when_the_connection_drops(publisher, co
     lines: list[str] = []
     try:
         async with asyncio.timeout(20):
-            while " 408065 " not in "".join(lines):  # ticks are flowing
+            while " NSE:INFY(408065) " not in "".join(lines):  # ticks are flowing, named
                 lines.append((await proc.stdout.readline()).decode())
             simulator.drop()
-            while not any(line.startswith("# STALE: 408065") for line in lines):
+            while not any(line.startswith("# STALE: NSE:INFY") for line in lines):
                 lines.append((await proc.stdout.readline()).decode())
-            while not any(line.startswith("# LIVE: 408065") for line in lines):
+            while not any(line.startswith("# LIVE: NSE:INFY") for line in lines):
                 lines.append((await proc.stdout.readline()).decode())
     finally:
         proc.terminate()

@@ -8,9 +8,8 @@ import queue
 import pytest
 
 from consumers.control import SubscriptionRejected
-from consumers.instruments import UnknownInstrument, write_csv
+from consumers.instruments import UnknownInstrument
 from consumers.subscriber import BlockingTickSubscriber, TickSubscriber
-from simulator.market import INSTRUMENTS
 from tests.integration.conftest import eventually
 
 INFY, NIFTY = 408065, 256265
@@ -70,16 +69,18 @@ async def test_rejection_raises_naming_the_tokens(settings, redis_url) -> None:
         await small.stop()
 
 
-async def test_symbols_resolve_through_the_instruments_file(publisher, redis_url, tmp_path) -> None:
-    path = tmp_path / "instruments.csv"
-    write_csv(path, [(i.token, i.exchange, i.symbol) for i in INSTRUMENTS])
-    async with TickSubscriber(redis_url, client="sym", instruments=str(path)) as sub:
-        result = await sub.subscribe(["NSE:INFY", "NSE:NIFTY 50"], mode="ltp")
-        assert set(result.applied) == {INFY, NIFTY}
-        with pytest.raises(UnknownInstrument, match="NSE:NOPE"):
-            await sub.subscribe(["NSE:NOPE"])
-    async with TickSubscriber(redis_url, client="nofile") as sub:
-        with pytest.raises(UnknownInstrument, match="no instruments file"):
+async def test_symbols_resolve_through_redis_with_no_file_here(publisher, redis_url, rds, keys) -> None:
+    async with TickSubscriber(redis_url, client="sym") as sub:  # no instruments file on this side
+        result = await sub.subscribe(["nse:infy", "NSE:NIFTY 50", NIFTY], mode="ltp")
+        assert set(result.applied) == {INFY, NIFTY} and sub.listened == {INFY, NIFTY}
+        assert await sub.symbols([INFY, NIFTY, 1]) == {INFY: "NSE:INFY", NIFTY: "NSE:NIFTY 50"}
+        with pytest.raises(UnknownInstrument, match="unknown instruments NSE:NOPE, BSE:NADA"):
+            await sub.subscribe(["NSE:NOPE", "NSE:INFY", "BSE:NADA"])
+        with pytest.raises(ValueError, match="bad token"):
+            await sub.subscribe(["INFY"])
+    await rds.delete(keys.instruments)
+    async with TickSubscriber(redis_url, client="empty") as sub:
+        with pytest.raises(UnknownInstrument, match="no instruments in Redis"):
             await sub.subscribe(["NSE:INFY"])
 
 
