@@ -4,7 +4,9 @@ Usage: python compat_strategy.py official WS_URL MARKERS_JSON
        python compat_strategy.py bus MARKERS_JSON        (the bus from REDIS_URL / KITEBUS_NAMESPACE)
 
 It subscribes every token of MARKERS (token -> a marker last_price), sets full on some and
-ltp on one, keeps the first tick of each token whose last_price is its marker, and prints
+ltp on one, keeps the first tick of each token whose last_price is its marker and whose
+mode is the one it asked for (a tick can land between the subscribe and the mode
+change, with either ticker, as with Kite), and prints
 {"ticks": {token: {field: [type, value]}}, "errors": [...], "batches": n} once it has them
 all. The only line that differs between the two runs is the import.
 """
@@ -67,7 +69,8 @@ def on_connect(ws, response) -> None:
 def on_ticks(ws, ticks) -> None:
     for tick in ticks:
         token = tick["instrument_token"]
-        if tick["last_price"] == MARKERS.get(token) and token not in seen:
+        wanted = "full" if token in FULL else "ltp" if token in LTP else "quote"
+        if tick["last_price"] == MARKERS.get(token) and tick["mode"] == wanted and token not in seen:
             seen[token] = describe(tick)
     if len(seen) == len(MARKERS):
         finish()
