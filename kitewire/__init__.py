@@ -1,4 +1,5 @@
-"""Kite's ticker wire format: binary tick frames (``codec``) and text messages (``messages``).
+"""Kite's formats: binary tick frames (``codec``), text messages (``messages``), and the
+instruments dump with symbols in requests (``instruments``).
 
 Pure code beneath the publisher, the simulator and the consumers, which all speak it.
 """
