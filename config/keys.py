@@ -53,6 +53,11 @@ class Keys:
         return f"{self.ns}:instruments"
 
     @property
+    def client_activity(self) -> str:
+        """Hash: client -> epoch seconds of its last applied request (to find vanished ones)."""
+        return f"{self.ns}:client_activity"
+
+    @property
     def clients(self) -> str:
         return f"{self.ns}:clients"
 

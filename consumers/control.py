@@ -96,6 +96,20 @@ class ControlClient:
         has ticked (``applied``), or the publisher names the silent ones (``rejected``)."""
         return await self.follow_up(result, "live", timeout)
 
+    async def release(self, client: str, timeout: float = 10.0) -> ControlResult:
+        """Release every claim of ``client`` (op ``release``): for a strategy that vanished
+        without releasing. ``applied`` lists the released tokens."""
+        return await self._checked("release", None, client=client, timeout=timeout)
+
+    async def clients(self) -> dict[str, tuple[int, float]]:
+        """Every client holding claims: (how many, epoch seconds of its last request; 0 if unknown)."""
+        names = sorted(n.decode() for n in await self._redis.smembers(self._keys.clients))
+        activity = await self._redis.hmget(self._keys.client_activity, names) if names else []
+        return {
+            name: (await self._redis.hlen(self._keys.claims(name)), float(seen or 0))
+            for name, seen in zip(names, activity, strict=True)
+        }
+
     async def rebalance(self, client: str = "default", timeout: float = 30.0) -> ControlResult:
         """Even out the publisher's connections and wait until every move has ended; returns
         the ``rebalanced`` follow-up (``applied``: the moved tokens, ``loads``: per connection).

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ def _ctl(args: argparse.Namespace) -> int:
         return _write_access_token(settings, args)
     if args.op == "rebalance":
         return _rebalance(settings, args)
+    if args.op in ("release", "clients"):
+        return _clients(settings, args)
+    args.client = args.client or "ops"
     if not args.tokens:
         print(f"kitebus ctl {args.op}: name at least one instrument token", file=sys.stderr)
         return 2
@@ -99,7 +103,7 @@ def _rebalance(settings: Settings, args: argparse.Namespace) -> int:
         client = _redis(settings)
         try:
             timeout = 30.0 if args.timeout is None else args.timeout  # the moves wait for first ticks
-            result = await ControlClient(client, settings.namespace).rebalance(args.client, timeout)
+            result = await ControlClient(client, settings.namespace).rebalance(args.client or "ops", timeout)
         except SubscriptionRejected as exc:
             print(f"REJECTED: rebalance: {exc}", file=sys.stderr)
             return 1
@@ -116,6 +120,53 @@ def _rebalance(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _clients(settings: Settings, args: argparse.Namespace) -> int:
+    """``kitebus ctl clients``: who holds claims, and since when idle; ``kitebus ctl release
+    --client C``: release every claim of C (a strategy that vanished)."""
+    from consumers.control import ControlClient, ControlTimeout
+
+    if args.tokens or args.mode or args.ttl:
+        print(f"kitebus ctl {args.op}: no tokens, --mode or --ttl", file=sys.stderr)
+        return 2
+    if args.op == "release" and not args.client:
+        print("kitebus ctl release: name the client whose claims go, with --client", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        client = _redis(settings)
+        try:
+            control = ControlClient(client, settings.namespace)
+            if args.op == "clients":
+                _print_clients(await control.clients(), args.json)
+                return 0
+            result = await control.release(args.client, 10.0 if args.timeout is None else args.timeout)
+        except ControlTimeout as exc:
+            print(f"kitebus ctl: {exc}", file=sys.stderr)
+            return 3
+        finally:
+            await client.aclose()
+        if args.json:
+            print(json.dumps(dataclasses.asdict(result)))
+        else:
+            print(f"ok: release client={result.client} released={len(result.applied)}")
+        return 0
+
+    return asyncio.run(run())
+
+
+def _print_clients(clients: dict[str, tuple[int, float]], as_json: bool) -> None:
+    now = time.time()
+    if as_json:
+        rows = {name: {"claims": n, "last_request_at": seen} for name, (n, seen) in clients.items()}
+        print(json.dumps(rows))
+        return
+    for name, (count, seen) in clients.items():
+        idle = f"last request {now - seen:,.0f}s ago" if seen else "last request unknown"
+        print(f"{name}\t{count} claim(s)\t{idle}")
+    if not clients:
+        print("no client holds a claim")
 
 
 def _write_access_token(settings: Settings, args: argparse.Namespace) -> int:
@@ -279,15 +330,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     ctl = commands.add_parser("ctl", help="send a subscription request and wait for its result")
     ctl.add_argument(
-        "op", choices=["subscribe", "unsubscribe", "mode", "set", "rebalance", "token"],
+        "op", choices=["subscribe", "unsubscribe", "mode", "set", "rebalance", "release", "clients", "token"],
         help="set: the client's claims become exactly TOKEN...; "
         "rebalance: even out the connections (make-before-break) and wait until done; "
+        "release: drop every claim of --client; clients: who holds claims, idle how long; "
         "token: write the access token from standard input to KITE_ACCESS_TOKEN_FILE",
     )  # fmt: skip
     ctl.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
     ctl.add_argument("--file", help="with token: the file to write (default: KITE_ACCESS_TOKEN_FILE)")
     ctl.add_argument("--mode", choices=["ltp", "quote", "full"], help="quote by default for subscribe")
-    ctl.add_argument("--client", default="ops", help="whose claim this is (default: ops)")
+    ctl.add_argument("--client", help="whose claim this is (default: ops; required for release)")
     ctl.add_argument("--ttl", type=float, help="seconds after which the claim lapses by itself")
     ctl.add_argument("--timeout", type=float, help="seconds to wait for the result (10; rebalance 30)")
     ctl.add_argument("--json", action="store_true", help="print the result as JSON")

@@ -3,7 +3,9 @@
 Entries are read through consumer group ``publisher``: first this consumer's pending
 entries (in flight when a previous run stopped), then new ones, in stream order. Each is
 acknowledged only in the same MULTI/EXEC that persists its effect and writes its result,
-so a crash at any point means the entry is applied again, which changes nothing.
+so a crash at any point means the entry is applied again, which changes nothing. Entries
+older than the last one answered are trimmed away (approximately, a macro node at a
+time): the results stream, capped too, is the record.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from publisher.instruments import InstrumentsLoader
 from publisher.live import LiveWatch
 from publisher.moves import Moves
 from publisher.rebalance import Rebalancer
-from publisher.requests import Request, RequestError, parse_request
+from publisher.requests import RELEASES, Request, RequestError, parse_request
 from publisher.subscriptions import Outcome, RebalanceBusy, SubscriptionBook
 from publisher.tasks import cancel_and_wait
 
@@ -180,6 +182,8 @@ class ControlLoop:
                 except Exception:  # a bug must not stall every request behind this one
                     log.exception("request id=%s failed unexpectedly", entry_id.decode())
                     await self._answer_internal_error(entry_id.decode(), fields)
+            if entries:  # every entry up to the last is answered and acknowledged: keep the stream short
+                await self._redis.xtrim(self._keys.control, minid=entries[-1][0], approximate=True)
             if not pending or not entries or self._stopping:
                 return
 
@@ -282,14 +286,17 @@ class ControlLoop:
     def _persist(self, pipe: redis.client.Pipeline, request: Request, outcome: Outcome) -> None:
         keys, book = self._keys, self._book
         claims_key = keys.claims(request.client)
-        released = outcome.applied if request.op == "unsubscribe" else outcome.released
+        released = outcome.applied if request.op in RELEASES else outcome.released
         if released:
             pipe.hdel(claims_key, *map(str, released))
-        if outcome.applied and request.op != "unsubscribe":
+        if outcome.applied and request.op not in RELEASES:
             pipe.hset(claims_key, mapping={str(t): request.mode for t in outcome.applied})  # type: ignore[misc]
             pipe.sadd(keys.clients, request.client)
-        if released and request.client not in book.claims:
+        if request.client in book.claims:
+            pipe.hset(keys.client_activity, request.client, f"{time.time():.3f}")
+        elif released:
             pipe.srem(keys.clients, request.client)
+            pipe.hdel(keys.client_activity, request.client)
         self._persist_deadlines(pipe, request.client)
         for change in outcome.plan.values():
             if change.unsubscribe:

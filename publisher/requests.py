@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from kitewire.codec import MODE_QUOTE, MODES
 from kitewire.instruments import normal_symbol, split_items
 
-OPS = ("subscribe", "unsubscribe", "mode", "set", "rebalance")
+OPS = ("subscribe", "unsubscribe", "mode", "set", "rebalance", "release")
+RELEASES = ("unsubscribe", "release")  # ops that only drop claims
 DEFAULT_CLIENT = "default"
 MAX_TOKENS_FIELD = 200_000  # characters; 9000 tokens of 10 digits and a comma is ~99k
 MAX_TOKENS_PER_REQUEST = 20_000
 MAX_FIELD = 64
 MAX_TTL = 7 * 24 * 3600  # a week: a claim meant to last longer should not expire
-_OPS_TEXT = "subscribe, unsubscribe, mode, set or rebalance"
+_OPS_TEXT = "subscribe, unsubscribe, mode, set, rebalance or release"
 _CLIENT = re.compile(r"^[A-Za-z0-9_.:@-]{1,64}$")
 
 
@@ -29,7 +30,7 @@ class Request:
     """One validated control request."""
 
     op: str
-    tokens: tuple[int, ...]  # empty only for rebalance, or when every item is a symbol
+    tokens: tuple[int, ...]  # empty only for rebalance and release, or when every item is a symbol
     client: str
     mode: str | None = None  # None only for unsubscribe
     ttl: float | None = None  # seconds until the claim lapses by itself (subscribe, mode, set)
@@ -93,10 +94,10 @@ def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
     client = _text(fields, "client", MAX_FIELD) or DEFAULT_CLIENT
     if not _CLIENT.match(client):
         raise RequestError(f"bad client {client!r}: letters, digits and _ . : @ - only")
-    if op == "rebalance":
+    if op in ("rebalance", "release"):  # they act on what is held
         for name in ("tokens", "mode", "ttl"):
             if _text(fields, name, MAX_TOKENS_FIELD) is not None:
-                raise RequestError(f"field '{name}' makes no sense for rebalance (it moves what is held)")
+                raise RequestError(f"field '{name}' makes no sense for {op} (it acts on what is held)")
         return Request(op, (), client)
     tokens_text = _text(fields, "tokens", MAX_TOKENS_FIELD)
     if tokens_text is None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from kitewire.codec import MODE_RANK
-from publisher.requests import Request
+from publisher.requests import RELEASES, Request
 
 
 @dataclass
@@ -117,7 +117,7 @@ class SubscriptionBook:
     def apply(self, request: Request, now: float = 0.0) -> Outcome:
         """Apply a request; ``now`` (epoch seconds) dates the deadlines of ``ttl`` claims."""
         outcome = self._apply(request)
-        if request.op != "unsubscribe":
+        if request.op not in RELEASES:
             for token in outcome.applied:
                 self._set_deadline(request, token, now)
         return outcome
@@ -158,6 +158,11 @@ class SubscriptionBook:
             error = f"{len(rejected)} token(s) rejected: capacity full ({used} of {self.capacity} in use)"
         elif request.op == "set":
             return self._set(request)
+        elif request.op == "release":  # every claim of the client (one that vanished)
+            applied.extend(self.claims.get(request.client, ()))
+            for token in applied:
+                self._release(request.client, token, plan)
+            error = ""
         else:
             assert request.mode is not None
             held = self.claims.get(request.client, {})

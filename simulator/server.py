@@ -280,9 +280,13 @@ class TickerServer:
 
     async def send_malformed(self, session: int | None = None) -> None:
         """Send a frame whose packet count promises more than the frame holds."""
-        frame = (5).to_bytes(2, "big") + (184).to_bytes(2, "big") + b"\x00" * 30
+        await self.send_raw((5).to_bytes(2, "big") + (184).to_bytes(2, "big") + b"\x00" * 30, session)
+
+    async def send_raw(self, message: bytes | str, session: int | None = None) -> None:
+        """Send any binary or text message as it is (hostile-input tests)."""
         for target in self._pick(session):
-            await target.websocket.send(frame)
+            with contextlib.suppress(ConnectionClosed):
+                await target.websocket.send(message)
 
     async def send_error(self, message: str, session: int | None = None) -> None:
         """Send ``{"type": "error", "data": message}``."""

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from config.keys import Keys
 from publisher.requests import MAX_TOKENS_FIELD, Request, RequestError, parse_request
 
 
@@ -12,8 +15,9 @@ def test_a_redis_cli_entry_parses() -> None:
     assert parse_request(fields) == Request("subscribe", (408065, 884737), "ops", "full")
 
 
-def test_rebalance_needs_no_tokens() -> None:
+def test_rebalance_and_release_need_no_tokens() -> None:
     assert parse_request({"op": "rebalance", "client": "ops"}) == Request("rebalance", (), "ops")
+    assert parse_request({"op": "release", "client": "gone"}) == Request("release", (), "gone")
 
 
 def test_defaults_and_separators() -> None:
@@ -39,6 +43,7 @@ def test_defaults_and_separators() -> None:
         ({"op": "mode", "tokens": "1"}, "missing field 'mode'"),
         ({"op": "rebalance", "tokens": "1"}, "field 'tokens' makes no sense for rebalance"),
         ({"op": "rebalance", "mode": "full"}, "field 'mode' makes no sense for rebalance"),
+        ({"op": "release", "tokens": "1"}, "field 'tokens' makes no sense for release"),
         ({"op": "rebalance", "client": "a b"}, "bad client"),
         ({"op": "subscribe", "tokens": "1", "client": "a b"}, "bad client"),
         ({"op": "subscribe", "tokens": "1", "client": "x" * 65}, "too long"),
@@ -64,3 +69,36 @@ def test_ttl_is_a_positive_number_of_seconds_up_to_a_week() -> None:
             parse_request(base | {"ttl": bad})
     with pytest.raises(RequestError, match="no sense for unsubscribe"):
         parse_request({"op": "unsubscribe", "tokens": "1", "ttl": "5"})
+
+
+_CRAFTED = st.sampled_from(
+    ["..", "*", "{", "}", "{kite}", "../../etc", "a\nb", "kite2:claims", "x y", "", " ", "\x00", "é", "ops"]
+)
+_LONG = st.text(min_size=65, max_size=300)
+_VALUES = st.one_of(st.binary(max_size=80), st.text(max_size=80), _CRAFTED, _LONG)
+_FIELDS = st.dictionaries(
+    st.one_of(st.sampled_from(["op", "tokens", "mode", "client", "ttl"]), st.text(max_size=10)),
+    _VALUES,
+    max_size=6,
+)
+_OPS = st.fixed_dictionaries(
+    {"op": st.sampled_from(["subscribe", "unsubscribe", "mode", "set", "release", "rebalance"])},
+    optional={"tokens": _VALUES, "mode": _VALUES, "client": _VALUES, "ttl": _VALUES},
+)
+
+
+@settings(max_examples=1500)
+@given(st.one_of(_FIELDS, _OPS), st.booleans())
+def test_any_entry_is_a_request_or_a_clear_error_and_its_keys_stay_in_the_namespace(fields, as_bytes):
+    if as_bytes:
+        fields = {k.encode() if isinstance(k, str) else k: v.encode() if isinstance(v, str) else v
+                  for k, v in fields.items()}  # fmt: skip
+    try:
+        request = parse_request(fields)
+    except RequestError as exc:
+        assert str(exc) and "\n" not in str(exc)[:200]
+        return
+    keys = Keys("kite")
+    for key in (keys.claims(request.client), keys.deadlines(request.client)):
+        assert key.startswith("kite:") and key.isprintable() and not set(key) & set("{}*?[] \n\r\\")
+    assert all(0 < t < 2**32 for t in request.tokens)

@@ -77,7 +77,7 @@ def test_restore_places_claims_and_drops_what_no_longer_fits() -> None:
 
 requests = st.builds(
     Request,
-    op=st.sampled_from(["subscribe", "unsubscribe", "mode", "rebalance", "finish"]),
+    op=st.sampled_from(["subscribe", "unsubscribe", "mode", "release", "rebalance", "finish"]),
     tokens=st.lists(st.integers(1, 16), min_size=1, max_size=8, unique=True).map(tuple),
     client=st.sampled_from(["a", "b", "c"]),
     mode=st.sampled_from(MODES),
@@ -109,9 +109,14 @@ def test_invariants_hold_for_any_request_sequence(connections, per_connection, s
                     if change is not None:
                         plan[src] = change
         else:
-            if request.op == "unsubscribe":
-                request = Request("unsubscribe", request.tokens, request.client)
+            if request.op in ("unsubscribe", "release"):
+                tokens = request.tokens if request.op == "unsubscribe" else ()
+                request = Request(request.op, tokens, request.client)
+            held = set(book.claims.get(request.client, ()))
             outcome = book.apply(request)
+            if request.op == "release":
+                assert set(outcome.applied) == held and request.client not in book.claims
+                request = Request("release", outcome.applied, request.client)
             assert set(outcome.applied) | set(outcome.rejected) == set(request.tokens)
             plan = outcome.plan
         for index, change in plan.items():
@@ -232,3 +237,14 @@ def test_a_token_released_while_it_moves_goes_from_both_connections() -> None:
     outcome = book.apply(unsub([token]))
     assert outcome.plan == {i: ConnectionChange(unsubscribe={token}) for i in (src, dst)}
     assert book.finish_move(token, src) is None and book.loads == [1, 0]
+
+
+def test_release_drops_every_claim_of_one_client_only() -> None:
+    book = SubscriptionBook(3, 10)
+    book.apply(Request("subscribe", (1, 2), "gone", "full", ttl=60), now=0)
+    book.apply(sub([2, 3], "ltp", "alive"))
+    outcome = book.apply(Request("release", (), "gone"))
+    assert outcome.ok and set(outcome.applied) == {1, 2}
+    assert book.claims == {"alive": {2: "ltp", 3: "ltp"}} and book.deadlines == {}
+    assert book.in_force == {2: "ltp", 3: "ltp"}
+    assert book.apply(Request("release", (), "gone")).applied == ()

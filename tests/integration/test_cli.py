@@ -140,3 +140,20 @@ async def test_ctl_rebalance_waits_for_the_moves_and_takes_no_tokens(publisher, 
     assert publisher.book.loads == [1, 1, 1] and publisher.book.moving == {}
     code, _, err = await kitebus(redis_url, "ctl", "rebalance", "408065")
     assert code == 2 and "no tokens" in err
+
+
+async def test_ctl_lists_clients_and_releases_a_vanished_one(publisher, control, redis_url, rds, keys):
+    await control.subscribe([1, 2, 3], client="gone", ttl=600)
+    await control.subscribe([3], client="alive")
+    code, out, _ = await kitebus(redis_url, "ctl", "clients", "--json")
+    listed = json.loads(out)
+    assert code == 0 and set(listed) == {"gone", "alive"} and listed["gone"]["claims"] == 3
+    assert listed["gone"]["last_request_at"] > 0
+    code, _, err = await kitebus(redis_url, "ctl", "release")
+    assert code == 2 and "--client" in err
+    code, out, _ = await kitebus(redis_url, "ctl", "release", "--client", "gone")
+    assert code == 0 and out.strip() == "ok: release client=gone released=3"
+    assert publisher.book.claims == {"alive": {3: "quote"}} and set(publisher.book.placement) == {3}
+    assert not await rds.exists(keys.claims("gone"), keys.deadlines("gone"))
+    assert await rds.smembers(keys.clients) == {b"alive"}
+    assert await rds.hkeys(keys.client_activity) == [b"alive"]
