@@ -1,9 +1,11 @@
 """The control flow: read ``{ns}:control``, apply, persist, answer, acknowledge.
 
 Entries are read through consumer group ``publisher``: first this consumer's pending
-entries (in flight when a previous run stopped), then new ones, in stream order. Each is
-acknowledged only in the same MULTI/EXEC that persists its effect and writes its result,
-so a crash at any point means the entry is applied again, which changes nothing. Entries
+entries (in flight when a previous run stopped), then new ones, in stream order, up to
+100 at a time. Each batch is applied entry by entry, then acknowledged in one MULTI/EXEC
+that also persists the effects and writes the results, so a crash at any point means
+those entries are applied again, which changes nothing; and a flood of garbage costs one
+round trip per batch, not per entry. Entries
 older than the last one answered are trimmed away (approximately, a macro node at a
 time): the results stream, capped too, is the record.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -67,6 +69,10 @@ class ControlLoop:
         self._moves = moves or Moves()
         self._instruments = instruments or InstrumentsLoader(client, keys, None)
         self._task: asyncio.Task[None] | None = None
+        self._batch: redis.client.Pipeline | None = None  # the open transaction of this batch
+        self._after_batch: list[Callable[[], None]] = []  # what waits for the batch's results
+        self._acks: list[str] = []  # the batch's entries, acknowledged in one XACK at its end
+        self._quiet = _RateLimitedLog(per_second=20)
         self._stopping = False
         self.last_error = ""
 
@@ -157,11 +163,13 @@ class ControlLoop:
                     await self._drain(pending=False)
                     await self._expire_due()
             except REDIS_DOWN as exc:
+                self._batch, self._after_batch, self._acks = None, [], []  # pending: applied again
                 self.last_error = f"redis: {exc.__class__.__name__}"
                 log.warning("control loop lost redis error=%s retry_in=%.1fs", exc.__class__.__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
             except ResponseError as exc:
+                self._batch, self._after_batch, self._acks = None, [], []
                 if "NOGROUP" not in str(exc):
                     raise
                 log.warning("control group missing (redis lost its data?); creating it again")
@@ -176,12 +184,13 @@ class ControlLoop:
             entries = reply[0][1] if reply else []
             for entry_id, fields in entries:
                 try:
-                    await self.handle(entry_id.decode(), fields)
+                    await self._handle(entry_id.decode(), fields)
                 except (*REDIS_DOWN, ResponseError):
                     raise
                 except Exception:  # a bug must not stall every request behind this one
                     log.exception("request id=%s failed unexpectedly", entry_id.decode())
-                    await self._answer_internal_error(entry_id.decode(), fields)
+                    self._answer_internal_error(entry_id.decode(), fields)
+            await self._commit()
             if entries:  # every entry up to the last is answered and acknowledged: keep the stream short
                 await self._redis.xtrim(self._keys.control, minid=entries[-1][0], approximate=True)
             if not pending or not entries or self._stopping:
@@ -189,6 +198,22 @@ class ControlLoop:
 
     async def handle(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
         """Apply one entry, then persist + answer + acknowledge in one transaction."""
+        await self._handle(entry_id, fields)
+        await self._commit()
+
+    async def _commit(self) -> None:
+        """Run the batch's transaction, then what waited for its results."""
+        batch, after, acks = self._batch, self._after_batch, self._acks
+        self._batch, self._after_batch, self._acks = None, [], []
+        if batch is not None:
+            if acks:
+                batch.xack(self._keys.control, CONTROL_GROUP, *acks)
+            async with batch:
+                await batch.execute()
+        for step in after:
+            step()
+
+    async def _handle(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
         try:
             if fields is None:
                 raise RequestError("the entry was deleted from the stream before it was read")
@@ -196,7 +221,7 @@ class ControlLoop:
             if request.symbols:  # nothing changes unless every symbol is known
                 request = request.resolved(await self._instruments.resolve(request.symbols))
         except (RequestError, UnknownInstrument) as exc:
-            await self._answer(entry_id, fields, str(exc))
+            self._answer(entry_id, fields, str(exc))
             return
         if request.op == "rebalance":
             await self._rebalance(entry_id, fields, request.client)
@@ -206,9 +231,10 @@ class ControlLoop:
         new = [t for change in outcome.plan.values() for t in change.subscribe]
         before = live.before(new) if live else {}  # before Kite hears of them: its first tick is quick
         await self._execute(outcome)
-        await self._answer(entry_id, fields, outcome.error, request, outcome)
-        if live:
-            live.watch(entry_id, request.client, before, [t for t in outcome.applied if t not in before])
+        self._answer(entry_id, fields, outcome.error, request, outcome)
+        if live:  # once the result is in the stream: the follow-up must come after it
+            already = [t for t in outcome.applied if t not in before]
+            self._after_batch.append(lambda: live.watch(entry_id, request.client, before, already))
 
     async def _execute(self, outcome: Outcome) -> None:
         """Tell the connections; a token subscribed or released anew ends its move, if any."""
@@ -235,10 +261,10 @@ class ControlLoop:
                 outcome = Outcome((), (), str(exc), {})
             else:
                 outcome = Outcome(moved, (), "", {})
-        await self._answer(entry_id, fields, outcome.error, None, outcome)
+        self._answer(entry_id, fields, outcome.error, None, outcome)
 
-    async def _answer_internal_error(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
-        await self._answer(entry_id, fields, "internal error in the publisher (see its log)")
+    def _answer_internal_error(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
+        self._answer(entry_id, fields, "internal error in the publisher (see its log)")
 
     async def _expire_due(self) -> None:
         """Claims whose ttl ran out lapse: a normal release, recorded as op ``expire``."""
@@ -246,9 +272,10 @@ class ControlLoop:
             request = Request("unsubscribe", tokens, client)
             outcome = self._book.apply(request)
             await self._execute(outcome)
-            await self._answer(None, None, "", request, outcome)
+            self._answer(None, None, "", request, outcome)
+        await self._commit()
 
-    async def _answer(
+    def _answer(
         self,
         entry_id: str | None,
         fields: Mapping[bytes, bytes] | None,
@@ -256,8 +283,9 @@ class ControlLoop:
         request: Request | None = None,
         outcome: Outcome | None = None,
     ) -> None:
-        """Persist the outcome (if any), write the result and XACK, all in one MULTI/EXEC.
-        Without an entry id it is the publisher's own change (an expiry): nothing to XACK."""
+        """Queue the outcome's persistence (if any), the result and the XACK on the batch's
+        transaction. Without an entry id it is the publisher's own change (an expiry):
+        nothing to XACK."""
         result = {
             "request": entry_id or "",
             "op": ("expire" if entry_id is None else request.op) if request else _field(fields, "op"),
@@ -269,13 +297,16 @@ class ControlLoop:
         }
         if outcome is not None and outcome.released:
             result["released"] = _tokens_text(outcome.released)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            if request is not None and outcome is not None:
-                self._persist(pipe, request, outcome)
-            pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
-            if entry_id is not None:
-                pipe.xack(self._keys.control, CONTROL_GROUP, entry_id)
-            await pipe.execute()
+        if self._batch is None:
+            self._batch = self._redis.pipeline(transaction=True)
+        pipe = self._batch
+        if request is not None and outcome is not None:
+            self._persist(pipe, request, outcome)
+        pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+        if entry_id is not None:
+            self._acks.append(entry_id)
+        if result["ok"] == "0" and not self._quiet.allow():
+            return
         log.log(
             logging.INFO if result["ok"] == "1" else logging.WARNING,
             "request id=%s op=%s client=%s ok=%s applied=%d rejected=%d error=%r",
@@ -319,9 +350,33 @@ class ControlLoop:
             pipe.hset(self._keys.deadlines(client), mapping=mapping)
 
 
+class _RateLimitedLog:
+    """At most ``per_second`` rejected requests logged one by one; a flood of garbage is
+    summed up in one line per second instead of flooding the log."""
+
+    def __init__(self, per_second: int) -> None:
+        self.per_second = per_second
+        self._second = 0
+        self._logged = 0
+        self._skipped = 0
+
+    def allow(self) -> bool:
+        second = int(time.monotonic())
+        if second != self._second:
+            if self._skipped:
+                log.warning("%d more rejected requests were not logged one by one", self._skipped)
+            self._second, self._logged, self._skipped = second, 0, 0
+        if self._logged < self.per_second:
+            self._logged += 1
+            return True
+        self._skipped += 1
+        return False
+
+
 def _field(fields: Mapping[bytes, bytes] | None, name: str) -> str:
-    """A field of a rejected entry, cut short, for its result."""
+    """A field of a rejected entry, cut short and made printable (it goes into a log line:
+    no newline may forge another), for its result."""
     if not fields:
         return ""
-    value = fields.get(name.encode(), b"")
-    return value[:64].decode("utf-8", "replace")
+    value = fields.get(name.encode(), b"")[:64].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in value)

@@ -87,6 +87,7 @@ async def test_garbage_requests_are_answered_and_stay_inside_the_namespace(publi
     results = {f[b"request"].decode(): f for _, f in await rds.xrange(keys.control_results)}
     assert set(ids) <= set(results)  # each got its answer, in order, before the valid one
     assert all(results[i][b"ok"] == b"0" and results[i][b"error"] for i in ids)
+    assert all(results[i][b"client"].decode().isprintable() for i in ids)  # "a\nb" forges no log line
     assert all(key.startswith(b"kite:") for key in await rds.keys("*"))
     assert await rds.xlen(keys.control) < 250  # answered entries are trimmed away
     assert all(c.state == "live" for c in publisher.connections)
