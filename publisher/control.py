@@ -109,10 +109,16 @@ class ControlLoop:
         return claims, deadlines
 
     async def write_all(self) -> None:
-        """Rewrite every hash and claim from the book (at start and after Redis lost data)."""
+        """Rewrite every hash and claim from the book (at start and after Redis lost data),
+        and drop the snapshots in ``{ns}:last`` of tokens no longer subscribed (released
+        while no publisher ran, or just before one was killed)."""
         book, keys = self._book, self._keys
+        held = book.placement
+        stale = [k for k in await self._redis.hkeys(keys.last) if not k.isdigit() or int(k) not in held]
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(keys.token_conn, keys.token_mode, keys.token_status, keys.clients)
+            if stale:
+                pipe.hdel(keys.last, *stale)
             if book.placement:
                 pipe.hset(keys.token_conn, mapping={str(t): str(book.serving(t)) for t in book.placement})
                 pipe.hset(keys.token_mode, mapping={str(t): m for t, m in book.in_force.items()})

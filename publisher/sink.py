@@ -333,6 +333,8 @@ class TickSink:
                 await self._work.wait()
                 continue
             batch, data = self._take_batch()
+            if not data:
+                continue
             connection.write(data)
             self._in_flight.append(batch)
             self._in_flight_bytes += batch.size
@@ -362,12 +364,16 @@ class TickSink:
             publishes.append(b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * nfields, len(key), key))
             publishes += fields
             replies += 1
-        if self._released:
-            names = [b"%d" % t for t in self._released]
-            publishes.append(pack_command(b"HDEL", self._last_key, *names))
-            publishes.append(pack_command(b"HDEL", self._keys.token_status, *names))
+        if self._released and not self._pending:
+            # Only behind every queued tick: an older HSET of a released token, sent after
+            # its HDEL, would leave its snapshot in {ns}:last for good. A token back in the
+            # cache by now (subscribed again) keeps its snapshot.
+            names = [b"%d" % t for t in self._released if t not in self.cache]
             self._released.clear()
-            replies += 2
+            if names:
+                publishes.append(pack_command(b"HDEL", self._last_key, *names))
+                publishes.append(pack_command(b"HDEL", self._keys.token_status, *names))
+                replies += 2
         data = b"".join(publishes)
         return _Batch(len(data), replies, ticks, sources), data
 

@@ -90,6 +90,11 @@ class TickerServer:
         self.sessions: list[Session] = []
         self._ids = itertools.count()
         self._refuse_until = 0.0
+        # what a soak checks the publisher against
+        self.paused = False  # no ticks of its own (heartbeats go on): the market holds still
+        self.peak = 0  # the most instruments any session ever held at once
+        self.sent = 0  # ticks sent in all, over every session
+        self.last_sent: dict[int, tuple[str, float]] = {}  # token -> (mode, last_price) last sent
         self._server: Server | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -204,6 +209,7 @@ class TickerServer:
             session.modes[token] = MODE_QUOTE
             added.append(token)
         session.peak = max(session.peak, len(session.modes))
+        self.peak = max(self.peak, session.peak)
         await self._send_current(session, added)
         if refused:
             await self._send_error(
@@ -216,7 +222,7 @@ class TickerServer:
         if not tokens or session.stalled or session.flooding or not self.snapshots:
             return
         stamp = int(time.time())
-        packets = [codec.encode_packet(self.market.tick(t, session.modes[t], stamp)) for t in tokens]
+        packets = [self._packet(t, session.modes[t], stamp) for t in tokens]
         with contextlib.suppress(ConnectionClosed):
             await self._send_packets(session, packets)
 
@@ -236,7 +242,11 @@ class TickerServer:
             while True:
                 await asyncio.sleep(step)
                 now = time.monotonic()
-                if session.stalled or session.flooding:
+                if session.stalled or session.flooding or self.paused:
+                    idle = self.paused and not (session.stalled or session.flooding)
+                    if idle and now - session.last_sent >= self.heartbeat_interval:
+                        await session.websocket.send(codec.HEARTBEAT)
+                        session.last_sent = now
                     continue
                 if now >= next_tick and session.modes:
                     next_tick = max(next_tick + period, now)  # behind: no catch-up burst
@@ -246,17 +256,23 @@ class TickerServer:
                         tokens = (tokens[start:] + tokens[:start])[:budget]
                         turn += budget
                     stamp = int(time.time())
-                    packets = [codec.encode_packet(self.market.tick(t, m, stamp)) for t, m in tokens]
+                    packets = [self._packet(t, m, stamp) for t, m in tokens]
                     await self._send_packets(session, packets)
                 elif now - session.last_sent >= self.heartbeat_interval:
                     await session.websocket.send(codec.HEARTBEAT)
                     session.last_sent = now
+
+    def _packet(self, token: int, mode: str, stamp: int) -> bytes:
+        tick = self.market.tick(token, mode, stamp)
+        self.last_sent[token] = (mode, tick["last_price"])
+        return codec.encode_packet(tick)
 
     async def _send_packets(self, session: Session, packets: list[bytes]) -> None:
         for start in range(0, len(packets), PACKETS_PER_FRAME):
             chunk = packets[start : start + PACKETS_PER_FRAME]
             await session.websocket.send(codec.encode_frame(chunk))
             session.sent_ticks += len(chunk)
+            self.sent += len(chunk)
         session.last_sent = time.monotonic()
 
     # --- faults ---------------------------------------------------------------------------

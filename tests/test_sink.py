@@ -65,3 +65,18 @@ async def test_released_tokens_leave_the_cache_and_are_deleted_from_the_snapshot
         [b"HDEL", b"paper:last", b"%d" % B],
         [b"HDEL", b"paper:token_status", b"%d" % B],
     ]
+
+
+async def test_a_released_tokens_hdel_waits_behind_every_queued_hset_of_it() -> None:
+    """Found by the soak: with a backlog of several batches (after Redis came back), the HDEL
+    went out in the first batch and an older HSET of the token re-created its snapshot."""
+    sink = _sink(batch_bytes=64)
+    for price in range(1, 6):
+        sink.publish_frame(_frame((A, float(price)), (B, float(price))), price)  # five batches' worth
+    sink.prune({B})  # A released
+    commands = []
+    while sink._pending or sink._released:
+        commands += parse_commands(sink._take_batch()[1])
+    hdel = next(i for i, c in enumerate(commands) if c[:2] == [b"HDEL", b"paper:last"])
+    assert commands[hdel][2:] == [b"%d" % A]
+    assert all(c[0] != b"HSET" for c in commands[hdel:])  # nothing re-creates A's snapshot

@@ -1,0 +1,624 @@
+"""Soak and chaos: a trading day's faults at once, with the invariants checked through it.
+
+    .venv/bin/python bench/soak.py [--duration 300] [--instruments 9000] [--rate 1]
+                                   [--clients 4] [--seed N] [--json]
+
+Every part is a process of its own except the simulator, which the driver holds so that
+it can inject faults and look at what Kite was told: a private redis-server,
+``python -m publisher``, ``--clients`` strategy processes sending random requests
+(subscribe, unsubscribe, mode, set with up to 2,500 tokens, release, rebalance, ttl
+claims and garbage) over a universe of ``instruments * 4/3`` tokens, so capacity runs
+out, and a consumer PSUBSCRIBEd to every tick channel that checks ``seq`` per token.
+
+At random moments, one at a time: a connection dropped or stalled at the simulator,
+Redis killed and restarted empty, the publisher stopped with SIGTERM or killed with
+SIGKILL and started again. Each fault's recovery time runs until the simulator holds
+exactly the persisted claims again on three live sessions. At checkpoints (clients
+paused, the market held still): Kite's subscriptions equal the union of the persisted
+claims with the richest mode; ``{ns}:token_conn`` and ``{ns}:token_mode`` agree with the
+simulator; every ticked token's latest tick is in ``{ns}:last``; the control stream is
+drained; and the figures of what could grow (publisher memory, Redis keys, streams).
+At the end: no session ever over its limit, every request answered exactly once (none
+lost but with Redis's data), no tick received twice, no gap in ``seq`` outside a fault.
+Exit status 0 when every check held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import hiredis
+import msgpack
+import redis as sync_redis
+import redis.asyncio as redis
+
+from config import Keys
+from consumers.control import ControlClient, ControlTimeout
+from kitebus.localredis import LocalRedis, free_port
+from kitewire.codec import MODE_RANK
+from publisher.resp import pack_command
+from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
+
+NS = "soak"
+LIMIT = 3000  # tokens per connection, the publisher's default
+FAULTS = ("drop", "stall", "redis_restart", "publisher_term", "publisher_kill")
+FOLLOW_UPS = {b"live", b"rebalanced", b"expire"}
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def _token(i: int) -> int:
+    return (i + 1) << 8 | 1  # generic NSE instruments
+
+
+# --- a strategy process ------------------------------------------------------------------
+
+
+async def run_client(name: str, url: str, pause: Path, universe: int, seed: int, until: float) -> None:
+    """Random requests until ``until`` (epoch s), pausing while ``pause`` exists; prints counts."""
+    rng = random.Random(seed)
+    client = redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    control = ControlClient(client, NS)
+    counts: Counter[str] = Counter()
+    held: set[int] = set()
+    ack = pause.with_name(f"{pause.name}.{name}")
+    ops = ["subscribe", "unsubscribe", "mode", "set", "garbage", "release", "rebalance"]
+    weights = [34, 24, 14, 8, 14, 2, 1]
+    while time.time() < until:
+        if pause.exists():  # noqa: ASYNC240 - a stat call between requests
+            ack.touch()
+            await asyncio.sleep(0.05)
+            continue
+        ack.unlink(missing_ok=True)
+        op = rng.choices(ops, weights)[0]
+        mode = rng.choice(["ltp", "quote", "full"])
+        claims = op in ("subscribe", "mode", "set")
+        ttl = rng.choice([None, None, None, rng.uniform(3, 20)]) if claims else None
+        if op == "subscribe":
+            tokens: list[Any] | None = [_token(rng.randrange(universe)) for _ in range(rng.randint(1, 60))]
+        elif op in ("unsubscribe", "mode"):
+            tokens = rng.sample(sorted(held), min(len(held), rng.randint(1, 40))) or [_token(0)]
+        elif op == "set":
+            tokens = [_token(rng.randrange(universe)) for _ in range(rng.randint(1, 2500))]
+        elif op == "garbage":
+            op, tokens = rng.choice([("subscribe", ["12x"]), ("bogus", [1]), ("mode", ["0"])])
+        else:
+            tokens = None
+        try:
+            run_id = (await client.info("server"))["run_id"]
+            try:
+                asks = op in ("subscribe", "mode", "set")
+                result = await control.request(
+                    op, tokens, mode=mode if asks else None, client=name, ttl=ttl, timeout=20
+                )
+            except ControlTimeout:
+                lost = (await client.info("server"))["run_id"] != run_id
+                counts["lost_with_redis" if lost else "unanswered"] += 1
+                continue
+        except REDIS_ERRORS:
+            counts["redis_down"] += 1
+            await asyncio.sleep(0.3)
+            continue
+        counts["requests"] += 1
+        counts["ok" if result.ok else "not_ok"] += 1
+        if op == "set" and result.ok:
+            held = set(result.applied)
+        elif op == "subscribe":
+            held.update(result.applied)
+        elif op == "unsubscribe":
+            held.difference_update(result.applied)
+        elif op == "release":
+            held.clear()
+        await asyncio.sleep(rng.uniform(0.02, 0.25))
+    ack.touch()
+    print(json.dumps(counts), flush=True)
+    await client.aclose()
+
+
+# --- the consumer process ----------------------------------------------------------------
+
+
+def run_consumer(port: int, out: Path) -> None:
+    """PSUBSCRIBE every tick channel; count ticks, seq gaps (with when), duplicates; write
+    the figures to ``out`` every second; reconnect whenever Redis goes away."""
+    stats: dict[str, Any] = {"received": 0, "gap_ticks": 0, "gaps": [], "duplicates": 0, "reconnects": 0}
+    last: dict[int, tuple[int, int, float]] = {}  # token -> epoch, seq, received at
+    written = 0.0
+    stop = False
+
+    def dump(*_: object) -> None:
+        out.with_suffix(".tmp").write_text(json.dumps(stats))
+        out.with_suffix(".tmp").replace(out)
+
+    def finish(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, finish)
+    while not stop:
+        try:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+            sock.sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
+            reader = hiredis.Reader()
+            while not stop:
+                try:
+                    data = sock.recv(1 << 20)
+                except TimeoutError:
+                    data = None
+                if data == b"":
+                    raise ConnectionError
+                if data:
+                    reader.feed(data)
+                    while (reply := reader.gets()) is not False:
+                        if reply[0] != b"pmessage":
+                            continue
+                        tick = msgpack.unpackb(reply[3])
+                        token, seq, epoch = tick["instrument_token"], tick["seq"], tick["epoch"]
+                        at = tick["received_at_ns"] / 1e9  # when the publisher got it from Kite
+                        stats["received"] += 1
+                        before = last.get(token)
+                        if before is not None and before[0] == epoch:
+                            if seq <= before[1]:
+                                stats["duplicates"] += 1
+                            elif seq > before[1] + 1:  # lost: ticks the publisher got between these two
+                                stats["gap_ticks"] += seq - before[1] - 1
+                                if len(stats["gaps"]) < 5000:
+                                    stats["gaps"].append([before[2], at, token, seq - before[1] - 1])
+                        if before is None or before[0] != epoch or seq > before[1]:
+                            last[token] = (epoch, seq, at)
+                if time.time() - written > 0.5:
+                    dump()
+                    written = time.time()
+        except OSError:
+            stats["reconnects"] += 1
+            time.sleep(0.2)
+    dump()
+
+
+# --- the driver --------------------------------------------------------------------------
+
+
+@dataclass
+class Fault:
+    kind: str
+    at: float  # epoch seconds
+    recovered_at: float | None = None
+
+
+@dataclass
+class Soak:
+    duration: float
+    instruments: int
+    rate: float
+    clients: int
+    seed: int
+    kinds: tuple[str, ...] = FAULTS
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kitebus-soak-")))
+    faults: list[Fault] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.keys = Keys(NS)
+        self.redis_server = LocalRedis(self.workdir / "redis", free_port())
+        (self.workdir / "redis").mkdir()
+        self.pause = self.workdir / "pause"
+        self.consumer_out = self.workdir / "consumer.json"
+        self.publisher: asyncio.subprocess.Process | None = None
+        self.publisher_runs = 0
+        self.results: Counter[bytes] = Counter()  # request id -> results seen
+        self.results_lost = 0  # results in a stream Redis lost before they were read
+        self.rss_mb: list[float] = []
+
+    # --- the parts -----------------------------------------------------------------------
+
+    async def start_publisher(self) -> None:
+        env = {
+            **os.environ, "KITE_WS_URL": self.simulator.url, "REDIS_URL": self.redis_server.url,
+            "KITE_API_KEY": DEFAULT_API_KEY, "KITE_ACCESS_TOKEN": DEFAULT_ACCESS_TOKEN,
+            "KITEBUS_NAMESPACE": NS, "KITEBUS_LOG_LEVEL": "WARNING",
+        }  # fmt: skip
+        log = open(self.workdir / "publisher.log", "ab")  # noqa: ASYNC230 - opened once per start
+        self.publisher = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "publisher", env=env, stdout=log, stderr=log
+        )
+        log.close()
+        self.publisher_runs += 1
+
+    async def stop_publisher(self, sig: int) -> None:
+        assert self.publisher is not None
+        self.publisher.send_signal(sig)
+        await self.publisher.wait()
+
+    def start_redis(self) -> None:
+        """Start (again, empty), with the pub/sub output buffer limit lifted: the publisher is
+        what is measured, and a consumer that falls behind must not be cut."""
+        self.redis_server.start()
+        client = sync_redis.Redis(port=self.redis_server.port)
+        try:
+            client.config_set("client-output-buffer-limit", "pubsub 0 0 0")
+        finally:
+            client.close()
+
+    def kill_redis(self) -> None:
+        process = self.redis_server.process
+        assert process is not None
+        process.kill()
+        process.wait()
+        self.redis_server.process = None
+
+    def publisher_rss_mb(self) -> float:
+        assert self.publisher is not None
+        with open(f"/proc/{self.publisher.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    async def audit_results(self) -> None:
+        """Count results per request id, following the stream across Redis restarts."""
+        cursor, run_id = b"0-0", None
+        while True:
+            try:
+                client = redis.from_url(self.redis_server.url, socket_timeout=5)
+                while True:
+                    now_id = (await client.info("server"))["run_id"]
+                    if now_id != run_id:
+                        cursor, run_id = b"0-0", now_id
+                    reply = await client.xread({self.keys.control_results: cursor}, count=1000, block=500)
+                    for _, entries in reply or []:
+                        for entry_id, fields in entries:
+                            cursor = entry_id
+                            if fields.get(b"op") not in FOLLOW_UPS:
+                                self.results[fields[b"request"]] += 1
+            except REDIS_ERRORS:
+                await asyncio.sleep(0.2)
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    # --- what must hold ------------------------------------------------------------------
+
+    async def desired(self, client: redis.Redis) -> dict[int, str]:
+        """The union of the persisted claims, each token with the richest mode asked."""
+        modes: dict[int, str] = {}
+        for raw in await client.smembers(self.keys.clients):
+            for token, mode in (await client.hgetall(self.keys.claims(raw.decode()))).items():
+                t, m = int(token), mode.decode()
+                if t not in modes or MODE_RANK[m] > MODE_RANK[modes[t]]:
+                    modes[t] = m
+        return modes
+
+    def at_kite(self) -> dict[int, str]:
+        return {t: m for s in self.simulator.sessions for t, m in s.modes.items()}
+
+    async def converged(self, client: redis.Redis) -> bool:
+        sessions = self.simulator.sessions
+        if len(sessions) != 3 or any(s.stalled for s in sessions):
+            return False
+        status = await client.hgetall(self.keys.status)
+        fresh = time.time() - float(status.get(b"heartbeat_at", 0)) < 3 and status.get(b"state") == b"running"
+        return fresh and await self.desired(client) == self.at_kite()
+
+    async def wait_converged(self, client: redis.Redis, timeout: float) -> float | None:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            try:
+                if await self.converged(client):
+                    return time.monotonic() - started
+            except REDIS_ERRORS:
+                pass
+            await asyncio.sleep(0.05)
+        return None
+
+    async def checkpoint(self, client: redis.Redis, final: bool) -> None:
+        self.pause.touch()
+        names = [f"c{i}" for i in range(self.clients)]
+        deadline = time.monotonic() + 40
+        while not all(self.pause.with_name(f"{self.pause.name}.{n}").exists() for n in names):
+            if time.monotonic() > deadline:
+                self.failures.append("clients did not pause within 40 s")
+                break
+            await asyncio.sleep(0.05)
+        took = await self.wait_converged(client, 40)
+        point: dict[str, Any] = {"at": round(time.monotonic() - self.started, 1), "converged_s": took}
+        if took is None:
+            want, have = await self.desired(client), self.at_kite()
+            missing, extra = set(want) - set(have), set(have) - set(want)
+            wrong = sum(1 for t in set(want) & set(have) if want[t] != have[t])
+            self.failures.append(
+                f"checkpoint {len(self.checkpoints) + 1}: Kite does not hold the claims: "
+                f"{len(missing)} missing, {len(extra)} extra, {wrong} in the wrong mode"
+            )
+        else:
+            await self.check_hashes(client)
+        while True:  # every request answered: nothing pending or unread in the control group
+            group = (await client.xinfo_groups(self.keys.control))[0]
+            if not group["pending"] and not group["lag"]:
+                break
+            await asyncio.sleep(0.05)
+        await self.check_last(client)
+        info = await client.info("memory")
+        point |= {
+            "tokens": len(self.at_kite()),
+            "publisher_rss_mb": round(self.publisher_rss_mb(), 1),
+            "redis_keys": await client.dbsize(),
+            "redis_used_mb": round(info["used_memory"] / 2**20, 1),
+            "control_len": await client.xlen(self.keys.control),
+            "results_len": await client.xlen(self.keys.control_results),
+            "last_len": await client.hlen(self.keys.last),
+        }
+        self.rss_mb.append(point["publisher_rss_mb"])
+        self.checkpoints.append(point)
+        if not final:
+            self.pause.unlink()
+
+    async def check_hashes(self, client: redis.Redis) -> None:
+        want = await self.desired(client)
+        modes = {int(t): m.decode() for t, m in (await client.hgetall(self.keys.token_mode)).items()}
+        conns = {int(t): c.decode() for t, c in (await client.hgetall(self.keys.token_conn)).items()}
+        if modes != want:
+            differ = len(set(modes.items()) ^ set(want.items()))
+            self.failures.append(f"token_mode disagrees with the claims on {differ} entries")
+        groups: dict[str, set[int]] = {}
+        for token, index in conns.items():
+            groups.setdefault(index, set()).add(token)
+        at_kite = sorted(sorted(s.modes) for s in self.simulator.sessions if s.modes)
+        if sorted(sorted(g) for g in groups.values()) != at_kite:
+            self.failures.append("token_conn does not group the tokens as the simulator's sessions hold them")
+
+    async def check_last(self, client: redis.Redis) -> None:
+        """Hold the market still; once the publisher has published what it got, every
+        token's latest tick must be the one in ``{ns}:last``."""
+        self.simulator.paused = True
+        try:
+            stable, before = 0, None
+            while stable < 3:
+                await asyncio.sleep(0.5)
+                now = await client.hget(self.keys.status, "published")
+                stable = stable + 1 if now == before else 0
+                before = now
+            want = self.at_kite()
+            sent = {t: v for t, v in self.simulator.last_sent.items() if t in want and v[0] == want[t]}
+            raw = await client.hmget(self.keys.last, [str(t) for t in sent]) if sent else []
+            wrong = 0
+            for (mode, price), payload in zip(sent.values(), raw, strict=True):
+                tick = msgpack.unpackb(payload) if payload else None
+                if tick is None or tick["mode"] != mode or tick["last_price"] != price:
+                    wrong += 1
+            if wrong:
+                self.failures.append(f"{wrong} of {len(sent)} ticked tokens lack their latest tick in :last")
+            stale = {int(k) for k in await client.hkeys(self.keys.last)} - set(want)
+            if stale:
+                epoch = int(await client.hget(self.keys.status, "epoch") or 0)
+                samples = []
+                for token in sorted(stale)[:3]:
+                    tick = msgpack.unpackb(await client.hget(self.keys.last, str(token)))
+                    samples.append(
+                        f"{token}: epoch {'now' if tick['epoch'] == epoch else tick['epoch']}, "
+                        f"received {tick['received_at_ns'] / 1e9:.2f}, seq {tick['seq']}"
+                    )
+                self.failures.append(
+                    f"{len(stale)} released tokens still have a snapshot in :last, e.g. {'; '.join(samples)}"
+                )
+        finally:
+            self.simulator.paused = False
+
+    # --- faults --------------------------------------------------------------------------
+
+    async def inject(self, kind: str, client: redis.Redis) -> None:
+        fault = Fault(kind, time.time())
+        self.faults.append(fault)
+        if kind == "drop":
+            self.simulator.drop(self.rng.choice(self.simulator.sessions).id)
+        elif kind == "stall":
+            self.simulator.stall(8, self.rng.choice(self.simulator.sessions).id)
+        elif kind == "redis_restart":
+            self.kill_redis()
+            await asyncio.sleep(self.rng.uniform(0.2, 2.0))
+            self.start_redis()
+        else:
+            await self.stop_publisher(signal.SIGTERM if kind == "publisher_term" else signal.SIGKILL)
+            await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+            await self.start_publisher()
+        took = await self.wait_converged(client, 60)
+        if took is None:
+            self.failures.append(f"no recovery within 60 s after {kind}")
+        else:
+            fault.recovered_at = time.time()
+
+    # --- the run -------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        self.start_redis()
+        self.simulator = TickerServer(rate=self.rate, heartbeat_interval=1.0, seed=self.seed)
+        await self.simulator.start()
+        consumer = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--role", "consumer", "--port", str(self.redis_server.port),
+            "--out", str(self.consumer_out),
+        )  # fmt: skip
+        await self.start_publisher()
+        client = redis.from_url(self.redis_server.url, socket_timeout=10)
+        auditor = asyncio.create_task(self.audit_results())
+        clients: list[asyncio.subprocess.Process] = []
+        try:
+            await self.wait_converged(client, 30)
+            self.started = time.monotonic()
+            until = time.time() + self.duration
+            universe = self.instruments * 4 // 3
+            for i in range(self.clients):
+                clients.append(await asyncio.create_subprocess_exec(
+                    sys.executable, __file__, "--role", "client", "--name", f"c{i}",
+                    "--url", self.redis_server.url, "--pause", str(self.pause), "--universe", str(universe),
+                    "--seed", str(self.seed * 100 + i), "--until", str(until),
+                    stdout=asyncio.subprocess.PIPE,
+                ))  # fmt: skip
+            kinds: list[str] = []
+            next_checkpoint = self.started + max(60.0, self.duration / 5)
+            while time.time() < until - 3:
+                await asyncio.sleep(self.rng.uniform(min(5, self.duration / 8), min(14, self.duration / 4)))
+                if time.time() >= until - 3:
+                    break
+                if not kinds:
+                    kinds = list(self.kinds)
+                    self.rng.shuffle(kinds)
+                await self.inject(kinds.pop(), client)
+                if time.monotonic() > next_checkpoint and time.time() < until - 20:
+                    await self.checkpoint(client, final=False)
+                    next_checkpoint = time.monotonic() + max(60.0, self.duration / 5)
+            counts: Counter[str] = Counter()
+            for proc in clients:
+                out, _ = await proc.communicate()
+                counts.update(json.loads(out or b"{}"))
+            await self.checkpoint(client, final=True)
+            await asyncio.sleep(1.0)  # the auditor reads the last results
+            return self.report(counts, await self.consumer_figures())
+        finally:
+            auditor.cancel()
+            await asyncio.gather(auditor, return_exceptions=True)
+            for proc in clients:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            if consumer.returncode is None:
+                consumer.terminate()
+                await consumer.wait()
+            if self.publisher is not None and self.publisher.returncode is None:
+                await self.stop_publisher(signal.SIGTERM)
+            await client.aclose()
+            await self.simulator.close()
+            self.redis_server.stop()
+            if not self.failures:  # kept for its logs otherwise
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def consumer_figures(self) -> dict[str, Any]:
+        await asyncio.sleep(1.0)
+        return json.loads(self.consumer_out.read_text()) if self.consumer_out.exists() else {}
+
+    def report(self, counts: Counter[str], consumer: dict[str, Any]) -> dict[str, Any]:
+        # a gap is a fault's when the ticks it lost were received within the fault's window
+        windows = [(f.at - 1, (f.recovered_at or f.at + 60) + 2) for f in self.faults]
+        gaps = consumer.get("gaps", [])
+        outside = [g for g in gaps if not any(g[0] <= b and g[1] >= a for a, b in windows)]
+        duplicates = sum(1 for n in self.results.values() if n > 1)
+        if self.simulator.peak > LIMIT:
+            self.failures.append(f"a session held {self.simulator.peak} tokens, over the limit of {LIMIT}")
+        if duplicates:
+            self.failures.append(f"{duplicates} requests got more than one result")
+        if counts["unanswered"]:
+            self.failures.append(f"{counts['unanswered']} requests unanswered although Redis kept its data")
+        if consumer.get("duplicates"):
+            self.failures.append(f"the consumer got {consumer['duplicates']} ticks twice or out of order")
+        outside_ticks = sum(g[3] for g in outside)
+        if outside:
+            self.failures.append(f"{len(outside)} seq gaps ({outside_ticks} ticks) outside any fault")
+        if self.rss_mb and max(self.rss_mb) > 500:
+            self.failures.append(f"the publisher grew to {max(self.rss_mb):.0f} MB")
+        last = self.checkpoints[-1] if self.checkpoints else {}
+        if last and (last["control_len"] > 1000 or last["results_len"] > 11_000):
+            lengths = f"control {last['control_len']}, results {last['results_len']}"
+            self.failures.append(f"streams not capped: {lengths}")
+        received = consumer.get("received", 0)
+        recovery: dict[str, list[float]] = {}
+        for f in self.faults:
+            if f.recovered_at is not None:
+                recovery.setdefault(f.kind, []).append(f.recovered_at - f.at)
+        return {
+            "ok": not self.failures,
+            "failures": self.failures,
+            "machine": f"{os.cpu_count()} cpus",
+            "duration_s": self.duration,
+            "instruments": self.instruments,
+            "rate": self.rate,
+            "faults": dict(Counter(f.kind for f in self.faults)),
+            "fault_times": [[f.kind, round(f.at, 2), round(f.recovered_at or 0, 2)] for f in self.faults],
+            "recovery_s": {
+                k: {"p50": round(statistics.median(v), 2), "max": round(max(v), 2)}
+                for k, v in sorted(recovery.items())
+            },
+            "requests": dict(counts),
+            "results_audited": len(self.results),
+            "ticks": {
+                "sent_by_simulator": self.simulator.sent,
+                "received_by_consumer": consumer.get("received", 0),
+                "seq_gaps_during_faults": consumer.get("gap_ticks", 0) - outside_ticks,
+                "seq_gaps_outside_faults_detail": outside[:20],
+                "seq_gaps_outside_faults": outside_ticks,
+                "not_published": self.simulator.sent - received - consumer.get("gap_ticks", 0),
+                "consumer_reconnects": consumer.get("reconnects", 0),
+            },
+            "peak_tokens_per_connection": self.simulator.peak,
+            "publisher_runs": self.publisher_runs,
+            "checkpoints": self.checkpoints,
+            "workdir": str(self.workdir),
+        }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    verdict = "ALL CHECKS HELD" if report["ok"] else "FAILED"
+    print(f"soak: {report['duration_s']:g} s, {report['instruments']} instruments at {report['rate']:g} "
+          f"tick/s each, {report['machine']}; {verdict}")  # fmt: skip
+    for failure in report["failures"]:
+        print(f"  FAILED: {failure}")
+    print(f"faults      {report['faults']}  (publisher runs {report['publisher_runs']})")
+    for kind, figures in report["recovery_s"].items():
+        print(f"  recovery  {kind:15} p50 {figures['p50']:6.2f} s  max {figures['max']:6.2f} s")
+    print(f"requests    {report['requests']}; results audited {report['results_audited']}")
+    print(f"ticks       {report['ticks']}")
+    print(f"peak tokens on one connection {report['peak_tokens_per_connection']} (limit {LIMIT})")
+    for point in report["checkpoints"]:
+        print(f"checkpoint  {point}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=300.0)
+    parser.add_argument("--instruments", type=int, default=9000)
+    parser.add_argument("--rate", type=float, default=1.0, help="ticks per second per instrument")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--faults", default=",".join(FAULTS), help="the kinds to inject, in turn")
+    for hidden in ("--role", "--name", "--url", "--pause", "--out"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    for hidden in ("--universe", "--port"):
+        parser.add_argument(hidden, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--until", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "client":
+        asyncio.run(run_client(args.name, args.url, Path(args.pause), args.universe, args.seed, args.until))
+        return 0
+    if args.role == "consumer":
+        run_consumer(args.port, Path(args.out))
+        return 0
+    kinds = tuple(k for k in args.faults.split(",") if k)
+    if not set(kinds) <= set(FAULTS):
+        parser.error(f"--faults: choose from {', '.join(FAULTS)}")
+    soak = Soak(args.duration, args.instruments, args.rate, args.clients, args.seed, kinds)
+    report = asyncio.run(soak.run())
+    print(json.dumps(report) if args.json else "", end="\n" if args.json else "")
+    if not args.json:
+        print_report(report)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

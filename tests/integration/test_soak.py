@@ -1,0 +1,26 @@
+"""The 30-second soak: every fault at once with requests flowing, every invariant checked
+(bench/soak.py; its 5-minute run is the benchmark)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+SOAK = Path(__file__).parent.parent.parent / "bench" / "soak.py"
+
+
+async def test_thirty_seconds_of_chaos_keep_every_invariant(redis_server) -> None:
+    # redis_server: the session's Redis is not used, but its fixture proves redis-server is installed
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SOAK), "--duration", "30", "--clients", "3", "--seed", "7", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert out, err.decode()[-3000:]
+    report = json.loads(out)
+    assert report["failures"] == [] and proc.returncode == 0, json.dumps(report, indent=1)[:4000]
+    assert sum(report["faults"].values()) >= 3 and report["requests"]["requests"] > 100
+    assert report["ticks"]["received_by_consumer"] > 50_000
+    assert report["peak_tokens_per_connection"] <= 3000
