@@ -11,9 +11,10 @@ claims and garbage) over a universe of ``instruments * 4/3`` tokens, so capacity
 out, and a consumer PSUBSCRIBEd to every tick channel that checks ``seq`` per token.
 
 At random moments, one at a time: a connection dropped or stalled at the simulator,
-Redis killed and restarted empty, the publisher stopped with SIGTERM or killed with
-SIGKILL and started again. Each fault's recovery time runs until the simulator holds
-exactly the persisted claims again on three live sessions. At checkpoints (clients
+Redis killed and restarted empty, the leading publisher stopped with SIGTERM or killed
+with SIGKILL (two run: the standby takes over, and a new standby is started). Each
+fault's recovery time runs until the simulator holds exactly the persisted claims again
+on three live sessions. At checkpoints (clients
 paused, the market held still): Kite's subscriptions equal the union of the persisted
 claims with the richest mode; ``{ns}:token_conn`` and ``{ns}:token_mode`` agree with the
 simulator; every ticked token's latest tick is in ``{ns}:last``; the control stream is
@@ -222,7 +223,7 @@ class Soak:
         (self.workdir / "redis").mkdir()
         self.pause = self.workdir / "pause"
         self.consumer_out = self.workdir / "consumer.json"
-        self.publisher: asyncio.subprocess.Process | None = None
+        self.publishers: list[asyncio.subprocess.Process] = []  # the leader and a standby
         self.publisher_runs = 0
         self.results: Counter[bytes] = Counter()  # request id -> results seen
         self.results_lost = 0  # results in a stream Redis lost before they were read
@@ -231,22 +232,38 @@ class Soak:
     # --- the parts -----------------------------------------------------------------------
 
     async def start_publisher(self) -> None:
+        """One more ``python -m publisher``: it leads if nobody does, else stands by."""
         env = {
             **os.environ, "KITE_WS_URL": self.simulator.url, "REDIS_URL": self.redis_server.url,
             "KITE_API_KEY": DEFAULT_API_KEY, "KITE_ACCESS_TOKEN": DEFAULT_ACCESS_TOKEN,
             "KITEBUS_NAMESPACE": NS, "KITEBUS_LOG_LEVEL": "WARNING",
         }  # fmt: skip
         log = open(self.workdir / "publisher.log", "ab")  # noqa: ASYNC230 - opened once per start
-        self.publisher = await asyncio.create_subprocess_exec(
+        self.publishers.append(await asyncio.create_subprocess_exec(
             sys.executable, "-m", "publisher", env=env, stdout=log, stderr=log
-        )
+        ))  # fmt: skip
         log.close()
         self.publisher_runs += 1
 
-    async def stop_publisher(self, sig: int) -> None:
-        assert self.publisher is not None
-        self.publisher.send_signal(sig)
-        await self.publisher.wait()
+    async def leader(self, client: redis.Redis) -> asyncio.subprocess.Process:
+        """The publisher process that holds the lease (waiting up to a minute for one to)."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(*REDIS_ERRORS):
+                value = (await client.get(f"{NS}:leader") or b"").decode()
+                pid = int(value.rsplit(":", 1)[1]) if value.count(":") == 2 else None
+                for proc in self.publishers:
+                    if proc.pid == pid:
+                        return proc
+            await asyncio.sleep(0.05)
+        raise RuntimeError("no publisher took the lease within a minute")
+
+    async def stop_leader(self, client: redis.Redis, sig: int) -> None:
+        """Stop (or kill) the leader: the standby takes over; a new standby replaces it."""
+        proc = await self.leader(client)
+        proc.send_signal(sig)
+        await proc.wait()
+        self.publishers.remove(proc)
 
     def start_redis(self) -> None:
         """Start (again, empty), with the pub/sub output buffer limit lifted: the publisher is
@@ -265,9 +282,8 @@ class Soak:
         process.wait()
         self.redis_server.process = None
 
-    def publisher_rss_mb(self) -> float:
-        assert self.publisher is not None
-        with open(f"/proc/{self.publisher.pid}/status") as status:
+    async def publisher_rss_mb(self, client: redis.Redis) -> float:
+        with open(f"/proc/{(await self.leader(client)).pid}/status") as status:  # noqa: ASYNC230
             for line in status:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) / 1024
@@ -359,7 +375,7 @@ class Soak:
         info = await client.info("memory")
         point |= {
             "tokens": len(self.at_kite()),
-            "publisher_rss_mb": round(self.publisher_rss_mb(), 1),
+            "publisher_rss_mb": round(await self.publisher_rss_mb(client), 1),
             "redis_keys": await client.dbsize(),
             "redis_used_mb": round(info["used_memory"] / 2**20, 1),
             "control_len": await client.xlen(self.keys.control),
@@ -436,8 +452,7 @@ class Soak:
             await asyncio.sleep(self.rng.uniform(0.2, 2.0))
             self.start_redis()
         else:
-            await self.stop_publisher(signal.SIGTERM if kind == "publisher_term" else signal.SIGKILL)
-            await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+            await self.stop_leader(client, signal.SIGTERM if kind == "publisher_term" else signal.SIGKILL)
             await self.start_publisher()
         took = await self.wait_converged(client, 60)
         if took is None:
@@ -455,8 +470,10 @@ class Soak:
             sys.executable, __file__, "--role", "consumer", "--port", str(self.redis_server.port),
             "--out", str(self.consumer_out),
         )  # fmt: skip
-        await self.start_publisher()
         client = redis.from_url(self.redis_server.url, socket_timeout=10)
+        await self.start_publisher()
+        await self.leader(client)
+        await self.start_publisher()  # the standby
         auditor = asyncio.create_task(self.audit_results())
         clients: list[asyncio.subprocess.Process] = []
         try:
@@ -501,8 +518,10 @@ class Soak:
             if consumer.returncode is None:
                 consumer.terminate()
                 await consumer.wait()
-            if self.publisher is not None and self.publisher.returncode is None:
-                await self.stop_publisher(signal.SIGTERM)
+            for proc in self.publishers:
+                if proc.returncode is None:
+                    proc.terminate()
+                    await proc.wait()
             await client.aclose()
             await self.simulator.close()
             self.redis_server.stop()

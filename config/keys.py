@@ -53,6 +53,16 @@ class Keys:
         return f"{self.ns}:instruments"
 
     @property
+    def leader(self) -> str:
+        """String ``<fence>:<host>:<pid>`` of the publisher that leads; expires unless renewed."""
+        return f"{self.ns}:leader"
+
+    @property
+    def standby(self) -> str:
+        """Hash of the publisher standing by: ``pid``, ``host``, ``since``, ``heartbeat_at``, ``refusing``."""
+        return f"{self.ns}:standby"
+
+    @property
     def client_activity(self) -> str:
         """Hash: client -> epoch seconds of its last applied request (to find vanished ones)."""
         return f"{self.ns}:client_activity"

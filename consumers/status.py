@@ -57,6 +57,15 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "last_error": conn.get("last_error", ""),
             "auth_failed_for": round(now - refused_at, 1) if refused_at else None,
         })  # fmt: skip
+    leader = await client.get(keys.leader)
+    standby = {k.decode(): v.decode() for k, v in (await client.hgetall(keys.standby)).items()}
+    leadership = {
+        "leader": leader.decode().split(":", 1)[1] if leader else None,
+        "fence": int(leader.decode().split(":", 1)[0]) if leader else None,
+        "since_age": round(now - float(status["leader_since"]), 1) if status.get("leader_since") else None,
+        "standby": f"{standby['host']}:{standby['pid']}" if standby else None,
+        "standby_refusing": standby.get("refusing", ""),
+    }
     clients = {}
     for raw in sorted(await client.smembers(keys.clients)):
         clients[raw.decode()] = await client.hlen(keys.claims(raw.decode()))
@@ -82,6 +91,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
         "connections": rows,
         "totals": {"tokens": tokens, "capacity": capacity, "remaining": capacity - tokens},
         "clients": clients,
+        "leadership": leadership,
     }
 
 
@@ -137,6 +147,15 @@ def render_status(data: dict[str, Any], console: Console) -> None:
             f"[bold red]INSTRUMENTS: {problem}[/]; the last good dump stays in use",
             soft_wrap=True,
         )
+    lead = data["leadership"]
+    if lead["leader"] or lead["standby"]:
+        since = f" for {_age(lead['since_age'])}" if lead["since_age"] is not None else ""
+        term = f" (fence {lead['fence']}){since}" if lead["leader"] else ""
+        line = f"leader {lead['leader'] or 'none'}{term}; standby {lead['standby'] or 'none'}"
+        console.print(escape(line), soft_wrap=True)
+        if lead["standby_refusing"]:
+            refusing = escape(lead["standby_refusing"])
+            console.print(f"[bold red]STANDBY WILL NOT TAKE OVER:[/] {refusing}", soft_wrap=True)
     console.print(connections_table(data))
     console.print(f"tokens {totals['tokens']:,} of {totals['capacity']:,} ({totals['remaining']:,} free)")
     clients = data["clients"]

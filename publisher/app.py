@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as redis
@@ -22,13 +23,15 @@ from publisher.access_token import AccessTokenSource
 from publisher.connection import KiteConnection
 from publisher.control import REDIS_DOWN, ControlLoop
 from publisher.instruments import InstrumentsLoader
+from publisher.lease import Lease
 from publisher.live import LiveWatch
 from publisher.monitor import Monitor
 from publisher.moves import Moves
 from publisher.rebalance import Rebalancer
 from publisher.sink import TickSink
+from publisher.standby import Standby
 from publisher.subscriptions import SubscriptionBook
-from publisher.tasks import run_until
+from publisher.tasks import cancel_and_wait, run_until
 
 log = logging.getLogger("kitebus.publisher")
 
@@ -50,7 +53,14 @@ class Tuning:
 class Publisher:
     """The whole publisher. ``await start()``, then ``await stop()``."""
 
-    def __init__(self, settings: Settings, tuning: Tuning = Tuning(), encoder: Encoder | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        tuning: Tuning = Tuning(),
+        encoder: Encoder | None = None,
+        lease: Lease | None = None,
+    ) -> None:
+        """``lease``: the namespace's leadership, when this publisher may lose it to another."""
         api_key, access_token = settings.require_credentials()
         self.access_token = AccessTokenSource(access_token, settings.kite_access_token_file, self._new_token)
         self.settings = settings
@@ -58,10 +68,13 @@ class Publisher:
         self.redis = redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=10)
         self.book = SubscriptionBook(settings.connections, settings.tokens_per_connection)
         self.epoch = time.time_ns() // 1_000_000  # tells a consumer a restart from a gap
+        self.lease = lease
+        may_write = lease.valid if lease is not None else None
         self.sink = TickSink(
             settings.redis_url, self.keys, encoder=encoder, epoch=self.epoch,
-            max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after,
+            max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after, may_write=may_write,
         )  # fmt: skip
+        publish = self.sink.publish_frame if lease is None else _fenced(self.sink.publish_frame, lease)
         self.moves = Moves()  # tokens moving between connections in a rebalance
         self.connections = [
             KiteConnection(
@@ -69,7 +82,7 @@ class Publisher:
                 settings.kite_ws_url,
                 api_key,
                 self.access_token.token,
-                self.moves.handler(index, self.sink.publish_frame),
+                self.moves.handler(index, publish),
                 self.sink.writable,
                 self.sink.publish_status,
                 stall_timeout=tuning.stall_timeout,
@@ -86,11 +99,12 @@ class Publisher:
         self.instruments = InstrumentsLoader(self.redis, self.keys, settings.instruments)
         self.control = ControlLoop(
             self.redis, self.keys, self.book, self.connections, live=self.live,
-            rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments,
+            rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments, may_write=may_write,
         )  # fmt: skip
         self.monitor = Monitor(
             self.redis, self.keys, self.book, self.connections, self.sink, self._redis_reset, self.epoch,
             interval=tuning.status_interval, access_token=self.access_token, instruments=self.instruments,
+            may_write=may_write, lease=lease,
         )  # fmt: skip
 
     async def _redis_reset(self) -> None:
@@ -126,6 +140,11 @@ class Publisher:
         self.control.start()
 
     async def stop(self) -> None:
+        """Stop in order. A publisher that lost its lease closes its Kite sockets first and
+        writes nothing more: the hashes are the new leader's."""
+        deposed = self.lease is not None and not self.lease.valid()
+        if deposed:
+            await asyncio.gather(*(connection.close() for connection in self.connections))
         self.monitor.state = "stopping"
         await self.control.close()
         await self.rebalancer.close()
@@ -135,6 +154,9 @@ class Publisher:
             await connection.close()
         self.monitor.state = "stopped"
         await self.monitor.close()
+        if deposed:
+            await self._close_quietly()
+            return
         try:
             async with asyncio.timeout(3):
                 async with self.redis.pipeline(transaction=True) as pipe:
@@ -148,6 +170,9 @@ class Publisher:
                     await pipe.execute()
         except (*REDIS_DOWN, TimeoutError) as exc:
             log.warning("could not mark status stopped error=%s", exc.__class__.__name__)
+        await self._close_quietly()
+
+    async def _close_quietly(self) -> None:
         await self.sink.close()
         await self.access_token.close()
         await self.redis.aclose()
@@ -165,14 +190,51 @@ class Publisher:
                 delay = min(5.0, delay * 2)
 
 
+def _fenced(publish: Callable[[bytes, int], int], lease: Lease) -> Callable[[bytes, int], int]:
+    """Frames are published only while the lease is valid (a leader woken from a freeze
+    finds it lapsed before its renewal task has even run)."""
+
+    def handle(frame: bytes, received_at_ns: int) -> int:
+        return publish(frame, received_at_ns) if lease.valid() else 0
+
+    return handle
+
+
 async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """Run a publisher until ``stop`` is set; a stop during start-up is honoured too."""
-    publisher = Publisher(settings)
+    """Stand by until this process leads the namespace, lead until ``stop`` is set or the
+    lease is lost, and stand by again after a loss; a stop at any point is honoured."""
+    client = redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    lease = Lease(client, Keys(settings.namespace))
+    standby = Standby(client, settings, lease)
+    try:
+        while await standby.wait_for_lease(stop):
+            await _lead(settings, lease, stop)
+    finally:
+        await client.aclose()
+
+
+async def _lead(settings: Settings, lease: Lease, stop: asyncio.Event) -> None:
+    publisher = Publisher(settings, lease=lease)
+    lease.start()
+    ended = asyncio.Event()  # stop, or the lease lost
+    watcher = asyncio.create_task(_first_of(ended, stop, lease.lost))
     started = time.monotonic()
     try:
-        await run_until(publisher.start(), stop)
-        if not stop.is_set():
+        await run_until(publisher.start(), ended)
+        if not ended.is_set():
             log.info("running in %.2fs", time.monotonic() - started)
-            await stop.wait()
+            await ended.wait()
     finally:
+        await cancel_and_wait(watcher)
         await publisher.stop()
+        await lease.close(release=not lease.lost.is_set())
+
+
+async def _first_of(ended: asyncio.Event, *events: asyncio.Event) -> None:
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        ended.set()
+    finally:
+        for wait in waits:
+            await cancel_and_wait(wait)

@@ -26,6 +26,7 @@ from config.keys import CONTROL_GROUP, RESULTS_MAXLEN, Keys
 from kitewire.instruments import UnknownInstrument
 from publisher.connection import KiteConnection
 from publisher.instruments import InstrumentsLoader
+from publisher.lease import LeaseLost
 from publisher.live import LiveWatch
 from publisher.moves import Moves
 from publisher.rebalance import Rebalancer
@@ -58,6 +59,7 @@ class ControlLoop:
         rebalancer: Rebalancer | None = None,
         moves: Moves | None = None,
         instruments: InstrumentsLoader | None = None,
+        may_write: Callable[[], bool] | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -68,6 +70,7 @@ class ControlLoop:
         self._rebalancer = rebalancer
         self._moves = moves or Moves()
         self._instruments = instruments or InstrumentsLoader(client, keys, None)
+        self._may_write = may_write or (lambda: True)  # False once another publisher leads
         self._task: asyncio.Task[None] | None = None
         self._batch: redis.client.Pipeline | None = None  # the open transaction of this batch
         self._after_batch: list[Callable[[], None]] = []  # what waits for the batch's results
@@ -174,6 +177,9 @@ class ControlLoop:
                 log.warning("control loop lost redis error=%s retry_in=%.1fs", exc.__class__.__name__, delay)
                 await asyncio.sleep(delay)
                 delay = min(5.0, delay * 2)
+            except LeaseLost:
+                log.warning("control loop stops: no longer the leader")
+                return
             except ResponseError as exc:
                 self._batch, self._after_batch, self._acks = None, [], []
                 if "NOGROUP" not in str(exc):
@@ -211,6 +217,8 @@ class ControlLoop:
         """Run the batch's transaction, then what waited for its results."""
         batch, after, acks = self._batch, self._after_batch, self._acks
         self._batch, self._after_batch, self._acks = None, [], []
+        if batch is not None and not self._may_write():
+            raise LeaseLost("another publisher leads: these entries are its to apply")
         if batch is not None:
             if acks:
                 batch.xack(self._keys.control, CONTROL_GROUP, *acks)

@@ -20,6 +20,7 @@ from publisher.access_token import AccessTokenSource
 from publisher.connection import LIVE, KiteConnection
 from publisher.control import REDIS_DOWN
 from publisher.instruments import InstrumentsLoader
+from publisher.lease import Lease
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
 from publisher.tasks import cancel_and_wait
@@ -44,6 +45,8 @@ class Monitor:
         interval: float = 1.0,
         access_token: AccessTokenSource | None = None,
         instruments: InstrumentsLoader | None = None,
+        may_write: Callable[[], bool] | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -54,6 +57,8 @@ class Monitor:
         self.epoch = epoch
         self.access_token = access_token
         self.instruments = instruments
+        self.lease = lease
+        self._may_write = may_write or (lambda: True)
         self.interval = interval
         self.started_at = time.time()
         self.state = "starting"
@@ -89,7 +94,15 @@ class Monitor:
             "access_token_changed_at": f"{self.access_token.changed_at:.3f}" if self.access_token else "0",
             "redis_reconnects": str(sink.redis_reconnects),
             **self._instruments_fields(),
+            **self._lease_fields(),
         }
+
+    def _lease_fields(self) -> dict[str, str]:
+        lease = self.lease
+        if lease is None:
+            return {}
+        since = f"{lease.since:.3f}"
+        return {"leader": lease.identity, "leader_fence": str(lease.fence), "leader_since": since}
 
     def _instruments_fields(self) -> dict[str, str]:
         loader = self.instruments
@@ -155,6 +168,9 @@ class Monitor:
         while True:
             self.sink.prune(self.book.placement)
             try:
+                if not self._may_write():  # another publisher leads: its status is the status
+                    await asyncio.sleep(self.interval)
+                    continue
                 await self.check_redis()
                 await self.write()
             except REDIS_DOWN as exc:

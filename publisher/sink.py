@@ -29,7 +29,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import msgpack
@@ -86,8 +86,10 @@ class TickSink:
         batch_bytes: int = 256 << 10,
         conflate_after: float = 1.0,
         write_timeout: float = 5.0,
+        may_write: Callable[[], bool] | None = None,
     ) -> None:
         self._url = redis_url
+        self._may_write = may_write or (lambda: True)  # False once another publisher leads
         self._keys = keys
         self._encoder = encoder or frame_encoder(keys.ticks("").encode(), epoch=epoch)
         self._last_key = keys.last.encode()
@@ -335,6 +337,11 @@ class TickSink:
             batch, data = self._take_batch()
             if not data:
                 continue
+            if not self._may_write():  # no longer the leader: the new one publishes from now on
+                self.dropped += batch.ticks + self._pending_ticks
+                self._pending.clear()
+                self._pending_bytes = self._pending_ticks = 0
+                await asyncio.Future()  # until closed
             connection.write(data)
             self._in_flight.append(batch)
             self._in_flight_bytes += batch.size

@@ -95,6 +95,8 @@ class TickerServer:
         self.peak = 0  # the most instruments any session ever held at once
         self.sent = 0  # ticks sent in all, over every session
         self.last_sent: dict[int, tuple[str, float]] = {}  # token -> (mode, last_price) last sent
+        self.handshakes: list[float] = []  # when each handshake was attempted (epoch seconds)
+        self.most_sessions = 0  # the most connections open at once
         self._server: Server | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -135,6 +137,7 @@ class TickerServer:
     # --- handshake ------------------------------------------------------------------------
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.handshakes.append(time.time())
         query = parse_qs(urlsplit(request.path).query)
         api_key = query.get("api_key", [""])[0]
         access_token = query.get("access_token", [""])[0]
@@ -155,6 +158,7 @@ class TickerServer:
         query = parse_qs(urlsplit(websocket.request.path).query)  # type: ignore[union-attr]
         session = Session(next(self._ids), query["api_key"][0], query["access_token"][0], websocket)
         self.sessions.append(session)
+        self.most_sessions = max(self.most_sessions, len(self.sessions))
         log.info("connection opened session=%d peer=%s", session.id, websocket.remote_address)
         sender = asyncio.create_task(self._send_loop(session))
         try:
