@@ -175,6 +175,13 @@ class KiteConnection:
                         self.reconnects += 1
                         continue
                     self._fail(BACKOFF, f"handshake refused: HTTP {status}")
+                    if status == HTTPStatus.TOO_MANY_REQUESTS:
+                        # Kite's limit of 3 sockets per api_key: another holder's sockets (a
+                        # leader stepping down) free up within seconds; try again at a steady
+                        # pace rather than backing off to the cap.
+                        await self._pause(max(1.0, self.backoff_base * 2) * random.uniform(0.5, 1.0))
+                        self.reconnects += 1
+                        continue
                 except StalledError:
                     self._fail(BACKOFF, f"stalled: nothing received for {self.stall_timeout:g}s")
                 except ConnectionClosed as exc:

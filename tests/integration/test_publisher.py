@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgpack
 import pytest
 import redis.asyncio as redis
+import websockets
 
 from config import Keys
 from consumers.control import ControlClient
-from publisher.app import Publisher
+from publisher.app import Publisher, Tuning
 from simulator.server import TickerServer, subscribed
 from tests.integration.conftest import FAST, eventually
 
@@ -268,3 +270,23 @@ async def test_a_failing_request_is_answered_and_the_loop_goes_on(publisher, con
     assert not result.ok and "internal error" in result.error
     monkeypatch.setattr(connection, "apply", original)
     assert (await control.subscribe([INDEX], client="b")).ok  # the next request is served
+
+
+async def test_refused_for_the_api_keys_socket_limit_it_retries_at_a_steady_pace(simulator, settings) -> None:
+    """A new leader meets the old one's sockets still open at Kite (HTTP 429): it must not
+    back off toward 30 s, but connect within a couple of seconds of them closing."""
+    url = f"{simulator.url}?api_key=kitebus&access_token=simulator"
+    holders = [await websockets.connect(url) for _ in range(3)]
+    publisher = Publisher(settings.model_copy(update={"connections": 1}), Tuning())  # Kite's backoff
+    await publisher.start()
+    try:
+        await asyncio.sleep(8)  # refused again and again meanwhile
+        assert publisher.connections[0].state != "live" and "429" in publisher.connections[0].last_error
+        for holder in holders:
+            holder.transport.abort()  # as a process that died
+        await eventually(lambda: not simulator.sessions, timeout=5)
+        freed = time.monotonic()
+        await eventually(lambda: publisher.connections[0].state == "live", timeout=5)
+        assert time.monotonic() - freed < 2.0
+    finally:
+        await publisher.stop()
