@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -21,6 +21,9 @@ from kitebus.logs import configure_logging
 from kitebus.signals import wait_for_stop_signal
 from publisher.tasks import cancel_and_wait, run_until
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY
+
+if TYPE_CHECKING:
+    from consumers.control import ControlClient, ControlResult
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -45,17 +48,13 @@ def _redis(settings: Settings) -> Any:
 
 
 def _ctl(args: argparse.Namespace) -> int:
-    from consumers.control import ControlClient, ControlTimeout
     from consumers.instruments import split_items
 
     settings = load_settings()
     if args.op == "token":
         return _write_access_token(settings, args)
-    if args.op == "rebalance":
-        return _rebalance(settings, args)
-    if args.op in ("release", "clients"):
-        return _clients(settings, args)
-    args.client = args.client or "ops"
+    if args.op in ("rebalance", "release", "clients"):
+        return _ctl_on_held(settings, args)
     if not args.tokens:
         print(f"kitebus ctl {args.op}: name at least one instrument token", file=sys.stderr)
         return 2
@@ -64,94 +63,77 @@ def _ctl(args: argparse.Namespace) -> int:
         return 2
     tokens = split_items(",".join(args.tokens))  # symbols are the publisher's to resolve
 
-    async def run() -> int:
-        client = _redis(settings)
-        try:
-            result = await ControlClient(client, settings.namespace).request(
-                args.op, tokens, mode=args.mode, client=args.client, ttl=args.ttl,
-                timeout=10.0 if args.timeout is None else args.timeout,
-            )  # fmt: skip
-        except ControlTimeout as exc:
-            print(f"kitebus ctl: {exc}", file=sys.stderr)
-            return 3
-        finally:
-            await client.aclose()
-        if args.json:
-            print(json.dumps(dataclasses.asdict(result)))
-        else:
-            verdict = "ok" if result.ok else "REJECTED"
-            print(f"{verdict}: {result.op} client={result.client} applied={len(result.applied)} "
-                  f"rejected={len(result.rejected)}")  # fmt: skip
-            if result.rejected:
-                print(f"rejected: {','.join(map(str, result.rejected))}")
-            if result.error:
-                print(f"error: {result.error}")
-        return 0 if result.ok else 1
+    def describe(result: ControlResult) -> str:
+        lines = [
+            f"{'ok' if result.ok else 'REJECTED'}: {result.op} client={result.client} "
+            f"applied={len(result.applied)} rejected={len(result.rejected)}"
+        ]
+        if result.rejected:
+            lines.append(f"rejected: {','.join(map(str, result.rejected))}")
+        if result.error:
+            lines.append(f"error: {result.error}")
+        return "\n".join(lines)
 
-    return asyncio.run(run())
+    return _send(settings, args, describe, lambda control: control.request(
+        args.op, tokens, mode=args.mode, client=args.client or "ops", ttl=args.ttl,
+        timeout=10.0 if args.timeout is None else args.timeout,
+    ))  # fmt: skip
 
 
-def _rebalance(settings: Settings, args: argparse.Namespace) -> int:
-    """``kitebus ctl rebalance``: even out the connections, wait until every move ended."""
+def _ctl_on_held(settings: Settings, args: argparse.Namespace) -> int:
+    """``rebalance`` (even out the connections, wait until every move ended), ``release
+    --client C`` (every claim of C, a strategy that vanished) and ``clients`` (who holds
+    claims, idle how long): ops that act on what is held."""
+    if args.tokens or args.mode or args.ttl:
+        print(f"kitebus ctl {args.op}: no tokens, --mode or --ttl (it acts on what is held)", file=sys.stderr)
+        return 2
+    if args.op == "clients":
+        return _send(settings, args, None, lambda control: control.clients())
+    if args.op == "release":
+        if not args.client:
+            print("kitebus ctl release: name the client whose claims go, with --client", file=sys.stderr)
+            return 2
+        return _send(
+            settings, args,
+            lambda result: f"ok: release client={result.client} released={len(result.applied)}",
+            lambda control: control.release(args.client, 10.0 if args.timeout is None else args.timeout),
+        )  # fmt: skip
+    timeout = 30.0 if args.timeout is None else args.timeout  # the moves wait for first ticks
+    return _send(
+        settings, args,
+        lambda result: f"ok: rebalance moved {len(result.applied)} token(s); "
+        f"tokens per connection now {','.join(map(str, result.loads))}",
+        lambda control: control.rebalance(args.client or "ops", timeout),
+    )  # fmt: skip
+
+
+def _send(
+    settings: Settings,
+    args: argparse.Namespace,
+    describe: Callable[[ControlResult], str] | None,
+    call: Callable[[ControlClient], Awaitable[Any]],
+) -> int:
+    """Run one ControlClient call and print its answer: exit 0 ok, 1 rejected, 3 no answer
+    in time. ``describe`` None: the answer is the client list."""
     from consumers.control import ControlClient, ControlTimeout, SubscriptionRejected
 
-    if args.tokens or args.mode or args.ttl:
-        print("kitebus ctl rebalance: no tokens, --mode or --ttl (it moves what is held)", file=sys.stderr)
-        return 2
-
     async def run() -> int:
         client = _redis(settings)
         try:
-            timeout = 30.0 if args.timeout is None else args.timeout  # the moves wait for first ticks
-            result = await ControlClient(client, settings.namespace).rebalance(args.client or "ops", timeout)
+            answer = await call(ControlClient(client, settings.namespace))
         except SubscriptionRejected as exc:
-            print(f"REJECTED: rebalance: {exc}", file=sys.stderr)
+            print(f"REJECTED: {args.op}: {exc}", file=sys.stderr)
             return 1
         except ControlTimeout as exc:
             print(f"kitebus ctl: {exc}", file=sys.stderr)
             return 3
         finally:
             await client.aclose()
-        if args.json:
-            print(json.dumps(dataclasses.asdict(result)))
-        else:
-            loads = ",".join(map(str, result.loads))
-            print(f"ok: rebalance moved {len(result.applied)} token(s); tokens per connection now {loads}")
-        return 0
-
-    return asyncio.run(run())
-
-
-def _clients(settings: Settings, args: argparse.Namespace) -> int:
-    """``kitebus ctl clients``: who holds claims, and since when idle; ``kitebus ctl release
-    --client C``: release every claim of C (a strategy that vanished)."""
-    from consumers.control import ControlClient, ControlTimeout
-
-    if args.tokens or args.mode or args.ttl:
-        print(f"kitebus ctl {args.op}: no tokens, --mode or --ttl", file=sys.stderr)
-        return 2
-    if args.op == "release" and not args.client:
-        print("kitebus ctl release: name the client whose claims go, with --client", file=sys.stderr)
-        return 2
-
-    async def run() -> int:
-        client = _redis(settings)
-        try:
-            control = ControlClient(client, settings.namespace)
-            if args.op == "clients":
-                _print_clients(await control.clients(), args.json)
-                return 0
-            result = await control.release(args.client, 10.0 if args.timeout is None else args.timeout)
-        except ControlTimeout as exc:
-            print(f"kitebus ctl: {exc}", file=sys.stderr)
-            return 3
-        finally:
-            await client.aclose()
-        if args.json:
-            print(json.dumps(dataclasses.asdict(result)))
-        else:
-            print(f"ok: release client={result.client} released={len(result.applied)}")
-        return 0
+        if describe is None:
+            _print_clients(answer, args.json)
+            return 0
+        print(json.dumps(dataclasses.asdict(answer)) if args.json else describe(answer))
+        return 0 if answer.ok else 1
 
     return asyncio.run(run())
 
