@@ -1,10 +1,13 @@
 """Wiring: start in order, stop in reverse order.
 
+``run``: stand by until this process holds the namespace's lease (``standby.py``), lead
+until stopped or the lease is lost, then stand by again.
 Start: Redis reachable -> claims restored into the book -> hashes rewritten -> tick sink
 -> connections (each already knows its tokens) -> monitor -> control loop. So every
 subscription is back before a new request is taken.
 Stop: control loop -> connections (close frames) -> hashes cleared, status ``stopped``
--> monitor -> sink (drained for a moment) -> Redis.
+-> monitor -> sink (drained for a moment) -> Redis. A publisher that lost its lease
+closes its Kite sockets first and writes nothing more.
 """
 
 from __future__ import annotations
