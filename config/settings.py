@@ -7,8 +7,17 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 MAX_KITE_CONNECTIONS = 3
 MAX_KITE_TOKENS_PER_CONNECTION = 3000
@@ -17,6 +26,24 @@ _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 def _env(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
+
+
+class Account(BaseModel):
+    """One more Kite account (api_key with its own connections), from KITEBUS_ACCOUNTS."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,32}$")]
+    api_key: SecretStr
+    access_token: SecretStr | None = None
+    access_token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _credentials(self) -> Account:
+        if not self.api_key.get_secret_value():
+            raise ValueError(f"account {self.name!r} has no api_key")
+        token = self.access_token.get_secret_value() if self.access_token else ""
+        if not token and self.access_token_file is None:
+            raise ValueError(f"account {self.name!r} needs access_token or access_token_file")
+        return self
 
 
 class Settings(BaseSettings):
@@ -43,6 +70,18 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", validation_alias=_env("KITEBUS_LOG_LEVEL"))
     instruments: str | None = Field(None, validation_alias=_env("KITEBUS_INSTRUMENTS"))
+    accounts: list[Account] = Field(default_factory=list, validation_alias=_env("KITEBUS_ACCOUNTS"))
+
+    @field_validator("accounts")
+    @classmethod
+    def _accounts(cls, value: list[Account]) -> list[Account]:
+        names = [a.name for a in value]
+        keys = [a.api_key.get_secret_value() for a in value]
+        if len(set(names)) != len(names):
+            raise ValueError("two accounts have the same name")
+        if len(set(keys)) != len(keys):
+            raise ValueError("two accounts have the same api_key (Kite allows 3 connections per api_key)")
+        return value
 
     @field_validator("kite_access_token_file")
     @classmethod
@@ -98,9 +137,27 @@ class Settings(BaseSettings):
         return value or None
 
     @property
+    def total_connections(self) -> int:
+        """KITEBUS_CONNECTIONS for the default account and for each of KITEBUS_ACCOUNTS."""
+        return self.connections * (1 + len(self.accounts))
+
+    @property
     def capacity(self) -> int:
         """How many instruments the publisher can hold in all."""
-        return self.connections * self.tokens_per_connection
+        return self.total_connections * self.tokens_per_connection
+
+    def require_accounts(self) -> list[tuple[str, str, str | None, Path | None]]:
+        """(name, api_key, access token or None, token file or None) of every account, the
+        default first; raises SettingsError when one is missing or two share an api_key."""
+        api_key, token = self.require_credentials()
+        accounts = [("default", api_key, token, self.kite_access_token_file)]
+        for account in self.accounts:
+            key = account.api_key.get_secret_value()
+            if key == api_key:
+                raise SettingsError(f"KITEBUS_ACCOUNTS: account {account.name!r} repeats KITE_API_KEY")
+            secret = account.access_token.get_secret_value() if account.access_token else None
+            accounts.append((account.name, key, secret or None, account.access_token_file))
+        return accounts
 
     def require_credentials(self) -> tuple[str, str | None]:
         """Return (api_key, KITE_ACCESS_TOKEN or None) or raise SettingsError naming what is
@@ -121,7 +178,8 @@ class SettingsError(Exception):
     """A setting is missing or invalid; the message is one line naming the variable."""
 
 
-_SECRET_FIELDS = frozenset({"kite_api_key", "kite_access_token"})
+_SECRET_FIELDS = frozenset({"kite_api_key", "kite_access_token", "accounts"})
+_SECRET_ENV = frozenset({"KITE_API_KEY", "KITE_ACCESS_TOKEN", "KITEBUS_ACCOUNTS"})
 _ENV_NAMES = {
     name: str(field.validation_alias.choices[0])  # type: ignore[union-attr]
     for name, field in Settings.model_fields.items()
@@ -134,6 +192,10 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise SettingsError(_describe(exc)) from None
+    except PydanticSettingsError as exc:  # a value that should be JSON and is not
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
+        name = _ENV_NAMES.get(field, field.upper())
+        raise SettingsError(f"invalid setting {name}: not valid JSON") from None
 
 
 def _describe(exc: ValidationError) -> str:
@@ -141,9 +203,11 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         field = str(error["loc"][0]) if error["loc"] else "?"
         name = _ENV_NAMES.get(field, field.upper())
+        secret = field in _SECRET_FIELDS or name in _SECRET_ENV or isinstance(error.get("input"), dict)
+        index, *keys = error["loc"][1:] or (None,)
+        if index is not None:  # inside a list of objects: which one, which key
+            name += f"[{index}]" + "".join(f".{key}" for key in keys)
         message = error["msg"].removeprefix("Value error, ")
-        value = error.get("input")
-        secret = field in _SECRET_FIELDS or isinstance(value, dict)
-        shown = "" if secret else f" (got {value!r})"
+        shown = "" if secret else f" (got {error.get('input')!r})"
         problems.append(f"{name}: {message}{shown}")
     return "invalid setting " + "; ".join(problems)

@@ -47,6 +47,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
         ticks, last = int(conn.get("ticks", 0)), float(conn.get("last_message_at", 0) or 0)
         rows.append({
             "index": index,
+            "account": conn.get("account", "default"),
             "state": conn.get("state", "?"),
             "tokens": int(conn.get("tokens", 0)),
             "limit": limit,
@@ -104,11 +105,13 @@ def connections_table(data: dict[str, Any]) -> Table:
     table = Table(title="connections", title_justify="left", expand=False)
     for column in ("conn", "state", "tokens", "ticks/s", "last msg", "reconnects", "last error"):
         table.add_column(column, justify="left" if column in ("state", "last error") else "right")
+    several = len({row.get("account") for row in data["connections"]}) > 1
     for row in data["connections"]:
         state = row["state"]
         style = "green" if state == "live" else "red" if state in ("auth_failed", "backoff") else "yellow"
         table.add_row(
-            str(row["index"]), Text(state, style=style), f"{row['tokens']}/{row['limit']}",
+            f"{row['index']} {row['account']}" if several else str(row["index"]),
+            Text(state, style=style), f"{row['tokens']}/{row['limit']}",
             f"{row['ticks_per_s']:.1f}",
             _age(row["last_message_age"]), str(row["reconnects"]), Text(row["last_error"]),
         )  # fmt: skip

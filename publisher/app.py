@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import redis.asyncio as redis
 
@@ -64,12 +65,11 @@ class Publisher:
         lease: Lease | None = None,
     ) -> None:
         """``lease``: the namespace's leadership, when this publisher may lose it to another."""
-        api_key, access_token = settings.require_credentials()
-        self.access_token = AccessTokenSource(access_token, settings.kite_access_token_file, self._new_token)
+        accounts = settings.require_accounts()
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.redis = redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=10)
-        self.book = SubscriptionBook(settings.connections, settings.tokens_per_connection)
+        self.book = SubscriptionBook(settings.total_connections, settings.tokens_per_connection)
         self.epoch = time.time_ns() // 1_000_000  # tells a consumer a restart from a gap
         self.lease = lease
         may_write = lease.valid if lease is not None else None
@@ -79,22 +79,31 @@ class Publisher:
         )  # fmt: skip
         publish = self.sink.publish_frame if lease is None else _fenced(self.sink.publish_frame, lease)
         self.moves = Moves()  # tokens moving between connections in a rebalance
-        self.connections = [
-            KiteConnection(
-                index,
-                settings.kite_ws_url,
-                api_key,
-                self.access_token.token,
-                self.moves.handler(index, publish),
-                self.sink.writable,
-                self.sink.publish_status,
-                stall_timeout=tuning.stall_timeout,
-                backoff_base=tuning.backoff_base,
-                backoff_cap=tuning.backoff_cap,
-                auth_retry=tuning.auth_retry,
-            )
-            for index in range(settings.connections)
-        ]
+        # Each account (api_key) has KITEBUS_CONNECTIONS connections of its own, numbered on
+        # from the previous account's; the book places tokens over all of them.
+        self.connections: list[KiteConnection] = []
+        self.access_tokens: list[AccessTokenSource] = []
+        for name, api_key, access_token, token_file in accounts:
+            first = len(self.connections)
+            source = AccessTokenSource(access_token, token_file, partial(self._new_token, first))
+            self.access_tokens.append(source)
+            for index in range(first, first + settings.connections):
+                connection = KiteConnection(
+                    index,
+                    settings.kite_ws_url,
+                    api_key,
+                    source.token,
+                    self.moves.handler(index, publish),
+                    self.sink.writable,
+                    self.sink.publish_status,
+                    stall_timeout=tuning.stall_timeout,
+                    backoff_base=tuning.backoff_base,
+                    backoff_cap=tuning.backoff_cap,
+                    auth_retry=tuning.auth_retry,
+                )
+                connection.account = name
+                self.connections.append(connection)
+        self.access_token = self.access_tokens[0]  # the default account's
         self.live = LiveWatch(self.redis, self.keys, self.sink, timeout=tuning.live_timeout)
         self.rebalancer = Rebalancer(
             self.redis, self.keys, self.book, self.connections, self.moves, timeout=tuning.live_timeout
@@ -115,12 +124,14 @@ class Publisher:
         await self.control.write_all()
         self.instruments.reload()
 
-    def _new_token(self, access_token: str) -> None:
-        for connection in self.connections:
+    def _new_token(self, first: int, access_token: str) -> None:
+        """A new access token for the account whose connections start at ``first``."""
+        for connection in self.connections[first : first + self.settings.connections]:
             connection.set_access_token(access_token)
 
     async def start(self) -> None:
-        self.access_token.start()
+        for source in self.access_tokens:
+            source.start()
         await self._wait_for_redis()
         plan, dropped = self.book.restore(*await self.control.load_claims())
         for index, change in plan.items():
@@ -177,7 +188,8 @@ class Publisher:
 
     async def _close_quietly(self) -> None:
         await self.sink.close()
-        await self.access_token.close()
+        for source in self.access_tokens:
+            await source.close()
         await self.redis.aclose()
         log.info("stopped")
 

@@ -68,6 +68,7 @@ class KiteConnection:
         auth_retry: float = 60.0,
     ) -> None:
         self.index = index
+        self.account = "default"  # the name of the Kite account (api_key) it belongs to
         self._ws_url, self._api_key = ws_url, api_key
         self._access_token = access_token
         self._secrets = {api_key}

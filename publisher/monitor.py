@@ -118,6 +118,7 @@ class Monitor:
     def connection_fields(connection: KiteConnection) -> dict[str, str]:
         return {
             "state": connection.state,
+            "account": connection.account,
             "tokens": str(len(connection.modes)),
             "ticks": str(connection.ticks),
             "reconnects": str(connection.reconnects),

@@ -81,7 +81,7 @@ class Standby:
         if not status or status.get(b"state") != b"running":
             return ""
         theirs = (status.get(b"connections", b"").decode(), status.get(b"capacity", b"").decode())
-        ours = (str(self._settings.connections), str(self._settings.capacity))
+        ours = (str(self._settings.total_connections), str(self._settings.capacity))
         if theirs == ours:
             return ""
         age = time.time() - float(status.get(b"heartbeat_at", b"0") or 0)

@@ -61,7 +61,8 @@ class TickerServer:
 
     ``rate`` is ticks per second per instrument; ``max_rate`` the ceiling on ticks per
     second per connection (instruments then take turns). ``snapshots`` off: no tick of
-    its own at subscribe or mode time (a test that sends every tick itself).
+    its own at subscribe or mode time (a test that sends every tick itself). ``accounts``:
+    more api_key -> access_token pairs it accepts, each with its own limit of 3 sockets.
     """
 
     def __init__(
@@ -76,6 +77,7 @@ class TickerServer:
         seed: int = 0,
         heartbeat_interval: float = 1.0,
         snapshots: bool = True,
+        accounts: dict[str, str] | None = None,
     ) -> None:
         if not 0 < rate <= 100:
             raise ValueError("rate must be in (0, 100] ticks per second per instrument")
@@ -83,6 +85,7 @@ class TickerServer:
             raise ValueError("max_rate must be positive")
         self.host, self._port = host, port
         self.api_key, self.access_token = api_key, access_token
+        self.accounts = dict(accounts or {})  # more api_key -> access_token pairs, 3 sockets each
         self.rate, self.max_rate = rate, max_rate
         self.heartbeat_interval = heartbeat_interval
         self.snapshots = snapshots
@@ -144,7 +147,8 @@ class TickerServer:
         if time.monotonic() < self._refuse_until:
             log.info("refused connection reason=refusing")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Service unavailable\n")
-        if api_key != self.api_key or access_token != self.access_token:
+        valid = self.accounts.get(api_key) if api_key != self.api_key else self.access_token
+        if not access_token or access_token != valid:
             log.info("refused connection reason=bad-credentials")
             return connection.respond(HTTPStatus.FORBIDDEN, "Invalid api_key or access_token\n")
         if sum(s.api_key == api_key for s in self.sessions) >= MAX_CONNECTIONS_PER_KEY:
