@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import redis.asyncio as redis
 
+from bench.stack import start_publisher, start_simulator, stop
 from config import Keys
 from consumers.control import ControlClient
 from kitebus.localredis import LocalRedis
@@ -80,21 +81,8 @@ async def bench(seconds: float, writers: int) -> None:
     server.start()
     simulator = publisher = None
     try:
-        simulator = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kitebus", "simulate", "--port", "0", "--rate", "1",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        assert simulator.stdout is not None
-        url = ""
-        while not url:
-            line = (await simulator.stdout.readline()).decode()
-            if "KITE_WS_URL=" in line:
-                url = line.split("KITE_WS_URL=", 1)[1].strip()
-        env = {
-            **os.environ, "KITE_WS_URL": url, "REDIS_URL": server.url, "KITE_API_KEY": "kitebus",
-            "KITE_ACCESS_TOKEN": "simulator", "KITEBUS_NAMESPACE": NS, "KITEBUS_LOG_LEVEL": "ERROR",
-        }  # fmt: skip
-        publisher = await asyncio.create_subprocess_exec(sys.executable, "-m", "publisher", env=env)
+        simulator, url = await start_simulator(rate=1)
+        publisher = await start_publisher(url, server.url, NS, "ERROR")
         client = redis.from_url(server.url)
         control = ControlClient(client, NS)
         keys = Keys(NS)
@@ -126,10 +114,7 @@ async def bench(seconds: float, writers: int) -> None:
         print(f"garbage answered  {written / (drained - started):10,.0f} /s  "
               f"(the backlog was gone {drained - stopped:.2f} s after the writers stopped)")
     finally:
-        for proc in (publisher, simulator):
-            if proc is not None and proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        await stop(publisher, simulator)
         server.stop()
 
 

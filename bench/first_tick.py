@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import redis.asyncio as redis
 
+from bench.stack import start_publisher, start_simulator, stop
 from config import Keys
 from consumers.control import ControlClient
 from kitebus.localredis import LocalRedis
@@ -33,21 +34,8 @@ async def bench(requests: int) -> None:
     server.start()
     simulator = publisher = None
     try:
-        simulator = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "kitebus", "simulate", "--port", "0", "--rate", "0.2",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        assert simulator.stdout is not None
-        url = ""
-        while not url:  # "simulator: KITE_WS_URL=ws://127.0.0.1:PORT"
-            line = (await simulator.stdout.readline()).decode()
-            if "KITE_WS_URL=" in line:
-                url = line.split("KITE_WS_URL=", 1)[1].strip()
-        env = {
-            **os.environ, "KITE_WS_URL": url, "REDIS_URL": server.url, "KITE_API_KEY": "kitebus",
-            "KITE_ACCESS_TOKEN": "simulator", "KITEBUS_NAMESPACE": NS, "KITEBUS_LOG_LEVEL": "WARNING",
-        }  # fmt: skip
-        publisher = await asyncio.create_subprocess_exec(sys.executable, "-m", "publisher", env=env)
+        simulator, url = await start_simulator(rate=0.2)
+        publisher = await start_publisher(url, server.url, NS, "WARNING")
         client = redis.from_url(server.url)
         control = ControlClient(client, NS)
         keys = Keys(NS)
@@ -75,10 +63,7 @@ async def bench(requests: int) -> None:
             p50, p99 = statistics.median(values), values[min(len(values) - 1, int(0.99 * len(values)))]
             print(f"{name:38} p50 {p50:6.2f} ms  p99 {p99:6.2f} ms  max {values[-1]:6.2f} ms")
     finally:
-        for proc in (publisher, simulator):
-            if proc is not None and proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+        await stop(publisher, simulator)
         server.stop()
 
 

@@ -1,0 +1,41 @@
+"""The processes a benchmark runs against, each on its own: the simulator and the publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+
+async def start_simulator(rate: float) -> tuple[asyncio.subprocess.Process, str]:
+    """``kitebus simulate`` on a free port; returns the process and its ``KITE_WS_URL``."""
+    simulator = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kitebus", "simulate", "--port", "0", "--rate", str(rate),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    assert simulator.stdout is not None
+    while True:  # "simulator: KITE_WS_URL=ws://127.0.0.1:PORT"
+        line = (await simulator.stdout.readline()).decode()
+        if not line:
+            raise RuntimeError("the simulator exited before it served")
+        if "KITE_WS_URL=" in line:
+            return simulator, line.split("KITE_WS_URL=", 1)[1].strip()
+
+
+async def start_publisher(
+    ws_url: str, redis_url: str, namespace: str, log_level: str
+) -> asyncio.subprocess.Process:
+    """``python -m publisher`` against the simulator's default account."""
+    env = {
+        **os.environ, "KITE_WS_URL": ws_url, "REDIS_URL": redis_url, "KITE_API_KEY": "kitebus",
+        "KITE_ACCESS_TOKEN": "simulator", "KITEBUS_NAMESPACE": namespace, "KITEBUS_LOG_LEVEL": log_level,
+    }  # fmt: skip
+    return await asyncio.create_subprocess_exec(sys.executable, "-m", "publisher", env=env)
+
+
+async def stop(*processes: asyncio.subprocess.Process | None) -> None:
+    """SIGTERM each that still runs, and wait for it."""
+    for process in processes:
+        if process is not None and process.returncode is None:
+            process.terminate()
+            await process.wait()
