@@ -13,6 +13,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -57,6 +58,7 @@ class Settings(BaseSettings):
     kite_access_token: SecretStr | None = Field(None, validation_alias=_env("KITE_ACCESS_TOKEN"))
     kite_access_token_file: Path | None = Field(None, validation_alias=_env("KITE_ACCESS_TOKEN_FILE"))
     kite_ws_url: str = Field("wss://ws.kite.trade", validation_alias=_env("KITE_WS_URL"))
+    redis_cluster: bool = Field(False, validation_alias=_env("KITEBUS_REDIS_CLUSTER"))
     redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))
     namespace: str = Field("kite", validation_alias=_env("KITEBUS_NAMESPACE"))
     connections: Annotated[int, Field(ge=1, le=MAX_KITE_CONNECTIONS)] = Field(
@@ -107,9 +109,12 @@ class Settings(BaseSettings):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+    def _redis_url(cls, value: str, info: ValidationInfo) -> str:
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        if scheme == "unix" and info.data.get("redis_cluster"):
+            raise ValueError("must name a cluster node as redis:// or rediss:// with KITEBUS_REDIS_CLUSTER=1")
         return value
 
     @field_validator("namespace")

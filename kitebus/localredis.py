@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import random
 import shutil
 import signal
 import socket
@@ -37,8 +38,12 @@ def free_port() -> int:
 class LocalRedis:
     """Starts ``redis-server`` without persistence in its own directory; ``stop`` removes it."""
 
-    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path | None = None, port: int | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
+        """``extra``: more redis-server arguments (cluster mode, for one)."""
         self._own_dir = workdir is None
+        self.extra = extra
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kitebus-redis-"))
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -53,7 +58,7 @@ class LocalRedis:
             raise RedisServerError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes"],
+             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
             start_new_session=True,  # Ctrl-C goes to the demo, which stops Redis last, in order
         )  # fmt: skip
@@ -90,3 +95,86 @@ class LocalRedis:
             client.flushall()
         finally:
             client.close()
+
+
+def free_cluster_port(attempts: int = 200) -> int:
+    """A loopback port that is free, and whose cluster bus port (+10000) is valid and free."""
+    for _ in range(attempts):
+        port = random.randint(20000, 45000)
+        if all(_is_free(p) for p in (port, port + 10000)):
+            return port
+    raise RedisServerError("found no free port pair for a cluster node")
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class LocalCluster:
+    """A Redis Cluster of ``masters`` nodes (no replicas) on loopback, each a ``LocalRedis``
+    with cluster mode on, joined with ``redis-cli --cluster create``."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="kitebus-cluster-"))
+        self.nodes: list[LocalRedis] = []
+        self._masters = masters
+
+    @property
+    def url(self) -> str:
+        """Any node will do as the entry point: the first one."""
+        return self.nodes[0].url
+
+    def start(self, timeout: float = 20.0) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RedisServerError("redis-cli is not installed (Debian: apt-get install redis-tools)")
+        try:
+            for index in range(self._masters):
+                node = LocalRedis(self.workdir / f"node{index}", port=self._unused_port(),
+                                  extra=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000",
+                                         "--cluster-config-file", "nodes.conf"))  # fmt: skip
+                node.workdir.mkdir()
+                self.nodes.append(node)
+                node.start(timeout)
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            subprocess.run(
+                [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                timeout=timeout,
+            )  # fmt: skip
+            self.wait_ok(timeout)
+        except (subprocess.SubprocessError, RedisServerError) as exc:
+            self.stop()
+            raise RedisServerError(f"the local cluster did not come up: {exc}") from exc
+
+    def _unused_port(self) -> int:
+        taken = {node.port for node in self.nodes}
+        while (port := free_cluster_port()) in taken:
+            pass
+        return port
+
+    def wait_ok(self, timeout: float = 20.0) -> None:
+        """Until every node says ``cluster_state:ok`` and knows every other."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            client = redis.Redis(port=node.port, socket_connect_timeout=0.5)
+            try:
+                while True:
+                    info = client.execute_command("CLUSTER", "INFO").decode()
+                    if "cluster_state:ok" in info and f"cluster_known_nodes:{len(self.nodes)}" in info:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RedisServerError(f"node {node.port} is not ok: {info.splitlines()[0]}")
+                    time.sleep(0.05)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)

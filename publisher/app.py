@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-import redis.asyncio as redis
-
 from config import Keys, Settings
 from kitewire.encoder import Encoder
+from publisher import bus
 from publisher.access_token import AccessTokenSource
+from publisher.bus import REDIS_DOWN
 from publisher.connection import KiteConnection
-from publisher.control import REDIS_DOWN, ControlLoop
+from publisher.control import ControlLoop
 from publisher.instruments import InstrumentsLoader
 from publisher.lease import Lease
 from publisher.live import LiveWatch
@@ -68,7 +68,9 @@ class Publisher:
         accounts = settings.require_accounts()
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.redis = redis.from_url(settings.redis_url, socket_connect_timeout=5, health_check_interval=10)
+        self.redis = bus.connect(
+            settings.redis_url, settings.redis_cluster, socket_connect_timeout=5, health_check_interval=10
+        )
         self.book = SubscriptionBook(settings.total_connections, settings.tokens_per_connection)
         self.epoch = time.time_ns() // 1_000_000  # tells a consumer a restart from a gap
         self.lease = lease
@@ -173,8 +175,9 @@ class Publisher:
             return
         try:
             async with asyncio.timeout(3):
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.delete(self.keys.token_conn, self.keys.token_mode)
+                async with bus.pipeline(self.redis) as pipe:
+                    pipe.delete(self.keys.token_conn)
+                    pipe.delete(self.keys.token_mode)
                     pipe.hset(self.keys.status, mapping=self.monitor.status_fields())
                     for connection in self.connections:
                         pipe.hset(
@@ -218,7 +221,9 @@ def _fenced(publish: Callable[[bytes, int], int], lease: Lease) -> Callable[[byt
 async def run(settings: Settings, stop: asyncio.Event) -> None:
     """Stand by until this process leads the namespace, lead until ``stop`` is set or the
     lease is lost, and stand by again after a loss; a stop at any point is honoured."""
-    client = redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+    client = bus.connect(
+        settings.redis_url, settings.redis_cluster, socket_connect_timeout=5, socket_timeout=5
+    )
     lease = Lease(client, Keys(settings.namespace))
     standby = Standby(client, settings, lease)
     try:

@@ -17,13 +17,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-import redis.asyncio as redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.keys import CONTROL_GROUP, RESULTS_MAXLEN, Keys
 from kitewire.instruments import UnknownInstrument
+from publisher import bus
+from publisher.bus import REDIS_DOWN
 from publisher.connection import KiteConnection
 from publisher.instruments import InstrumentsLoader
 from publisher.lease import LeaseLost
@@ -37,8 +36,8 @@ from publisher.tasks import cancel_and_wait
 log = logging.getLogger("kitebus.control")
 
 CONSUMER = "kitebus"
-REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
+CLOCK_SKEW_MS = 60_000  # a result's id comes from its own node's clock on a cluster
 
 def _tokens_text(tokens: Sequence[int]) -> str:
     return ",".join(map(str, tokens))
@@ -49,7 +48,7 @@ class ControlLoop:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: bus.Client,
         keys: Keys,
         book: SubscriptionBook,
         connections: Sequence[KiteConnection],
@@ -72,7 +71,7 @@ class ControlLoop:
         self._instruments = instruments or InstrumentsLoader(client, keys, None)
         self._may_write = may_write or (lambda: True)  # False once another publisher leads
         self._task: asyncio.Task[None] | None = None
-        self._batch: redis.client.Pipeline | None = None  # the open transaction of this batch
+        self._batch: bus.OrderedWrites | None = None  # this batch's writes: state, results, XACK
         self._after_batch: list[Callable[[], None]] = []  # what waits for the batch's results
         self._acks: list[str] = []  # the batch's entries, acknowledged in one XACK at its end
         self._quiet = _RateLimitedLog(per_second=20)
@@ -118,8 +117,9 @@ class ControlLoop:
         book, keys = self._book, self._keys
         held = book.placement
         stale = [k for k in await self._redis.hkeys(keys.last) if not k.isdigit() or int(k) not in held]
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.delete(keys.token_conn, keys.token_mode, keys.token_status, keys.clients)
+        async with bus.pipeline(self._redis) as pipe:
+            for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients):
+                pipe.delete(key)
             if stale:
                 pipe.hdel(keys.last, *stale)
             if book.placement:
@@ -194,7 +194,11 @@ class ControlLoop:
                 count=100, block=None if pending else self._block_ms,
             )  # fmt: skip
             entries = reply[0][1] if reply else []
+            answered = await self._answered(entries) if pending else set()
             for entry_id, fields in entries:
+                if entry_id in answered:  # its result is in (a cluster's XACK was not): only ack it
+                    self._acks.append(entry_id.decode())
+                    continue
                 try:
                     await self._handle(entry_id.decode(), fields)
                 except (*REDIS_DOWN, ResponseError):
@@ -207,6 +211,17 @@ class ControlLoop:
                 await self._redis.xtrim(self._keys.control, minid=entries[-1][0], approximate=True)
             if not pending or not entries or self._stopping:
                 return
+
+    async def _answered(self, entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]]) -> set[bytes]:
+        """The ids among ``entries`` that already have a result: on a cluster the result and
+        the XACK sit on different nodes, and a failure between them leaves such an entry
+        pending. Answered again, its client would get two results."""
+        if not entries:
+            return set()
+        oldest = min(_id_order(entry_id) for entry_id, _ in entries)[0] - CLOCK_SKEW_MS
+        ids = {entry_id for entry_id, _ in entries}
+        results = await self._redis.xrange(self._keys.control_results, min=f"{max(oldest, 0)}-0")
+        return {request for _, fields in results if (request := fields.get(b"request")) in ids}
 
     async def handle(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
         """Apply one entry, then persist + answer + acknowledge in one transaction."""
@@ -221,9 +236,8 @@ class ControlLoop:
             raise LeaseLost("another publisher leads: these entries are its to apply")
         if batch is not None:
             if acks:
-                batch.xack(self._keys.control, CONTROL_GROUP, *acks)
-            async with batch:
-                await batch.execute()
+                batch.stages[2].xack(self._keys.control, CONTROL_GROUP, *acks)
+            await batch.execute()
         for step in after:
             step()
 
@@ -312,11 +326,11 @@ class ControlLoop:
         if outcome is not None and outcome.released:
             result["released"] = _tokens_text(outcome.released)
         if self._batch is None:
-            self._batch = self._redis.pipeline(transaction=True)
-        pipe = self._batch
+            self._batch = bus.OrderedWrites(self._redis, 3)
+        state, results, _ = self._batch.stages
         if request is not None and outcome is not None:
-            self._persist(pipe, request, outcome)
-        pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+            self._persist(state, request, outcome)
+        results.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
         if entry_id is not None:
             self._acks.append(entry_id)
         if result["ok"] == "0" and not self._quiet.allow():
@@ -328,7 +342,7 @@ class ControlLoop:
             len(outcome.rejected) if outcome else 0, error,
         )  # fmt: skip
 
-    def _persist(self, pipe: redis.client.Pipeline, request: Request, outcome: Outcome) -> None:
+    def _persist(self, pipe: bus.Pipeline, request: Request, outcome: Outcome) -> None:
         keys, book = self._keys, self._book
         claims_key = keys.claims(request.client)
         released = outcome.applied if request.op in RELEASES else outcome.released
@@ -355,7 +369,7 @@ class ControlLoop:
                 pipe.hset(keys.token_mode, mapping={str(t): m for t, m in modes.items()})
 
 
-    def _persist_deadlines(self, pipe: redis.client.Pipeline, client: str) -> None:
+    def _persist_deadlines(self, pipe: bus.Pipeline, client: str) -> None:
         """The client's claim deadlines, rewritten from the book (a handful of fields)."""
         pipe.delete(self._keys.deadlines(client))
         deadlines = self._book.deadlines.get(client)
@@ -385,6 +399,11 @@ class _RateLimitedLog:
             return True
         self._skipped += 1
         return False
+
+
+def _id_order(entry_id: bytes) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition(b"-")
+    return int(milliseconds), int(sequence or 0)
 
 
 def _field(fields: Mapping[bytes, bytes] | None, name: str) -> str:

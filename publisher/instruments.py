@@ -4,8 +4,10 @@ The source (``KITEBUS_INSTRUMENTS``: a path, or an http(s) URL such as Kite's ow
 ``https://api.kite.trade/instruments``) is read at start, again every ``refresh`` seconds
 (Kite publishes a new dump every morning) and whenever Redis comes back without its
 data. The hash holds both directions: ``EXCHANGE:TRADINGSYMBOL`` -> token and token ->
-symbol. It is built under a temporary key and renamed into place, so a reader never
-sees half a dump. A source that cannot be read or parsed is reported (log, status)
+symbol. It is updated in place: new and changed pairs first, then the pairs gone from
+the dump are removed, so a reader never finds a symbol missing that is in both the old
+and the new dump (a temporary key renamed into place would not work on a Redis Cluster,
+where the two names sit in different slots). A source that cannot be read or parsed is reported (log, status)
 and the last good hash stays in use.
 """
 
@@ -17,15 +19,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-import redis.asyncio as redis
-
 from config.keys import Keys
 from kitewire.instruments import InstrumentsError, UnknownInstrument, parse_instruments
+from publisher import bus
+from publisher.bus import REDIS_DOWN
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.instruments")
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 MAX_BYTES = 256 << 20  # Kite's full dump is a few tens of MB
 CHUNK = 10_000  # fields per HSET
 RETRY = 60.0  # seconds before a failed load is tried again
@@ -52,7 +53,7 @@ class InstrumentsLoader:
     """Owns the refresh task; ``resolve`` turns symbols into tokens for control requests."""
 
     def __init__(
-        self, client: redis.Redis, keys: Keys, source: str | None, *, refresh: float = 86_400.0
+        self, client: bus.Client, keys: Keys, source: str | None, *, refresh: float = 86_400.0
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -87,15 +88,18 @@ class InstrumentsLoader:
         return False
 
     async def _write(self, by_symbol: dict[str, int]) -> None:
-        loading = f"{self._keys.instruments}:loading"
-        items = list(by_symbol.items())
-        await self._redis.delete(loading)
+        key = self._keys.instruments
+        fresh: dict[str, str] = {}
+        for symbol, token in by_symbol.items():
+            fresh[symbol] = str(token)
+            fresh[str(token)] = symbol
+        items = list(fresh.items())
         for start in range(0, len(items), CHUNK):
-            chunk = items[start : start + CHUNK]
-            mapping: dict[str, str | int] = dict(chunk)
-            mapping.update({str(token): symbol for symbol, token in chunk})
-            await self._redis.hset(loading, mapping=mapping)
-        await self._redis.rename(loading, self._keys.instruments)
+            await self._redis.hset(key, mapping=dict(items[start : start + CHUNK]))
+        names = await self._redis.hkeys(key)
+        stale = [name for name in names if name.decode("utf-8", "replace") not in fresh]
+        for start in range(0, len(stale), CHUNK):
+            await self._redis.hdel(key, *stale[start : start + CHUNK])
 
     async def resolve(self, symbols: tuple[str, ...]) -> tuple[int, ...]:
         """The tokens of these (normalised) symbols; raises UnknownInstrument naming the

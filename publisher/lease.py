@@ -23,24 +23,28 @@ import os
 import socket
 import time
 
-import redis.asyncio as redis
-
 from config.keys import Keys
+from publisher import bus
+from publisher.bus import REDIS_DOWN
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.lease")
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
-# Renew our lease; if the key is gone (Redis lost its data) take it back at once, before
-# a standby may (it waits a full ttl when a key vanishes early); keep the fence counter
-# at least at our fence. 0 when another publisher holds it.
+# Renew our lease (1); if the key is gone (Redis lost its data) take it back at once (2),
+# before a standby may (it waits a full ttl when a key vanishes early). 0 when another
+# publisher holds it. One key per script: on a cluster the two keys sit in different slots.
 _RENEW = """
 local v = redis.call('get', KEYS[1])
-if v == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end
+if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end
 if v then return 0 end
 redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if tonumber(redis.call('get', KEYS[2]) or '0') < tonumber(ARGV[3]) then
-  redis.call('set', KEYS[2], ARGV[3])
+return 2
+"""
+# After a lease was taken back: the fence counter at least at our fence, so the next term's
+# fence is larger than ours.
+_FENCE_AT_LEAST = """
+if tonumber(redis.call('get', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+  redis.call('set', KEYS[1], ARGV[1])
 end
 return 1
 """
@@ -64,7 +68,7 @@ class LeaseLost(Exception):
 class Lease:
     """``await acquire()`` until it is True; then ``start()`` renews it and sets ``lost``."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, ttl: float = 3.0) -> None:
+    def __init__(self, client: bus.Client, keys: Keys, ttl: float = 3.0) -> None:
         self._redis = client
         self.key = keys.leader
         self._fence_key = f"{keys.ns}:leader_fence"
@@ -102,17 +106,20 @@ class Lease:
     async def holder(self) -> tuple[str | None, float]:
         """``<fence>:<host>:<pid>`` of the current leader (None if there is none; "released"
         just after a clean stop) and the seconds its key has left."""
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with bus.pipeline(self._redis) as pipe:
             value, pttl = await pipe.get(self.key).pttl(self.key).execute()
         return (value.decode() if value else None), max(pttl, 0) / 1000
 
     async def renew(self) -> bool:
         sent = time.monotonic()
         ttl_ms = int(self.ttl * 1000)
-        if await self._redis.eval(_RENEW, 2, self.key, self._fence_key, self.value, ttl_ms, self.fence):
-            self._trusted_until = sent + self.ttl * TRUST
-            return True
-        return False
+        renewed = await self._redis.eval(_RENEW, 1, self.key, self.value, ttl_ms)
+        if not renewed:
+            return False
+        if renewed == 2:
+            await self._redis.eval(_FENCE_AT_LEAST, 1, self._fence_key, self.fence)
+        self._trusted_until = sent + self.ttl * TRUST
+        return True
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="lease")

@@ -15,9 +15,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import redis.asyncio as redis
-
 from config.keys import RESULTS_MAXLEN, Keys
+from publisher import bus
+from publisher.bus import REDIS_DOWN
 from publisher.sink import TickSink
 from publisher.tasks import cancel_and_wait
 
@@ -39,7 +39,7 @@ class _Waiter:
 class LiveWatch:
     """Owns the task that writes the ``live`` follow-ups."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, sink: TickSink, timeout: float = 10.0) -> None:
+    def __init__(self, client: bus.Client, keys: Keys, sink: TickSink, timeout: float = 10.0) -> None:
         self._redis = client
         self._keys = keys
         self._sink = sink
@@ -82,7 +82,7 @@ class LiveWatch:
                     self._waiters.remove(waiter)
                     try:
                         await self._report(waiter)
-                    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                    except REDIS_DOWN as exc:
                         log.warning("live follow-up not written request=%s error=%s", waiter.request, exc)
 
     def _progress(self, waiter: _Waiter) -> bool:

@@ -9,16 +9,16 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
-import redis.asyncio as redis
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from config.keys import Keys
 from kitewire.encoder import SPEEDUPS
+from publisher import bus
 from publisher.access_token import AccessTokenSource
+from publisher.bus import REDIS_DOWN
 from publisher.connection import LIVE, KiteConnection
-from publisher.control import REDIS_DOWN
 from publisher.instruments import InstrumentsLoader
 from publisher.lease import Lease
 from publisher.sink import TickSink
@@ -34,7 +34,7 @@ class Monitor:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: bus.Client,
         keys: Keys,
         book: SubscriptionBook,
         connections: Sequence[KiteConnection],
@@ -137,7 +137,7 @@ class Monitor:
 
     async def check_redis(self) -> None:
         """Notice a Redis that restarted (new run_id) or came back, and have it rewritten."""
-        run_id = (await self._redis.info("server"))["run_id"]
+        run_id = await bus.run_id(self._redis)
         came_back = not self.redis_up
         self.redis_up = True
         if self._run_id is not None and (run_id != self._run_id or came_back):

@@ -17,9 +17,9 @@ import logging
 import time
 from collections.abc import Sequence
 
-import redis.asyncio as redis
-
 from config.keys import RESULTS_MAXLEN, Keys
+from publisher import bus
+from publisher.bus import REDIS_DOWN
 from publisher.connection import LIVE, KiteConnection
 from publisher.moves import Moves
 from publisher.subscriptions import ConnectionChange, SubscriptionBook
@@ -27,7 +27,6 @@ from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.rebalance")
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 class Rebalancer:
@@ -35,7 +34,7 @@ class Rebalancer:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: bus.Client,
         keys: Keys,
         book: SubscriptionBook,
         connections: Sequence[KiteConnection],

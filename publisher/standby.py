@@ -16,14 +16,13 @@ import os
 import socket
 import time
 
-import redis.asyncio as redis
-
 from config import Keys, Settings
+from publisher import bus
+from publisher.bus import REDIS_DOWN
 from publisher.lease import Lease
 
 log = logging.getLogger("kitebus.standby")
 
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 POLL = 0.5  # seconds between tries of the lease
 PRESENCE_TTL = 5.0  # {ns}:standby lapses this long after the standby stops writing it
 MISMATCH_GRACE = 30.0
@@ -32,7 +31,7 @@ MISMATCH_GRACE = 30.0
 class Standby:
     """``await wait_for_lease(stop)`` is True once this process leads, False on ``stop``."""
 
-    def __init__(self, client: redis.Redis, settings: Settings, lease: Lease) -> None:
+    def __init__(self, client: bus.Client, settings: Settings, lease: Lease) -> None:
         self._redis = client
         self._settings = settings
         self._keys = Keys(settings.namespace)
@@ -102,7 +101,7 @@ class Standby:
             "pid": str(os.getpid()), "host": socket.gethostname(), "since": f"{self.since:.3f}",
             "heartbeat_at": f"{time.time():.3f}", "refusing": self.refusing,
         }  # fmt: skip
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with bus.pipeline(self._redis) as pipe:
             pipe.hset(self.key, mapping=fields)
             pipe.pexpire(self.key, int(PRESENCE_TTL * 1000))
             await pipe.execute()

@@ -1,0 +1,172 @@
+"""The Redis behind the bus: one server, or a Redis Cluster (``KITEBUS_REDIS_CLUSTER=1``).
+
+Everything that differs between the two lives here, so no other module asks which it is:
+
+- ``connect`` gives a redis-py client (``RedisCluster`` follows MOVED and ASK by itself);
+- ``pipeline`` is one MULTI/EXEC on a server; on a cluster the contract's keys sit in
+  different slots, so it is a plain pipeline, split per node, in order per key;
+- ``PUBLISH`` or ``SPUBLISH`` (sharded pub/sub, Redis >= 7) and the matching subscribe;
+- ``Topology``: which master serves the slot of a channel or key, for the RESP sockets of
+  the tick flow and of the library's pub/sub reader, which redis-py does not carry.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import hiredis
+import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+
+from publisher.resp import RespConnection, RespError, pack_command
+
+Client = redis.Redis | RedisCluster
+Pipeline = Any  # redis-py's Pipeline or ClusterPipeline: the same queuing methods
+SLOTS = 16384
+# Redis is away for now: retry later. On a cluster that includes a resharding slot
+# (TRYAGAIN) and a cluster that lost a master (CLUSTERDOWN, a slot nobody serves).
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    redis.ConnectionError, redis.TimeoutError, OSError, ClusterDownError, TryAgainError, SlotNotCoveredError,
+)  # fmt: skip
+# Error replies a cluster gives while slots move or a master is lost.
+REDIRECTS = (b"MOVED", b"ASK", b"CLUSTERDOWN", b"TRYAGAIN")
+
+
+def cluster_from_env() -> bool:
+    """``KITEBUS_REDIS_CLUSTER`` from the environment (for library users without Settings)."""
+    return os.environ.get("KITEBUS_REDIS_CLUSTER", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def connect(url: str, cluster: bool | None = None, **kwargs: Any) -> Client:
+    """A client for ``url``; ``cluster=None`` reads ``KITEBUS_REDIS_CLUSTER``."""
+    if cluster is None:
+        cluster = cluster_from_env()
+    if cluster:
+        return RedisCluster.from_url(url, **kwargs)
+    return redis.from_url(url, **kwargs)
+
+
+def is_cluster(client: Client) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def pipeline(client: Client) -> Any:
+    """Writes sent together: atomic on one server; on a cluster, in order for each key
+    (each node gets its commands in the order they were queued), not atomic across keys."""
+    return client.pipeline(transaction=not is_cluster(client))
+
+
+def publish_command(cluster: bool) -> bytes:
+    return b"SPUBLISH" if cluster else b"PUBLISH"
+
+
+def seed_url(client: Client) -> str:
+    """A URL of a node of a cluster client (credentials kept), for the RESP sockets."""
+    node = client.get_default_node() or client.get_nodes()[0]
+    kwargs = node.connection_kwargs
+    auth = ""
+    if kwargs.get("password"):
+        auth = f"{quote(kwargs.get('username') or 'default')}:{quote(kwargs['password'])}@"
+    scheme = "rediss" if kwargs.get("ssl") or "ssl_context" in kwargs else "redis"
+    return f"{scheme}://{auth}{node.host}:{node.port}/0"
+
+
+def node_url(seed: str, host: str, port: int) -> str:
+    """``seed`` with its host and port replaced: same scheme and credentials."""
+    parts = urlsplit(seed)
+    auth = parts.netloc.rpartition("@")[0]
+    netloc = f"{auth}@{host}:{port}" if auth else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, "/0", "", ""))
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which master serves each slot: ``nodes`` are their URLs, ``owner[slot]`` an index
+    into them (-1 for a slot nobody serves). One server is one node that serves all."""
+
+    nodes: tuple[str, ...]
+    owner: tuple[int, ...] | None  # None: not a cluster
+
+    @classmethod
+    def single(cls, url: str) -> Topology:
+        return cls((url,), None)
+
+    @classmethod
+    async def fetch(cls, seed: str) -> Topology:
+        """``CLUSTER SLOTS`` asked of the node ``seed`` names. Raises RespError."""
+        connection = await RespConnection.open(seed)
+        try:
+            connection.write(pack_command(b"CLUSTER", b"SLOTS"))
+            await connection.drain()
+            parser = hiredis.Reader()
+            while (reply := parser.gets()) is False:
+                parser.feed(await connection.read())
+        finally:
+            await connection.close()
+        if isinstance(reply, hiredis.ReplyError):
+            raise RespError(f"CLUSTER SLOTS failed: {reply} (is it a cluster node?)")
+        nodes: list[str] = []
+        owner = [-1] * SLOTS
+        for start, end, master, *_replicas in reply:
+            url = node_url(seed, (master[0] or b"127.0.0.1").decode(), int(master[1]))
+            if url not in nodes:
+                nodes.append(url)
+            owner[start : end + 1] = [nodes.index(url)] * (end + 1 - start)
+        if not nodes:
+            raise RespError("the cluster serves no slot")
+        return cls(tuple(nodes), tuple(owner))
+
+    @property
+    def cluster(self) -> bool:
+        return self.owner is not None
+
+    def node_of(self, name: bytes) -> int:
+        """The index of the node that serves ``name`` (a key or a shard channel)."""
+        if self.owner is None:
+            return 0
+        node = self.owner[key_slot(name)]
+        if node < 0:
+            raise RespError(f"no node serves the slot of {name[:60]!r} (CLUSTERDOWN)")
+        return node
+
+
+async def topology(url: str, cluster: bool) -> Topology:
+    return await Topology.fetch(url) if cluster else Topology.single(url)
+
+
+class OrderedWrites:
+    """Writes queued in ``stages``, applied in that order: one MULTI/EXEC for all of them on
+    one server; on a cluster, where keys of different slots cannot share a transaction, each
+    stage is a pipeline sent once the stage before it has been answered. A failure part way
+    then leaves the earlier stages applied, never a later one without them."""
+
+    def __init__(self, client: Client, stages: int) -> None:
+        if is_cluster(client):
+            self.stages = [client.pipeline(transaction=False) for _ in range(stages)]
+        else:
+            self.stages = [client.pipeline(transaction=True)] * stages
+
+    async def execute(self) -> None:
+        done: list[Any] = []
+        try:
+            for pipe in self.stages:
+                if not any(pipe is other for other in done):
+                    done.append(pipe)
+                    if len(pipe):
+                        await pipe.execute()
+        finally:
+            for pipe in self.stages:
+                await pipe.reset()
+
+
+async def run_id(client: Client) -> str:
+    """Changes whenever Redis (on a cluster: any node) restarted, so lost data is noticed."""
+    if not is_cluster(client):
+        return str((await client.info("server"))["run_id"])
+    replies = await client.info("server", target_nodes=RedisCluster.ALL_NODES)
+    return ",".join(sorted(str(reply["run_id"]) for reply in replies.values()))
