@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/publisher.py [--ticks 300000] [--modes full,quote,ltp]
                                         [--rates 5000,20000,50000] [--skip-null] [--skip-latency]
+                                        [--cluster]
 
 Every part is a process of its own: the feed (the simulator, flooding from prebuilt
 WebSocket frames written straight to the sockets), the publisher, a private redis-server,
@@ -20,6 +21,11 @@ and a consumer that PSUBSCRIBEs ``{ns}:ticks:*``. Printed, all from the same run
 The private Redis runs with ``client-output-buffer-limit pubsub 0 0 0``: one consumer of
 every channel can fall 32 MB behind on 2 cores and would be cut by Redis's default limit;
 lifted, the publisher is what is measured.
+
+``--cluster`` runs the same against a private 3-master Redis Cluster on loopback
+(``KITEBUS_REDIS_CLUSTER=1``): ticks go out with SPUBLISH, the consumer SSUBSCRIBEs every
+channel at its master, and the bus limit is three ``redis-benchmark`` runs at once, each
+SPUBLISHing to a channel its own node serves (every node's limit lifted too).
 """
 
 from __future__ import annotations
@@ -30,24 +36,29 @@ import json
 import os
 import platform
 import re
+import selectors
 import socket
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import hiredis
 import msgpack
+import redis as sync_redis
 import redis.asyncio as redis
+from redis.crc import key_slot
 
 from config import Keys
 from consumers.control import ControlClient
-from kitebus.localredis import LocalRedis
+from kitebus.localredis import LocalCluster, LocalRedis
 from kitewire import codec
 from kitewire.encoder import SPEEDUPS
+from publisher import bus
 from publisher.resp import pack_command
 
 NS = "bench"
@@ -132,7 +143,8 @@ class NullEncoder:
         if chunk is None:
             keys = Keys(NS)
             tokens = [((start + i) % self._tokens + 1) << 8 | 1 for i in range(count)]
-            publishes = b"".join(pack_command(b"PUBLISH", keys.ticks(t), self._payload) for t in tokens)
+            command = bus.publish_command(bus.cluster_from_env())
+            publishes = b"".join(pack_command(command, keys.ticks(t), self._payload) for t in tokens)
             fields = b"".join(pack_command(b"%d" % t, self._payload)[4:] for t in tokens)
             chunk = self._chunks[(count, start)] = (publishes, fields)
         return chunk[0], chunk[1], count, 0
@@ -155,40 +167,56 @@ def null_publisher_main(payload_size: int, tokens: int) -> None:
 # --- the consumer process ------------------------------------------------------------------------
 
 
-def consume(port: int, expected: int, idle: float, latency: bool) -> None:
-    """Count pmessages (or measure latency from the oi stamp) until ``expected`` or ``idle`` s of quiet."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
-    reader = hiredis.Reader()
-    sock.settimeout(idle)
+def consume(port: int, expected: int, idle: float, latency: bool, channels: list[str]) -> None:
+    """Count messages (or measure latency from the oi stamp) until ``expected`` or ``idle`` s of
+    quiet: PSUBSCRIBE every tick channel on one server; on a cluster (``channels`` given),
+    SSUBSCRIBE each channel at the node that serves it."""
+    if channels:
+        owner = _cluster_owners(port)
+        socks = {p: socket.create_connection(("127.0.0.1", p)) for p in set(owner)}
+        for name in channels:
+            socks[owner[key_slot(name.encode())]].sendall(pack_command("SSUBSCRIBE", name))
+        confirmations = len(channels)
+    else:
+        socks = {port: socket.create_connection(("127.0.0.1", port))}
+        socks[port].sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
+        confirmations = 1
+    readers = {sock: hiredis.Reader() for sock in socks.values()}
+    selector = selectors.DefaultSelector()
+    for sock in socks.values():
+        selector.register(sock, selectors.EVENT_READ)
     count, first, last = 0, 0.0, 0.0
     delays: list[int] = []
-    ready = False
-    try:
-        while count < expected:
-            data = sock.recv(1 << 20)
+    while count < expected:
+        ready = selector.select(idle)
+        if not ready:
+            break
+        now = int(time.time() * 1e6) & 0xFFFFFFFF
+        before = count
+        for key, _ in ready:
+            data = key.fileobj.recv(1 << 20)  # type: ignore[union-attr]
             if not data:
                 print("consumer: redis closed the connection", file=sys.stderr)
+                expected = count
                 break
+            reader = readers[key.fileobj]  # type: ignore[index]
             reader.feed(data)
-            now = int(time.time() * 1e6) & 0xFFFFFFFF
-            before = count
             while (reply := reader.gets()) is not False:
-                if reply[0] == b"pmessage":
+                if reply[0] in (b"pmessage", b"smessage"):
                     count += 1
                     if latency:  # the oi value follows its key; no full decode, so the consumer keeps up
-                        at = reply[3].find(OI_KEY) + len(OI_KEY)
-                        delay = (now - int.from_bytes(reply[3][at : at + 4], "big")) & 0xFFFFFFFF
+                        payload = reply[-1]
+                        at = payload.find(OI_KEY) + len(OI_KEY)
+                        delay = (now - int.from_bytes(payload[at : at + 4], "big")) & 0xFFFFFFFF
                         if delay < 60_000_000:  # else a tick of the market's own, not stamped by the feed
                             delays.append(delay)
-                elif not ready:
-                    ready = True
-                    print("ready", flush=True)
-            if count > before:
-                last = time.perf_counter()
-                first = first or last
-    except TimeoutError:
-        pass
+                else:
+                    confirmations -= 1
+                    if confirmations == 0:
+                        print("ready", flush=True)
+        if count > before:
+            last = time.perf_counter()
+            first = first or last
     delays.sort()
     quantiles = [_quantile(delays, q) for q in (0.5, 0.99, 1.0)] if delays else []
     print(json.dumps({"count": count, "window": last - first, "latency_ms": quantiles}), flush=True)
@@ -211,14 +239,34 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-class Run:
-    def __init__(self, port: int, rds: redis.Redis) -> None:
-        self.port, self.rds, self.keys = port, rds, Keys(NS)
+def _cluster_owners(port: int) -> list[int]:
+    """slot -> port of the master that serves it, asked of the node on ``port``."""
+    client = sync_redis.Redis(port=port)
+    owner = [0] * bus.SLOTS
+    for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+        owner[start : end + 1] = [int(master[1])] * (end + 1 - start)
+    client.close()
+    return owner
 
-    async def consumer(self, expected: int, latency: bool = False) -> asyncio.subprocess.Process:
+
+class Run:
+    def __init__(self, port: int, rds: bus.Client, channels: list[str] | None = None) -> None:
+        """``channels``: on a cluster, the tick channels the consumer SSUBSCRIBEs."""
+        self.port, self.rds, self.keys = port, rds, Keys(NS)
+        self.channels_file = ""
+        if channels:
+            with tempfile.NamedTemporaryFile("w", prefix="kitebus-bench-", delete=False) as out:
+                out.write("\n".join(channels))
+            self.channels_file = out.name
+
+    async def consumer(
+        self, expected: int, latency: bool = False, channels_file: str | None = None
+    ) -> asyncio.subprocess.Process:
+        channels = channels_file if channels_file is not None else self.channels_file
         proc = await asyncio.create_subprocess_exec(
             sys.executable, HERE, "--consume", str(self.port), str(expected),
-            *(["--latency"] if latency else []), stdout=asyncio.subprocess.PIPE,
+            *(["--latency"] if latency else []), *(["--channels-file", channels] if channels else []),
+            stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         assert proc.stdout is not None
         assert (await proc.stdout.readline()).strip() == b"ready"
@@ -244,31 +292,46 @@ async def ask(feed: asyncio.subprocess.Process, line: str) -> str:
     return (await feed.stdout.readline()).decode().strip()
 
 
-async def bus_limit(run: Run, payload_size: int) -> tuple[float, float]:
-    """redis-benchmark PUBLISH/s and what the consumer counted, payloads of the same size."""
+async def bus_limit(run: Run, payload_size: int, cluster: LocalCluster | None) -> tuple[float, float]:
+    """redis-benchmark PUBLISH/s and what the consumer counted, payloads of the same size. On a
+    cluster: one redis-benchmark per master at once, SPUBLISHing to a channel it serves."""
     n = 1_000_000
-    consumer = await run.consumer(n)
-    out = await asyncio.to_thread(
+    if cluster is None:
+        runs = [(run.port, ["PUBLISH", f"{NS}:ticks:__rand_int__"], n)]
+        consumer = await run.consumer(n)
+    else:
+        owner = _cluster_owners(run.port)
+        channels = {}
+        token = 0
+        while len(channels) < len(cluster.nodes):
+            token += 1
+            channels.setdefault(owner[key_slot(Keys(NS).ticks(token).encode())], Keys(NS).ticks(token))
+        runs = [(port, ["SPUBLISH", name], n // len(channels)) for port, name in channels.items()]
+        with tempfile.NamedTemporaryFile("w", prefix="kitebus-bench-", delete=False) as out:
+            out.write("\n".join(channels.values()))
+        consumer = await run.consumer(sum(r[2] for r in runs), channels_file=out.name)
+    outs = await asyncio.gather(*(asyncio.to_thread(
         subprocess.run,
-        ["redis-benchmark", "-p", str(run.port), "-P", "64", "-r", "9000", "-n", str(n), "-q",
-         "PUBLISH", f"{NS}:ticks:__rand_int__", "x" * payload_size],
+        ["redis-benchmark", "-p", str(port), "-P", "64", "-r", "9000", "-n", str(count), "-q",
+         *command, "x" * payload_size],
         capture_output=True, text=True, check=True,
-    )  # fmt: skip
+    ) for port, command, count in runs))  # fmt: skip
     got = await run.result(consumer)
-    match = re.search(r"([\d.]+) requests per second", out.stdout.replace("\r", "\n"))
-    return float(match.group(1)) if match else 0.0, got["count"] / max(got["window"], 1e-9)
+    rates = [re.search(r"([\d.]+) requests per second", o.stdout.replace("\r", "\n")) for o in outs]
+    return sum(float(m.group(1)) for m in rates if m), got["count"] / max(got["window"], 1e-9)
 
 
 async def burst(
-    run: Run, feed: asyncio.subprocess.Process, pid: int, redis_pid: int, per_connection: int, shape: str
+    run: Run, feed: asyncio.subprocess.Process, pid: int, redis_pids: list[int], per_connection: int,
+    shape: str,
 ) -> dict:
-    """One line-rate burst, counted at the consumer; CPU of the publisher and of Redis."""
+    """One line-rate burst, counted at the consumer; CPU of the publisher and of Redis (all nodes)."""
     before = await run.status()
     consumer = await run.consumer(per_connection * 3)
-    cpu, redis_cpu = cpu_seconds(pid), cpu_seconds(redis_pid)
+    cpu, redis_cpu = cpu_seconds(pid), sum(map(cpu_seconds, redis_pids))
     sent = int(float((await ask(feed, f"flood {per_connection} {shape}")).split()[0]))
     got = await run.result(consumer)
-    cpu, redis_cpu = cpu_seconds(pid) - cpu, cpu_seconds(redis_pid) - redis_cpu
+    cpu, redis_cpu = cpu_seconds(pid) - cpu, sum(map(cpu_seconds, redis_pids)) - redis_cpu
     await asyncio.sleep(1.2)  # one status write, so the counters are current
     after = await run.status()
     return {
@@ -286,11 +349,19 @@ async def start_publisher(
 
 
 async def bench(args: argparse.Namespace) -> None:
-    server = LocalRedis()
+    tokens = [(n << 8) | 1 for n in range(1, args.tokens + 1)]
+    cluster = LocalCluster(3) if args.cluster else None
+    server = cluster or LocalRedis()
     server.start()
-    rds = redis.from_url(server.url)
-    await rds.config_set("client-output-buffer-limit", "pubsub 0 0 0")
-    run = Run(server.port, rds)
+    nodes = cluster.nodes if cluster else [server]
+    for node in nodes:
+        client = redis.from_url(node.url)
+        await client.config_set("client-output-buffer-limit", "pubsub 0 0 0")
+        await client.aclose()
+    redis_pids = [node.process.pid for node in nodes]  # type: ignore[union-attr]
+    rds = bus.connect(server.url, args.cluster)
+    channels = [Keys(NS).ticks(t) for t in tokens] if cluster else None
+    run = Run(nodes[0].port, rds, channels)
     feed = await asyncio.create_subprocess_exec(
         sys.executable, HERE, "--feed", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
     )
@@ -299,23 +370,26 @@ async def bench(args: argparse.Namespace) -> None:
     env = {
         **os.environ, "KITE_WS_URL": url, "REDIS_URL": server.url, "KITE_API_KEY": "kitebus",
         "KITE_ACCESS_TOKEN": "simulator", "KITEBUS_NAMESPACE": NS, "KITEBUS_LOG_LEVEL": "WARNING",
+        "KITEBUS_REDIS_CLUSTER": "1" if cluster else "0",
     }  # fmt: skip
-    tokens = [(n << 8) | 1 for n in range(1, args.tokens + 1)]
     control = ControlClient(rds, NS)
     modes = args.modes.split(",")
     sizes = {m: len(codec.frame_payloads(codec.encode_frame([_packet(m)]), 0)[0][0][1]) for m in modes}
     per_connection = args.ticks // 3
     version = (await rds.info("server"))["redis_version"]
+    if isinstance(version, dict):  # a cluster answers for each node
+        version = next(iter(version.values()))
+    where = "a private 3-master Redis Cluster, SPUBLISH/SSUBSCRIBE" if cluster else "a private Redis"
     print(f"# {platform.node()}: {os.cpu_count()} cpus, {platform.machine()}, "
           f"Python {platform.python_version()}, redis {version}; speedups={'C' if SPEEDUPS else 'off'}")
     print(f"# {args.tokens} tokens over 3 connections; bursts of {per_connection * 3:,} ticks "
-          "(500 packets a frame); private Redis with the pub/sub output-buffer limit lifted")
+          f"(500 packets a frame); {where}, the pub/sub output-buffer limit lifted")
     rows: dict[tuple[str, str, str], dict] = {}
     limits = {}
     publisher = None
     try:
         for mode in modes:
-            limits[mode] = await bus_limit(run, sizes[mode])
+            limits[mode] = await bus_limit(run, sizes[mode], cluster)
         kinds = ["kitebus"] + ([] if args.skip_null else ["null"])
         rss = 0.0
         for kind in kinds:
@@ -331,7 +405,7 @@ async def bench(args: argparse.Namespace) -> None:
                 await asyncio.wait_for(ask(feed, f"wait {mode} {args.tokens}"), 60)
                 for shape in ("sequential", "interleaved"):
                     runs = [
-                        await burst(run, feed, publisher.pid, server.process.pid, per_connection, shape)  # type: ignore[union-attr]
+                        await burst(run, feed, publisher.pid, redis_pids, per_connection, shape)
                         for _ in range(args.repeat)
                     ]
                     total = {k: sum(r[k] for r in runs) for k in runs[0] if k != "rate"}
@@ -363,7 +437,7 @@ async def bench(args: argparse.Namespace) -> None:
 
 def report(rows: dict, limits: dict, modes: list[str], rss: float) -> None:
     print()
-    print("bus limit (redis-benchmark -P 64 PUBLISH, payloads of the same size, the same consumer):")
+    print("bus limit (redis-benchmark -P 64 (S)PUBLISH, payloads of the same size, the same consumer):")
     for mode in modes:
         bench_rate, consumer_rate = limits[mode]
         print(f"  {mode:6} {bench_rate:>10,.0f} PUBLISH/s sent, {consumer_rate:>10,.0f}/s at the consumer")
@@ -420,13 +494,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="bursts of each kind (median reported)")
     parser.add_argument("--skip-null", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--cluster", action="store_true", help="a private 3-master Redis Cluster")
+    parser.add_argument("--channels-file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--consume", nargs=2, type=int, metavar=("PORT", "EXPECTED"), help=argparse.SUPPRESS)
     parser.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--feed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--null-publisher", type=int, metavar="PAYLOAD_SIZE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.consume:
-        consume(args.consume[0], args.consume[1], idle=3.0, latency=args.latency)
+        channels = open(args.channels_file).read().split() if args.channels_file else []
+        consume(args.consume[0], args.consume[1], idle=3.0, latency=args.latency, channels=channels)
     elif args.feed:
         asyncio.run(feed_main())
     elif args.null_publisher:

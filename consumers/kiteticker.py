@@ -32,12 +32,12 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
-import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from config import Keys, load_settings
 from consumers.control import ControlTimeout, SubscriptionRejected
 from consumers.subscriber import StreamStatus, Tick, TickSubscriber
+from publisher import bus
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.kiteticker")
@@ -104,13 +104,16 @@ class KiteTicker:
         redis_url: str | None = None,
         namespace: str | None = None,
         client: str | None = None,
+        redis_cluster: bool | None = None,
     ) -> None:
         del api_key, access_token, root  # the publisher holds Kite's connection
-        if redis_url is None or namespace is None:
+        if redis_url is None or namespace is None or redis_cluster is None:
             settings = load_settings()
             redis_url = redis_url or settings.redis_url
             namespace = namespace or settings.namespace
+            redis_cluster = settings.redis_cluster if redis_cluster is None else redis_cluster
         self.redis_url = redis_url
+        self.redis_cluster = redis_cluster
         self.keys = Keys(namespace)
         self.client = client or default_client_id()
         self.debug = debug
@@ -254,7 +257,7 @@ class KiteTicker:
 
     async def _session(self) -> None:
         """One connection to the bus: check it, announce it, then serve until stop or failure."""
-        client = redis.from_url(self.redis_url, socket_connect_timeout=self.connect_timeout)
+        client = bus.connect(self.redis_url, self.redis_cluster, socket_connect_timeout=self.connect_timeout)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self._check_publisher(client)
@@ -298,7 +301,7 @@ class KiteTicker:
         else:
             log.info("stream live again tokens=%d", len(mine))
 
-    async def _check_publisher(self, client: redis.Redis) -> None:
+    async def _check_publisher(self, client: bus.Client) -> None:
         status = await client.hgetall(self.keys.status)
         state = status.get(b"state", b"").decode()
         age = time.time() - float(status.get(b"heartbeat_at", b"0") or 0)
@@ -308,7 +311,7 @@ class KiteTicker:
                 f"heartbeat {age:.0f}s ago)"
             )
 
-    async def _watch_publisher(self, client: redis.Redis) -> None:
+    async def _watch_publisher(self, client: bus.Client) -> None:
         while True:
             await asyncio.sleep(1.0)
             await self._check_publisher(client)

@@ -3,6 +3,12 @@
 redis-py's ``PubSub.get_message`` costs about 20 us a message in Python: a consumer of
 every instrument then cannot keep up with a busy feed and is cut by Redis. This reads
 whatever the socket has, parses it in C (hiredis) and hands the messages over as a list.
+
+On a Redis Cluster (``KITEBUS_REDIS_CLUSTER=1``) ticks are published with SPUBLISH and
+read with SSUBSCRIBE at the master that serves each channel's slot: ``ShardedPubSub``
+holds one such reader per master and reads them as one. When a slot moves, Redis
+unsubscribes its channels (an ``sunsubscribe`` nobody asked for): the reader then fails
+like a dropped connection, and its owner reconnects with a fresh map of the slots.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from urllib.parse import quote
 import hiredis
 import redis.asyncio as redis
 
+from publisher import bus
 from publisher.resp import RespConnection, RespError, pack_command
 from publisher.tasks import cancel_and_wait
 
@@ -21,8 +28,11 @@ Message = tuple[bytes, bytes]  # (channel, data)
 SUBSCRIBE_BATCH = 1000  # channels per SUBSCRIBE command
 
 
-def url_of(client: redis.Redis) -> str:
-    """The URL a redis-py client connects to (host or unix socket, credentials, db, TLS)."""
+def url_of(client: bus.Client) -> str:
+    """The URL a redis-py client connects to (host or unix socket, credentials, db, TLS);
+    for a cluster client, the URL of one of its nodes."""
+    if bus.is_cluster(client):
+        return bus.seed_url(client)
     kwargs = client.connection_pool.connection_kwargs
     auth = ""
     if kwargs.get("password"):
@@ -43,11 +53,22 @@ class FastPubSub:
     limit. ``read`` then raises ``RespError`` (a ConnectionError).
     """
 
-    def __init__(self, connection: RespConnection, max_unread: int = 10_000) -> None:
+    def __init__(
+        self,
+        connection: RespConnection,
+        max_unread: int = 10_000,
+        *,
+        sharded: bool = False,
+        arrived: asyncio.Event | None = None,
+    ) -> None:
+        """``sharded``: SSUBSCRIBE (a cluster node); ``arrived``: an event shared with other
+        readers, set when messages arrive."""
         self._connection = connection
         self._parser = hiredis.Reader()
         self._ready: deque[Message] = deque()
-        self._arrived = asyncio.Event()
+        self._sharded = sharded
+        self._message = b"smessage" if sharded else b"message"
+        self._arrived = arrived or asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
         self._awaiting: set[tuple[bytes, bytes]] = set()  # (confirmation, channel) not yet seen
@@ -63,17 +84,24 @@ class FastPubSub:
     async def subscribe(self, *channels: str) -> None:
         """Subscribe and wait until Redis confirmed every channel (so that a snapshot read
         afterwards can miss nothing)."""
-        await self._command(b"SUBSCRIBE", b"subscribe", channels)
+        if self._sharded:
+            await self._command(b"SSUBSCRIBE", b"ssubscribe", channels)
+        else:
+            await self._command(b"SUBSCRIBE", b"subscribe", channels)
 
     async def unsubscribe(self, *channels: str) -> None:
-        await self._command(b"UNSUBSCRIBE", b"unsubscribe", channels)
+        if self._sharded:
+            await self._command(b"SUNSUBSCRIBE", b"sunsubscribe", channels)
+        else:
+            await self._command(b"UNSUBSCRIBE", b"unsubscribe", channels)
 
     async def _command(self, command: bytes, confirmation: bytes, channels: tuple[str, ...]) -> None:
         names = sorted({c.encode() for c in channels})
         expected = {(confirmation, name) for name in names}
         self._awaiting |= expected
-        for start in range(0, len(names), SUBSCRIBE_BATCH):
-            self._connection.write(pack_command(command, *names[start : start + SUBSCRIBE_BATCH]))
+        batch = 1 if self._sharded else SUBSCRIBE_BATCH  # one slot per SSUBSCRIBE
+        for start in range(0, len(names), batch):
+            self._connection.write(pack_command(command, *names[start : start + batch]))
         await self._connection.drain()
         while expected & self._awaiting:
             if self._failure is not None:
@@ -92,8 +120,14 @@ class FastPubSub:
                     await self._arrived.wait()
             except TimeoutError:
                 return []
-            if not self._ready and self._failure is not None:
+        return self.take()
+
+    def take(self) -> list[Message]:
+        """The messages that are there now; raises the reader's failure once none are left."""
+        if not self._ready:
+            if self._failure is not None:
                 raise self._failure
+            return []
         out = list(self._ready)
         self._ready.clear()
         self._room.set()
@@ -120,12 +154,14 @@ class FastPubSub:
         while (reply := parser.gets()) is not False:
             if isinstance(reply, hiredis.ReplyError):
                 raise RespError(f"Redis refused a pub/sub command: {reply}")
-            if reply[0] == b"message":
+            if reply[0] == self._message:
                 self._ready.append((reply[1], reply[2]))
                 arrived = True
-            else:
+            elif (reply[0], reply[1]) in self._awaiting:
                 self._awaiting.discard((reply[0], reply[1]))
                 confirmed = True
+            elif reply[0] == b"sunsubscribe":
+                raise RespError(f"the slot of {reply[1][:60]!r} moved to another node")
         if arrived:
             self._arrived.set()
         if confirmed:
@@ -136,4 +172,83 @@ class FastPubSub:
         await self._connection.close()
 
 
-__all__ = ["FastPubSub", "Message", "RespError", "url_of"]
+class ShardedPubSub:
+    """SSUBSCRIBE on a Redis Cluster: a ``FastPubSub`` per master, each channel subscribed
+    at the master that serves its slot, and their messages read as one."""
+
+    def __init__(self, topology: bus.Topology, readers: list[FastPubSub], arrived: asyncio.Event) -> None:
+        self._topology = topology
+        self._readers = readers
+        self._arrived = arrived
+
+    @classmethod
+    async def open(cls, url: str, max_unread: int = 10_000) -> ShardedPubSub:
+        topology = await bus.Topology.fetch(url)
+        arrived = asyncio.Event()
+        readers: list[FastPubSub] = []
+        try:
+            for node in topology.nodes:
+                connection = await RespConnection.open(node)
+                readers.append(FastPubSub(connection, max_unread, sharded=True, arrived=arrived))
+        except ConnectionError:
+            for reader in readers:
+                await reader.close()
+            raise
+        return cls(topology, readers, arrived)
+
+    async def subscribe(self, *channels: str) -> None:
+        """Subscribe and wait until every node confirmed its channels."""
+        readers = self._readers
+        await asyncio.gather(*(readers[node].subscribe(*names) for node, names in self._by_node(channels)))
+
+    async def unsubscribe(self, *channels: str) -> None:
+        readers = self._readers
+        await asyncio.gather(*(readers[node].unsubscribe(*names) for node, names in self._by_node(channels)))
+
+    def _by_node(self, channels: tuple[str, ...]) -> list[tuple[int, tuple[str, ...]]]:
+        nodes: dict[int, list[str]] = {}
+        for channel in channels:
+            nodes.setdefault(self._topology.node_of(channel.encode()), []).append(channel)
+        return [(node, tuple(names)) for node, names in nodes.items()]
+
+    async def read(self, timeout: float) -> list[Message]:
+        """The messages that are there on any node, or that arrive within ``timeout`` seconds."""
+        self._arrived.clear()  # before looking: a message arriving after the look sets it again
+        out = self._take()
+        if out:
+            return out
+        try:
+            async with asyncio.timeout(timeout):
+                await self._arrived.wait()
+        except TimeoutError:
+            return []
+        return self._take()
+
+    def _take(self) -> list[Message]:
+        out: list[Message] = []
+        failure: ConnectionError | None = None
+        for reader in self._readers:
+            try:
+                out += reader.take()
+            except ConnectionError as exc:  # raised once what the others hold is handed over
+                failure = exc
+        if failure is not None and not out:
+            raise failure
+        return out
+
+    async def close(self) -> None:
+        for reader in self._readers:
+            await reader.close()
+
+
+PubSub = FastPubSub | ShardedPubSub
+
+
+async def open_pubsub(url: str, cluster: bool, max_unread: int = 10_000) -> PubSub:
+    """A pub/sub reader for a server (SUBSCRIBE) or, with ``cluster``, a cluster (SSUBSCRIBE)."""
+    if cluster:
+        return await ShardedPubSub.open(url, max_unread)
+    return await FastPubSub.open(url, max_unread)
+
+
+__all__ = ["FastPubSub", "Message", "PubSub", "RespError", "ShardedPubSub", "open_pubsub", "url_of"]

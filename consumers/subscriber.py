@@ -24,30 +24,33 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import redis.asyncio as redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from config import Keys, Settings
 from consumers.control import ControlClient, ControlResult, ControlTimeout, SubscriptionRejected
 from consumers.instruments import names, resolve
-from consumers.pubsub import FastPubSub, Message, url_of
+from consumers.pubsub import Message, open_pubsub, url_of
+from publisher import bus
 from publisher.tasks import cancel_and_wait
 
 Tick = dict[str, Any]
 log = logging.getLogger("kitebus.subscriber")
 
 
-def _url_for(source: Settings | str | redis.Redis, client: redis.Redis) -> str:
+def _url_for(source: Settings | str | bus.Client, client: bus.Client) -> str:
     if isinstance(source, Settings):
         return source.redis_url
     return source if isinstance(source, str) else url_of(client)
 
 
-def _redis_for(source: Settings | str | redis.Redis) -> tuple[redis.Redis, bool]:
-    if isinstance(source, redis.Redis):
-        return source, False
-    url = source.redis_url if isinstance(source, Settings) else source
-    return redis.from_url(url), True
+def _redis_for(source: Settings | str | bus.Client, cluster: bool | None) -> tuple[bus.Client, bool]:
+    """The client to use and whether it is ours to close. ``cluster=None``: from the
+    Settings, or else ``KITEBUS_REDIS_CLUSTER``."""
+    if isinstance(source, Settings):
+        return bus.connect(source.redis_url, source.redis_cluster if cluster is None else cluster), True
+    if isinstance(source, str):
+        return bus.connect(source, cluster), True
+    return source, False
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,11 @@ class TickSubscriber:
 
     def __init__(
         self,
-        source: Settings | str | redis.Redis,
+        source: Settings | str | bus.Client,
         client: str = "default",
         *,
         namespace: str | None = None,
+        cluster: bool | None = None,
         snapshot: bool = True,
         release_on_exit: bool = True,
         timeout: float = 10.0,
@@ -86,6 +90,7 @@ class TickSubscriber:
     ) -> None:
         settings = source if isinstance(source, Settings) else None
         self._source = source
+        self._cluster = cluster
         self.client = client
         self.keys = Keys(namespace or (settings.namespace if settings else "kite"))
         self.snapshot = snapshot
@@ -104,7 +109,7 @@ class TickSubscriber:
         self.missed = 0
         self.reconnects = 0
         self.conflated = 0  # ticks replaced by a newer one before delivery (conflate_ms)
-        self._redis: redis.Redis | None = None
+        self._redis: bus.Client | None = None
         self._owns_redis = False
         self._pubsub: Any = None
         self._url = ""
@@ -122,9 +127,9 @@ class TickSubscriber:
         self._listening = asyncio.Event()
 
     async def __aenter__(self) -> TickSubscriber:
-        self._redis, self._owns_redis = _redis_for(self._source)
+        self._redis, self._owns_redis = _redis_for(self._source, self._cluster)
         self._url = _url_for(self._source, self._redis)
-        self._pubsub = await FastPubSub.open(self._url, self.max_unread)
+        self._pubsub = await open_pubsub(self._url, bus.is_cluster(self._redis), self.max_unread)
         self.control = ControlClient(self._redis, self.keys.ns)
         return self
 
@@ -346,27 +351,28 @@ class TickSubscriber:
 
     async def _read(self, timeout: float) -> list[Message]:
         """Pub/sub messages; when Redis cut this connection (a consumer too slow for its
-        output buffer), reconnect, resubscribe and take the snapshot, counting the gap."""
+        output buffer, a node lost, a slot moved on a cluster), reconnect, resubscribe and
+        take the snapshot, counting the gap."""
         try:
             return await self._pubsub.read(timeout)  # type: ignore[no-any-return]
-        except (RedisConnectionError, ConnectionError):
-            await self._recover()
+        except (RedisConnectionError, ConnectionError) as exc:
+            await self._recover(str(exc) or exc.__class__.__name__)
             return []
 
-    async def _recover(self) -> None:
+    async def _recover(self, reason: str) -> None:
         self.reconnects += 1
         before = self.missed
         self._unread.clear()
         await self._pubsub.close()
-        self._pubsub = await FastPubSub.open(self._url, self.max_unread)
+        self._pubsub = await open_pubsub(self._url, bus.is_cluster(self._redis), self.max_unread)
         tokens = sorted(self.listened)
         await self._pubsub.subscribe(*(self.keys.ticks(t) for t in tokens), self.keys.stream_status)
         await self._read_status(tokens)
         await self._read_snapshot(tokens)
         log.warning(
-            "subscriber %s was cut off by Redis (too slow for its output buffer?); resubscribed "
+            "subscriber %s was cut off by Redis (%s); resubscribed "
             "tokens=%d missed=%d (from the snapshot; more are counted as ticks arrive)",
-            self.client, len(tokens), self.missed - before,
+            self.client, reason, len(tokens), self.missed - before,
         )  # fmt: skip
 
     def __aiter__(self) -> AsyncIterator[Tick]:

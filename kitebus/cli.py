@@ -42,9 +42,9 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
 
 def _redis(settings: Settings) -> Any:
-    import redis.asyncio as redis
+    from publisher import bus
 
-    return redis.from_url(settings.redis_url, socket_connect_timeout=5)
+    return bus.connect(settings.redis_url, settings.redis_cluster, socket_connect_timeout=5)
 
 
 def _ctl(args: argparse.Namespace) -> int:

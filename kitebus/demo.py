@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as redis
 from pydantic import SecretStr
+from redis.exceptions import RedisClusterException
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -32,6 +32,7 @@ from consumers.status import connections_table, read_status
 from consumers.subscriber import TickSubscriber
 from kitebus.localredis import LocalRedis
 from kitewire.instruments import write_csv
+from publisher import bus
 from publisher.app import Publisher
 from publisher.tasks import cancel_and_wait
 from simulator.market import INSTRUMENTS, instrument_for
@@ -47,15 +48,19 @@ DEMO_CLIENT = "demo"
 
 @contextlib.asynccontextmanager
 async def _redis_for_demo(settings: Settings, console: Console) -> AsyncIterator[tuple[str, str, int | None]]:
-    """(url, namespace, private port): the configured Redis if it answers, else a private one."""
-    probe = redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    """(url, namespace, private port): the configured Redis (a cluster with
+    KITEBUS_REDIS_CLUSTER=1) if it answers, else a private one."""
     try:
-        await probe.ping()
+        probe = bus.connect(
+            settings.redis_url, settings.redis_cluster, socket_connect_timeout=0.5, socket_timeout=0.5
+        )
+        try:
+            await probe.ping()
+        finally:
+            await probe.aclose()
         reachable = True
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
+    except (*bus.REDIS_DOWN, RedisClusterException):
         reachable = False
-    finally:
-        await probe.aclose()
     if reachable:
         # A shared Redis: keep out of a real publisher's way unless a namespace was chosen.
         namespace = settings.namespace if "KITEBUS_NAMESPACE" in os.environ else "demo"
@@ -89,15 +94,16 @@ def _live_rates(data: dict[str, Any], publisher: Publisher, rates: Samples) -> N
         row["ticks_per_s"] = (last - first) / (now - then) if now > then else 0.0
 
 
-def _help(url: str, namespace: str, port: int | None, instruments: Path) -> Panel:
+def _help(url: str, namespace: str, port: int | None, instruments: Path, cluster: bool) -> Panel:
     cli = f"{Path(os.sys.executable).parent}/kitebus"
+    cluster_flag = " KITEBUS_REDIS_CLUSTER=1" if cluster else ""
     lines = [
         f"# symbols: the publisher loaded KITEBUS_INSTRUMENTS={instruments} into {namespace}:instruments",
-        f"export REDIS_URL={url} KITEBUS_NAMESPACE={namespace}",
+        f"export REDIS_URL={url} KITEBUS_NAMESPACE={namespace}" + cluster_flag,
         f"{cli} status",
         f"{cli} ctl subscribe NSE:LT NSE:AXISBANK --mode full",
         f"{cli} tail NSE:INFY",
-        f"redis-cli{f' -p {port}' if port else ''} HGETALL {namespace}:token_conn",
+        f"redis-cli{' -c' if cluster else ''}{f' -p {port}' if port else ''} HGETALL {namespace}:token_conn",
     ]
     return Panel(Text("\n".join(lines)), title="try in another terminal", title_align="left")
 
@@ -115,6 +121,7 @@ async def run_demo(settings: Settings, stop: asyncio.Event, duration: float | No
                     "kite_ws_url": simulator.url, "redis_url": url, "namespace": namespace,
                     "kite_api_key": SecretStr(DEFAULT_API_KEY),
                     "kite_access_token": SecretStr(DEFAULT_ACCESS_TOKEN), "instruments": str(instruments),
+                    "redis_cluster": settings.redis_cluster and port is None,
                 })  # fmt: skip
                 publisher = Publisher(demo_settings)
                 await publisher.start()
@@ -131,7 +138,8 @@ async def _show(
     publisher: Publisher, url: str, namespace: str, port: int | None, instruments: Path,
     console: Console, stop: asyncio.Event, duration: float | None,
 ) -> None:  # fmt: skip
-    client = redis.from_url(url)
+    cluster = publisher.settings.redis_cluster
+    client = bus.connect(url, cluster)
     keys = Keys(namespace)
     symbols = {}
     for tokens in WATCHLIST.values():
@@ -153,7 +161,7 @@ async def _show(
             reader = asyncio.create_task(follow())
             rates: Samples = {}
             deadline = None if duration is None else time.monotonic() + duration
-            help_panel = _help(url, namespace, port, instruments)
+            help_panel = _help(url, namespace, port, instruments, cluster)
             try:
                 with Live(console=console, refresh_per_second=4, screen=False) as live:
                     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):

@@ -174,6 +174,35 @@ class LocalCluster:
             finally:
                 client.close()
 
+    def owner(self, slot: int) -> int:
+        """The index of the node that serves ``slot``."""
+        client = redis.Redis(port=self.nodes[0].port)
+        try:
+            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS", NEVER_DECODE=True):
+                if start <= slot <= end:
+                    return next(i for i, node in enumerate(self.nodes) if node.port == int(master[1]))
+        finally:
+            client.close()
+        raise RedisServerError(f"no node serves slot {slot}")
+
+    def move_slot(self, slot: int, to: int) -> None:
+        """Reshard one slot to node ``to``, keys and all, as ``redis-cli --cluster reshard`` does:
+        IMPORTING/MIGRATING, MIGRATE the keys, then SETSLOT NODE on every node."""
+        source = self.owner(slot)
+        clients = [redis.Redis(port=node.port) for node in self.nodes]
+        try:
+            ids = [c.execute_command("CLUSTER", "MYID").decode() for c in clients]
+            src, dst = clients[source], clients[to]
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[to])
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", self.nodes[to].port, "", 0, 5000, "KEYS", *keys)
+            for client in clients:
+                client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[to])
+        finally:
+            for client in clients:
+                client.close()
+
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()

@@ -78,6 +78,7 @@ class Publisher:
         self.sink = TickSink(
             settings.redis_url, self.keys, encoder=encoder, epoch=self.epoch,
             max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after, may_write=may_write,
+            cluster=settings.redis_cluster,
         )  # fmt: skip
         publish = self.sink.publish_frame if lease is None else _fenced(self.sink.publish_frame, lease)
         self.moves = Moves()  # tokens moving between connections in a rebalance

@@ -67,7 +67,7 @@ def publish_command(cluster: bool) -> bytes:
 
 def seed_url(client: Client) -> str:
     """A URL of a node of a cluster client (credentials kept), for the RESP sockets."""
-    node = client.get_default_node() or client.get_nodes()[0]
+    node = client.get_default_node() or next(iter(client.nodes_manager.startup_nodes.values()))
     kwargs = node.connection_kwargs
     auth = ""
     if kwargs.get("password"):

@@ -182,9 +182,12 @@ class ControlLoop:
                 return
             except ResponseError as exc:
                 self._batch, self._after_batch, self._acks = None, [], []
-                if "NOGROUP" not in str(exc):
+                if str(exc).startswith("UNBLOCKED"):  # a cluster moved the stream's slot while we waited
+                    log.warning("control stream moved to another node; reading it there")
+                elif "NOGROUP" in str(exc):
+                    log.warning("control group missing (redis lost its data?); creating it again")
+                else:
                     raise
-                log.warning("control group missing (redis lost its data?); creating it again")
 
     async def _drain(self, *, pending: bool) -> None:
         """Pending entries until none are left, or one blocking read of new entries."""

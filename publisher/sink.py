@@ -20,6 +20,15 @@ The overload policy, in order:
 
 The cache is also what ``{ns}:last`` is written from: after every reconnect (Redis may
 have come back empty) the whole hash is rewritten, and ``prune`` removes released tokens.
+
+On a Redis Cluster (``cluster=True``) ticks go out with SPUBLISH, and there is one socket
+(a *lane*) per master: each batch is split by the slot of each command's channel or key,
+every lane pipelines on its own, and a batch counts as written once every lane answered
+its part. A redirect (MOVED, ASK, CLUSTERDOWN, TRYAGAIN) means a slot moved or a master
+is lost: the map of slots is read again and the sockets reopened, and the ticks in flight
+are handled as after any failed write (counted, each token's newest published again).
+There, the ``{ns}:last`` HSET of a batch may reach its node a moment before a tick of it
+reaches another node's channel; consumers tell the two apart by ``seq``.
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ import msgpack
 from config.keys import Keys
 from kitewire import codec
 from kitewire.encoder import Encoder, frame_encoder
-from publisher.resp import RespConnection, pack_command
+from publisher import bus
+from publisher.resp import RespConnection, RespError, pack_command
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.sink")
@@ -63,12 +73,16 @@ class _Queued:
 
 @dataclass
 class _Batch:
-    """One write in flight: how many replies it awaits and what it carried."""
+    """One write in flight: how many replies it awaits on each lane and what it carried."""
 
     size: int
-    replies: int
+    replies: list[int]
     ticks: int
     sources: list[Source]
+    open: int = 0  # lanes that still owe replies
+
+    def __post_init__(self) -> None:
+        self.open = sum(1 for count in self.replies if count)
 
 
 class TickSink:
@@ -87,11 +101,17 @@ class TickSink:
         conflate_after: float = 1.0,
         write_timeout: float = 5.0,
         may_write: Callable[[], bool] | None = None,
+        cluster: bool = False,
     ) -> None:
+        """``cluster``: ``redis_url`` names a node of a Redis Cluster (SPUBLISH, a lane per master)."""
         self._url = redis_url
+        self._cluster = cluster
+        self._command = bus.publish_command(cluster)
+        self._topology = bus.Topology.single(redis_url)
+        self._lane_of: dict[bytes, int] = {}  # channel or key -> lane, for the topology in use
         self._may_write = may_write or (lambda: True)  # False once another publisher leads
         self._keys = keys
-        self._encoder = encoder or frame_encoder(keys.ticks("").encode(), epoch=epoch)
+        self._encoder = encoder or frame_encoder(keys.ticks("").encode(), self._command, epoch=epoch)
         self._last_key = keys.last.encode()
         self.max_backlog = max_backlog
         self.max_in_flight = max_in_flight
@@ -103,6 +123,7 @@ class TickSink:
         self._pending_bytes = 0
         self._pending_ticks = 0
         self._in_flight: deque[_Batch] = deque()
+        self._lanes: list[deque[_Batch]] = [deque()]  # per lane: the batches owing replies there
         self._in_flight_bytes = 0
         self.cache: dict[int, bytes] = {}  # the last-value cache: newest payload per token
         self._released: set[int] = set()  # to delete from {ns}:last
@@ -115,7 +136,7 @@ class TickSink:
         self._work = asyncio.Event()
         self._overload_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._line_start = True  # the reply stream is at the start of a line
+        self._line_start = [True]  # per lane: its reply stream is at the start of a line
         # figures for status and metrics
         self.published = 0
         self.queued = 0  # ticks handed in, in order (for "has this tick reached Redis yet?")
@@ -127,6 +148,7 @@ class TickSink:
         self.pauses = 0
         self.redis_up = False
         self.redis_reconnects = 0
+        self.redirects = 0  # cluster: MOVED/ASK/CLUSTERDOWN/TRYAGAIN answers, each a re-read of the slots
         self.last_error = ""
 
     # --- the hot side: called by connections for every frame -----------------------------
@@ -160,7 +182,7 @@ class TickSink:
         })  # fmt: skip
         names = [b"%d" % t for t in tokens]
         hset = [v for name in names for v in (name, status.encode())]
-        commands = pack_command(b"PUBLISH", self._keys.stream_status, event) + pack_command(
+        commands = pack_command(self._command, self._keys.stream_status, event) + pack_command(
             b"HSET", self._keys.token_status, *hset
         )
         self._queue(_Queued(commands, b"", 0, 0, (), other=2))
@@ -288,6 +310,8 @@ class TickSink:
             log.warning("sink closed with unsent ticks dropped=%d", unsent)
         self._pending.clear()
         self._in_flight.clear()
+        for lane in self._lanes:
+            lane.clear()
         self._pending_bytes = self._pending_ticks = self._in_flight_bytes = 0
         self.writable.set()
 
@@ -297,7 +321,7 @@ class TickSink:
             if delay:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             try:
-                connection = await RespConnection.open(self._url)
+                connections = await self._open()
             except ConnectionError as exc:
                 self._mark_down(str(exc))
                 delay = min(2.0, max(0.1, delay * 2))
@@ -307,24 +331,43 @@ class TickSink:
                 self._queue(_Queued(b"", _fields(self.cache), 0, len(self.cache), ()), front=True)
             first = False
             self.redis_up = True
-            log.info("sink connected to redis")
-            connection.set_write_limit(self.max_in_flight + self.batch_bytes)
+            log.info("sink connected to redis nodes=%d", len(connections))
+            for connection in connections:
+                connection.set_write_limit(self.max_in_flight + self.batch_bytes)
+            self._lanes = [deque() for _ in connections]
+            self._line_start = [True] * len(connections)
             self._requeue_lost()
-            self._line_start = True
             self._work.set()
             try:
                 async with asyncio.TaskGroup() as group:
-                    group.create_task(self._write(connection))
-                    group.create_task(self._count_replies(connection))
+                    group.create_task(self._write(connections))
+                    for lane, connection in enumerate(connections):
+                        group.create_task(self._count_replies(connection, lane))
             except* (ConnectionError, OSError, TimeoutError) as failure:
                 self._write_failed(f"redis write failed: {failure.exceptions[0].__class__.__name__}")
             except* Exception as failure:  # a bug: log it, count it, reconnect
                 log.error("sink failed unexpectedly", exc_info=failure.exceptions[0])
                 self._write_failed(f"internal error: {failure.exceptions[0].__class__.__name__}")
             finally:
-                await connection.close()
+                for connection in connections:
+                    await connection.close()
 
-    async def _write(self, connection: RespConnection) -> None:
+    async def _open(self) -> list[RespConnection]:
+        """A socket per node: one for a server; on a cluster one per master, from a fresh
+        read of which master serves which slot."""
+        self._topology = await bus.topology(self._url, self._cluster)
+        self._lane_of.clear()
+        connections: list[RespConnection] = []
+        try:
+            for url in self._topology.nodes:
+                connections.append(await RespConnection.open(url))
+        except ConnectionError:
+            for connection in connections:
+                await connection.close()
+            raise
+        return connections
+
+    async def _write(self, connections: list[RespConnection]) -> None:
         while True:
             if self.conflating and self._in_flight_bytes <= self.max_backlog // 2:
                 self._end_conflation()
@@ -335,28 +378,39 @@ class TickSink:
                 await self._work.wait()
                 continue
             batch, data = self._take_batch()
-            if not data:
+            if not batch.open:
                 continue
             if not self._may_write():  # no longer the leader: the new one publishes from now on
                 self.dropped += batch.ticks + self._pending_ticks
                 self._pending.clear()
                 self._pending_bytes = self._pending_ticks = 0
                 await asyncio.Future()  # until closed
-            connection.write(data)
             self._in_flight.append(batch)
             self._in_flight_bytes += batch.size
-            await connection.drain()
+            for lane, part in enumerate(data):
+                if part:
+                    connections[lane].write(part)
+                    self._lanes[lane].append(batch)
+            for lane, part in enumerate(data):
+                if part:
+                    await connections[lane].drain()
 
-    def _take_batch(self) -> tuple[_Batch, bytes]:
+    def _take_batch(self) -> tuple[_Batch, list[bytes]]:
         """Queued PUBLISHes up to ``batch_bytes``, then one HSET of ``{ns}:last`` with the same
-        ticks (and an HDEL of released tokens): the snapshot never runs ahead of the channel."""
-        publishes: list[bytes] = []
+        ticks (and an HDEL of released tokens): the snapshot never runs ahead of the channel
+        (on a cluster: of the channels on its own node). The bytes for each lane."""
+        lanes = len(self._lanes)
+        parts: list[list[bytes]] = [[] for _ in range(lanes)]
+        replies = [0] * lanes
         fields: list[bytes] = []
         sources: list[Source] = []
         size = ticks = nfields = other = 0
         while self._pending and size < self.batch_bytes:
             item = self._pending.popleft()
-            publishes.append(item.publishes)
+            if lanes == 1:
+                parts[0].append(item.publishes)
+            else:
+                self._split(item.publishes, parts, replies)
             fields.append(item.fields)
             sources.append(item.source)
             size += item.size
@@ -365,12 +419,14 @@ class TickSink:
             other += item.other
         self._pending_bytes -= size
         self._pending_ticks -= ticks
-        replies = ticks + other
+        if lanes == 1:
+            replies[0] = ticks + other
         if nfields:
             key = self._last_key
-            publishes.append(b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * nfields, len(key), key))
-            publishes += fields
-            replies += 1
+            lane = self._lane(key)
+            parts[lane].append(b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * nfields, len(key), key))
+            parts[lane] += fields
+            replies[lane] += 1
         if self._released and not self._pending:
             # Only behind every queued tick: an older HSET of a released token, sent after
             # its HDEL, would leave its snapshot in {ns}:last for good. A token back in the
@@ -378,39 +434,78 @@ class TickSink:
             names = [b"%d" % t for t in self._released if t not in self.cache]
             self._released.clear()
             if names:
-                publishes.append(pack_command(b"HDEL", self._last_key, *names))
-                publishes.append(pack_command(b"HDEL", self._keys.token_status, *names))
-                replies += 2
-        data = b"".join(publishes)
-        return _Batch(len(data), replies, ticks, sources), data
+                for key in (self._last_key, self._keys.token_status.encode()):
+                    lane = self._lane(key)
+                    parts[lane].append(pack_command(b"HDEL", key, *names))
+                    replies[lane] += 1
+        data = [b"".join(part) for part in parts]
+        return _Batch(sum(map(len, data)), replies, ticks, sources), data
 
-    async def _count_replies(self, connection: RespConnection) -> None:
+    def _lane(self, name: bytes) -> int:
+        lane = self._lane_of.get(name)
+        if lane is None:
+            if len(self._lane_of) >= 100_000:
+                self._lane_of.clear()
+            try:
+                lane = self._lane_of[name] = self._topology.node_of(name)
+            except RespError:  # a slot nobody serves: its node's error reply brings a re-read
+                lane = 0
+        return lane
+
+    def _split(self, commands: bytes, parts: list[list[bytes]], replies: list[int]) -> None:
+        """Deal RESP commands out to the lane of each one's channel or key (its 2nd word)."""
+        position, end = 0, len(commands)
+        index = commands.index
+        while position < end:
+            line = index(b"\r\n", position)
+            words = int(commands[position + 1 : line])
+            cursor, name = line + 2, b""
+            for word in range(words):
+                line = index(b"\r\n", cursor)
+                start = line + 2
+                cursor = start + int(commands[cursor + 1 : line]) + 2
+                if word == 1:
+                    name = commands[start : cursor - 2]
+            lane = self._lane(name)
+            parts[lane].append(commands[position:cursor])
+            replies[lane] += 1
+            position = cursor
+
+    async def _count_replies(self, connection: RespConnection, lane: int) -> None:
         """Every reply to a PUBLISH, HSET or HDEL is one line (an integer or an error), so
         counting newlines counts replies; a line starting with '-' is an error."""
+        in_flight = self._lanes[lane]
         while True:
-            if self._in_flight:
+            if in_flight:
                 async with asyncio.timeout(self.write_timeout):
                     data = await connection.read()
             else:
                 data = await connection.read()
-            errors = data.count(b"\n-") + (self._line_start and data[:1] == b"-")
-            self._line_start = data.endswith(b"\n")
+            errors = data.count(b"\n-") + (self._line_start[lane] and data[:1] == b"-")
+            self._line_start[lane] = data.endswith(b"\n")
             if errors:
                 self.write_errors += errors
                 self.last_error = f"redis answered {errors} error(s)"
-            self._acknowledge(data.count(b"\n"))
+                if self._cluster and any(b"-" + word in data for word in bus.REDIRECTS):
+                    self.redirects += 1
+                    raise RespError("cluster redirect: reading the slots again")
+            self._acknowledge(lane, data.count(b"\n"))
 
-    def _acknowledge(self, replies: int) -> None:
-        in_flight = self._in_flight
-        while replies and in_flight:
-            head = in_flight[0]
-            taken = min(replies, head.replies)
-            head.replies -= taken
+    def _acknowledge(self, lane: int, replies: int) -> None:
+        owing = self._lanes[lane]
+        while replies and owing:
+            head = owing[0]
+            taken = min(replies, head.replies[lane])
+            head.replies[lane] -= taken
             replies -= taken
-            if head.replies == 0:
-                in_flight.popleft()
-                self._in_flight_bytes -= head.size
-                self.published += head.ticks
+            if head.replies[lane] == 0:
+                owing.popleft()
+                head.open -= 1
+        in_flight = self._in_flight
+        while in_flight and not in_flight[0].open:  # done with in order, whichever lane answered last
+            head = in_flight.popleft()
+            self._in_flight_bytes -= head.size
+            self.published += head.ticks
         if not self.writable.is_set() and self.backlog_bytes <= self.max_backlog // 2:
             self._resume()
         self._work.set()
@@ -423,13 +518,15 @@ class TickSink:
             for source in batch.sources:
                 self._lost.update(_tokens(source))
         self._in_flight.clear()
+        for lane in self._lanes:
+            lane.clear()
         self._in_flight_bytes = 0
         self._mark_down(error)
 
     # --- RESP ----------------------------------------------------------------------------
 
     def _publish(self, token: int, payload: bytes) -> bytes:
-        return pack_command(b"PUBLISH", self._keys.ticks(token), payload)
+        return pack_command(self._command, self._keys.ticks(token), payload)
 
     def _mark_down(self, error: str) -> None:
         if self.redis_up:

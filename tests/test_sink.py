@@ -24,11 +24,11 @@ def _sink(**kwargs) -> TickSink:
 async def test_a_batch_is_the_publishes_then_one_hset_of_the_same_ticks() -> None:
     sink = _sink()
     assert sink.publish_frame(_frame((A, 1.0), (B, 2.0), (A, 3.0)), 42) == 3
-    batch, data = sink._take_batch()
+    batch, (data,) = sink._take_batch()
     commands = parse_commands(data)
     assert [c[:2] for c in commands[:3]] == [[b"PUBLISH", b"paper:ticks:%d" % t] for t in (A, B, A)]
     assert commands[3][:2] == [b"HSET", b"paper:last"] and len(commands[3]) == 2 + 2 * 3
-    assert (batch.replies, batch.ticks) == (4, 3)
+    assert (batch.replies, batch.ticks) == ([4], 3)
     assert sink.cache[A] == commands[2][2]  # the newest of A
 
 
@@ -49,7 +49,7 @@ async def test_backpressure_clears_writable_over_the_bound_and_conflation_keeps_
     sink.publish_frame(_frame((A, 5.0), (A, 6.0)), 2)  # read on, given up, cached
     sink._end_conflation()
     assert sink.conflated == 4 - 2  # four ticks given up, two of them republished as newest
-    _, data = sink._take_batch()
+    _, (data,) = sink._take_batch()
     publishes = [c for c in parse_commands(data) if c[0] == b"PUBLISH"]
     assert sorted(c[2] for c in publishes) == sorted([sink.cache[A], sink.cache[B]])
 
@@ -60,7 +60,7 @@ async def test_released_tokens_leave_the_cache_and_are_deleted_from_the_snapshot
     sink._take_batch()
     sink.prune({A})
     assert set(sink.cache) == {A}
-    _, data = sink._take_batch()
+    _, (data,) = sink._take_batch()
     assert parse_commands(data) == [
         [b"HDEL", b"paper:last", b"%d" % B],
         [b"HDEL", b"paper:token_status", b"%d" % B],
@@ -76,7 +76,7 @@ async def test_a_released_tokens_hdel_waits_behind_every_queued_hset_of_it() -> 
     sink.prune({B})  # A released
     commands = []
     while sink._pending or sink._released:
-        commands += parse_commands(sink._take_batch()[1])
+        commands += parse_commands(sink._take_batch()[1][0])
     hdel = next(i for i, c in enumerate(commands) if c[:2] == [b"HDEL", b"paper:last"])
     assert commands[hdel][2:] == [b"%d" % A]
     assert all(c[0] != b"HSET" for c in commands[hdel:])  # nothing re-creates A's snapshot

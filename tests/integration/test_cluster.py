@@ -1,0 +1,171 @@
+"""kitebus on a real 3-master Redis Cluster: sharded pub/sub, the contract's keys, resharding
+and a lost master."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as redis
+from redis.crc import key_slot
+
+from config import Keys, Settings, load_settings
+from consumers.control import ControlClient
+from consumers.subscriber import TickSubscriber
+from kitebus.localredis import LocalCluster
+from publisher import bus
+from publisher.app import Publisher
+from simulator.server import TickerServer
+from tests.integration.conftest import FAST, eventually
+from tests.integration.test_cli import kitebus
+
+KEYS = Keys("kite")
+
+
+@pytest.fixture
+def cluster() -> Iterator[LocalCluster]:
+    running = LocalCluster(3)
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def cluster_settings(cluster: LocalCluster, simulator: TickerServer) -> Settings:
+    return load_settings(
+        kite_ws_url=simulator.url, redis_url=cluster.url, redis_cluster=True, kite_api_key="kitebus",
+        kite_access_token="simulator", namespace="kite",
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def crds(cluster: LocalCluster) -> AsyncIterator[bus.Client]:
+    client = bus.connect(cluster.url, True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def cluster_publisher(cluster_settings: Settings) -> AsyncIterator[Publisher]:
+    running = Publisher(cluster_settings, FAST)
+    await running.start()
+    await eventually(lambda: all(c.state == "live" for c in running.connections))
+    yield running
+    await running.stop()
+
+
+def tokens_on_every_node(cluster: LocalCluster, per_node: int = 2) -> list[int]:
+    """Instrument tokens whose tick channels sit on each of the cluster's masters."""
+    found: dict[int, list[int]] = {}
+    token = 256265
+    while any(len(found.get(i, [])) < per_node for i in range(len(cluster.nodes))):
+        node = cluster.owner(key_slot(KEYS.ticks(token).encode()))
+        if len(found.setdefault(node, [])) < per_node:
+            found[node].append(token)
+        token += 256
+    return sorted(t for tokens in found.values() for t in tokens)
+
+
+async def ticks_of(sub: TickSubscriber, wanted: set[int], timeout: float = 10.0) -> set[int]:
+    """Read until every wanted token ticked (fails after ``timeout``)."""
+    seen: set[int] = set()
+    async with asyncio.timeout(timeout):
+        async for tick in sub:
+            seen.add(tick["instrument_token"])
+            if wanted <= seen:
+                return seen
+    return seen
+
+
+async def test_ticks_go_out_sharded_to_every_master_and_keys_keep_their_names(
+    cluster, cluster_publisher, crds
+) -> None:
+    tokens = tokens_on_every_node(cluster)
+    async with TickSubscriber(crds, client="strat") as sub:
+        result = await sub.subscribe(tokens, mode="quote")
+        assert result.ok and sorted(result.applied) == tokens
+        assert await ticks_of(sub, set(tokens)) >= set(tokens)
+        assert sub.gaps == {} and sub.reconnects == 0
+    # one lane per master, every one of them carried ticks
+    assert len(cluster_publisher.sink._lanes) == 3 and cluster_publisher.sink.redirects == 0
+    # the ticks went out with SPUBLISH: a plain SUBSCRIBE on any node hears none of them
+    plain = redis.from_url(cluster.nodes[0].url)
+    pubsub = plain.pubsub()
+    await pubsub.subscribe(*(KEYS.ticks(t) for t in tokens))
+    await asyncio.sleep(0.5)  # a quiet period: nothing may arrive
+    heard = [m for _ in range(50) if (m := await pubsub.get_message(timeout=0.01)) and m["type"] == "message"]
+    assert heard == []
+    await pubsub.aclose()
+    await plain.aclose()
+    # the contract's keys, under their own names, spread over the slots
+    assert {int(t) for t in await crds.hkeys(KEYS.token_conn)} == set()  # released on exit
+    assert await crds.exists(KEYS.status) and await crds.exists(KEYS.conn(0))
+
+
+async def test_snapshot_claims_and_ops_commands_work_unchanged(cluster, cluster_publisher, crds) -> None:
+    tokens = tokens_on_every_node(cluster, 1)
+    control = ControlClient(crds, "kite")
+    await control.subscribe(tokens, mode="full", client="desk")
+    await eventually(lambda: crds.hlen(KEYS.last), timeout=10)
+    assert {int(t) for t in await crds.hkeys(KEYS.token_conn)} == set(tokens)
+    assert await crds.hgetall(KEYS.claims("desk")) == {str(t).encode(): b"full" for t in tokens}
+    env = {"KITEBUS_REDIS_CLUSTER": "1"}
+    code, out, err = await kitebus(cluster.url, "status", **env)
+    assert code == 0, err
+    code, out, _ = await kitebus(cluster.url, "ctl", "subscribe", str(tokens[0]), "--mode", "ltp", **env)
+    assert code == 0 and out.startswith("ok: subscribe client=ops applied=1")
+    code, out, _ = await kitebus(cluster.url, "tail", str(tokens[0]), "--count", "2", **env)
+    assert code == 0 and len(out.splitlines()) == 2  # the snapshot, then a live tick, over SSUBSCRIBE
+    async with TickSubscriber(crds, client="late") as late:  # a late joiner gets the snapshot at once
+        await late.listen(tokens)
+        first = await late.batch(wait=5)  # snapshot ticks come first, all at once
+        assert {t["instrument_token"] for t in first[: len(tokens)]} == set(tokens)
+
+
+async def test_a_resharded_slot_is_followed_by_the_sink_the_library_and_the_control_loop(
+    cluster, cluster_publisher, crds
+) -> None:
+    tokens = tokens_on_every_node(cluster, 1)
+    moving = tokens[0]
+    async with TickSubscriber(crds, client="strat") as sub:
+        await sub.subscribe(tokens, mode="ltp")
+        await ticks_of(sub, set(tokens))
+        slot = key_slot(KEYS.ticks(moving).encode())
+        to = (cluster.owner(slot) + 1) % 3
+        await asyncio.to_thread(cluster.move_slot, slot, to)
+        for key in (KEYS.control, KEYS.last):  # the control stream and the snapshots move too
+            key_to = (cluster.owner(key_slot(key.encode())) + 1) % 3
+            await asyncio.to_thread(cluster.move_slot, key_slot(key.encode()), key_to)
+        assert cluster.owner(slot) == to
+        # ticks of the moved channel reach the subscriber again, from its new master
+        await eventually(lambda: cluster_publisher.sink.redirects >= 1, timeout=10)
+        assert await ticks_of(sub, {moving}) >= {moving}
+        assert sub.reconnects >= 1  # Redis unsubscribed the moved channel: the library came back
+        # the control stream, now on another master, still answers
+        result = await sub.subscribe([tokens[1]], mode="full")
+        assert result.ok
+    assert cluster_publisher.sink.write_errors >= 1  # the redirects were counted
+
+
+async def test_a_lost_master_loses_no_claim_and_no_request(cluster, cluster_publisher, crds) -> None:
+    tokens = tokens_on_every_node(cluster, 1)
+    control = ControlClient(crds, "kite")
+    assert (await control.subscribe(tokens, mode="quote", client="desk")).ok
+    victim = cluster.owner(key_slot(KEYS.claims("desk").encode()))
+    reconnects = cluster_publisher.sink.redis_reconnects
+    await asyncio.to_thread(cluster.nodes[victim].stop)  # its data is gone with it (no persistence)
+    await asyncio.to_thread(cluster.nodes[victim].start)
+    await asyncio.to_thread(cluster.wait_ok, 30)
+    # the publisher noticed, and wrote back every claim and hash from its book
+    await eventually(lambda: crds.hlen(KEYS.claims("desk")), timeout=20)
+    assert await crds.hgetall(KEYS.claims("desk")) == {str(t).encode(): b"quote" for t in tokens}
+    assert {int(t) for t in await crds.hkeys(KEYS.token_conn)} == set(tokens)
+    assert cluster_publisher.sink.redis_reconnects > reconnects
+    # requests are answered again, each exactly once, and ticks flow on every master
+    async with TickSubscriber(crds, client="after") as sub:
+        result = await sub.subscribe(tokens, mode="ltp")
+        assert result.ok and sorted(result.applied) == tokens
+        assert await ticks_of(sub, set(tokens), timeout=15) >= set(tokens)
+    answers = [(f[b"request"], f[b"op"]) for _, f in await crds.xrange(KEYS.control_results)]
+    assert answers and len(answers) == len(set(answers))
