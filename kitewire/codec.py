@@ -204,6 +204,46 @@ def drop_packets(frame: bytes, drop: Callable[[int, bytes], bool]) -> bytes:
 # --- decoding to dicts ---------------------------------------------------------------------
 
 
+def split_frame(frame: bytes, lane_of: Callable[[int], int], lanes: int) -> list[bytes]:
+    """The frame dealt out into one frame per lane, by ``lane_of(token)`` of each known
+    packet (``b""`` for a lane that gets none); each begins with a known packet if it has
+    one. Unknown packets, and a cut-short tail, go to the end of lane 0 byte for byte, so
+    the decoder counts them just as in the whole frame."""
+    size = len(frame)
+    if size < 2:
+        return [frame] + [b""] * (lanes - 1)
+    (count,) = _U16.unpack_from(frame, 0)
+    parts: list[list[bytes]] = [[] for _ in range(lanes)]
+    unknown: list[bytes] = []
+    unpack16, unpack32 = _U16.unpack_from, _U32.unpack_from
+    pos, seen = 2, 0
+    for seen in range(count):  # noqa: B007 - how far it got counts below
+        if pos + 2 > size:
+            break
+        (length,) = unpack16(frame, pos)
+        end = pos + 2 + length
+        if end > size:
+            break
+        if length in LAYOUTS:
+            parts[lane_of(unpack32(frame, pos + 2)[0])].append(frame[pos:end])
+        else:
+            unknown.append(frame[pos:end])
+        pos = end
+    else:
+        seen = count
+    unread = count - seen  # packets the count promises that are cut short or missing
+    parts[0] += unknown
+    out = []
+    for lane, packets in enumerate(parts):
+        extra = unread if lane == 0 else 0
+        if packets or extra or (lane == 0 and pos < size):
+            tail = frame[pos:] if lane == 0 else b""
+            out.append(_U16.pack(len(packets) + extra) + b"".join(packets) + tail)
+        else:
+            out.append(b"")
+    return out
+
+
 def _decode_packet(layout: PacketLayout, frame: bytes, offset: int) -> Tick:
     raw = layout.struct.unpack_from(frame, offset)
     token = raw[0]

@@ -65,6 +65,7 @@ class _Queued:
     nfields: int
     source: Source  # what to tell their tokens from, should they be given up
     other: int = 0  # commands in ``publishes`` that are not ticks (stream status)
+    route: bytes = b""  # on a cluster: a channel or key whose node all of ``publishes`` goes to
 
     @property
     def size(self) -> int:
@@ -109,6 +110,7 @@ class TickSink:
         self._command = bus.publish_command(cluster)
         self._topology = bus.Topology.single(redis_url)
         self._lane_of: dict[bytes, int] = {}  # channel or key -> lane, for the topology in use
+        self._lanes_of_tokens: dict[int, int] = {}  # token -> the lane of its channel
         self._may_write = may_write or (lambda: True)  # False once another publisher leads
         self._keys = keys
         self._encoder = encoder or frame_encoder(keys.ticks("").encode(), self._command, epoch=epoch)
@@ -155,7 +157,18 @@ class TickSink:
 
     def publish_frame(self, frame: bytes, received_at_ns: int) -> int:
         """Encode a frame and queue its PUBLISHes; returns how many ticks it held.
-        Callers wait for ``writable`` before reading their next frame."""
+        Callers wait for ``writable`` before reading their next frame. On a cluster the
+        frame is first dealt out by node, so that each part's SPUBLISHes go to one node."""
+        nodes = len(self._topology.nodes)
+        if nodes == 1:
+            return self._publish(frame, received_at_ns)
+        ticks = 0
+        for part in codec.split_frame(frame, self._token_lane, nodes):
+            if part:
+                ticks += self._publish(part, received_at_ns, self._channel(part))
+        return ticks
+
+    def _publish(self, frame: bytes, received_at_ns: int, route: bytes = b"") -> int:
         publishes, fields, ticks, malformed = self._encoder.encode(frame, received_at_ns, self.cache)
         if malformed:
             self.malformed += malformed
@@ -165,7 +178,7 @@ class TickSink:
         if self.conflating:
             self._give_up(ticks, frame)
         else:
-            self._queue(_Queued(publishes, fields, ticks, ticks, frame))
+            self._queue(_Queued(publishes, fields, ticks, ticks, frame, route=route))
             if self.backlog_bytes > self.max_backlog and self.writable.is_set():
                 self._pause()
         self._work.set()
@@ -182,10 +195,10 @@ class TickSink:
         })  # fmt: skip
         names = [b"%d" % t for t in tokens]
         hset = [v for name in names for v in (name, status.encode())]
-        commands = pack_command(self._command, self._keys.stream_status, event) + pack_command(
-            b"HSET", self._keys.token_status, *hset
-        )
-        self._queue(_Queued(commands, b"", 0, 0, (), other=2))
+        channel, key = self._keys.stream_status.encode(), self._keys.token_status.encode()
+        for route, command in ((channel, pack_command(self._command, channel, event)),
+                               (key, pack_command(b"HSET", key, *hset))):  # fmt: skip
+            self._queue(_Queued(command, b"", 0, 0, (), other=1, route=route))
         self._work.set()
 
     @property
@@ -280,10 +293,15 @@ class TickSink:
         self._lost.clear()
 
     def _queue_republish(self, tokens: set[int]) -> None:
-        items = {t: p for t in tokens if (p := self.cache.get(t)) is not None}
-        if items:
-            publishes = b"".join(self._publish(token, payload) for token, payload in items.items())
-            self._queue(_Queued(publishes, _fields(items), len(items), len(items), tuple(items)), front=True)
+        lanes: dict[int, dict[int, bytes]] = {}
+        for token in tokens:
+            if (payload := self.cache.get(token)) is not None:
+                lanes.setdefault(self._token_lane(token), {})[token] = payload
+        for items in lanes.values():
+            publishes = b"".join(self._republish_command(token, payload) for token, payload in items.items())
+            route = self._keys.ticks(next(iter(items))).encode()
+            queued = _Queued(publishes, _fields(items), len(items), len(items), tuple(items), route=route)
+            self._queue(queued, front=True)
 
     # --- the tasks -----------------------------------------------------------------------
 
@@ -357,6 +375,7 @@ class TickSink:
         read of which master serves which slot."""
         self._topology = await bus.topology(self._url, self._cluster)
         self._lane_of.clear()
+        self._lanes_of_tokens.clear()
         connections: list[RespConnection] = []
         try:
             for url in self._topology.nodes:
@@ -404,23 +423,19 @@ class TickSink:
         replies = [0] * lanes
         fields: list[bytes] = []
         sources: list[Source] = []
-        size = ticks = nfields = other = 0
+        size = ticks = nfields = 0
         while self._pending and size < self.batch_bytes:
             item = self._pending.popleft()
-            if lanes == 1:
-                parts[0].append(item.publishes)
-            else:
-                self._split(item.publishes, parts, replies)
+            lane = 0 if lanes == 1 else self._lane(item.route)
+            parts[lane].append(item.publishes)
+            replies[lane] += item.ticks + item.other
             fields.append(item.fields)
             sources.append(item.source)
             size += item.size
             ticks += item.ticks
             nfields += item.nfields
-            other += item.other
         self._pending_bytes -= size
         self._pending_ticks -= ticks
-        if lanes == 1:
-            replies[0] = ticks + other
         if nfields:
             key = self._last_key
             lane = self._lane(key)
@@ -451,25 +466,6 @@ class TickSink:
             except RespError:  # a slot nobody serves: its node's error reply brings a re-read
                 lane = 0
         return lane
-
-    def _split(self, commands: bytes, parts: list[list[bytes]], replies: list[int]) -> None:
-        """Deal RESP commands out to the lane of each one's channel or key (its 2nd word)."""
-        position, end = 0, len(commands)
-        index = commands.index
-        while position < end:
-            line = index(b"\r\n", position)
-            words = int(commands[position + 1 : line])
-            cursor, name = line + 2, b""
-            for word in range(words):
-                line = index(b"\r\n", cursor)
-                start = line + 2
-                cursor = start + int(commands[cursor + 1 : line]) + 2
-                if word == 1:
-                    name = commands[start : cursor - 2]
-            lane = self._lane(name)
-            parts[lane].append(commands[position:cursor])
-            replies[lane] += 1
-            position = cursor
 
     async def _count_replies(self, connection: RespConnection, lane: int) -> None:
         """Every reply to a PUBLISH, HSET or HDEL is one line (an integer or an error), so
@@ -525,8 +521,21 @@ class TickSink:
 
     # --- RESP ----------------------------------------------------------------------------
 
-    def _publish(self, token: int, payload: bytes) -> bytes:
+    def _republish_command(self, token: int, payload: bytes) -> bytes:
         return pack_command(self._command, self._keys.ticks(token), payload)
+
+    def _token_lane(self, token: int) -> int:
+        """The lane of a token's channel, in the map of slots in force."""
+        lane = self._lanes_of_tokens.get(token)
+        if lane is None:
+            if len(self._lanes_of_tokens) >= 100_000:
+                self._lanes_of_tokens.clear()
+            lane = self._lanes_of_tokens[token] = self._lane(self._keys.ticks(token).encode())
+        return lane
+
+    def _channel(self, frame: bytes) -> bytes:
+        """The channel of the first packet of a frame part (``split_frame`` puts a known one first)."""
+        return self._keys.ticks(int.from_bytes(frame[4:8], "big")).encode()
 
     def _mark_down(self, error: str) -> None:
         if self.redis_up:

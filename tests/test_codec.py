@@ -150,3 +150,20 @@ def _full_tick() -> dict:
             for side in ("buy", "sell")
         },
     }  # fmt: skip
+
+
+@given(st.lists(ticks(), max_size=8), st.integers(1, 4), st.data())
+def test_split_frame_deals_packets_to_their_lanes_and_keeps_what_the_decoder_sees(batch, lanes, data) -> None:
+    frame = codec.encode_frame([*(codec.encode_packet(t) for t in batch), b"\x07" * 13])  # one unknown
+    frame = frame[: data.draw(st.integers(0, len(frame)))]  # a cut-short end too
+    parts = codec.split_frame(frame, lambda token: token % lanes, lanes)
+    assert len(parts) == lanes
+    decoded, malformed = codec.decode_frame(frame)
+    split = [codec.decode_frame(part) if part else ([], 0) for part in parts]
+    for lane, (part_ticks, _) in enumerate(split):
+        assert all(t["instrument_token"] % lanes == lane for t in part_ticks)
+        if part_ticks:  # a part begins with a known packet: its token routes the part
+            assert int.from_bytes(parts[lane][4:8], "big") == part_ticks[0]["instrument_token"]
+    assert sum(m for _, m in split) == malformed
+    for lane in range(lanes):  # order kept within each lane
+        assert split[lane][0] == [t for t in decoded if t["instrument_token"] % lanes == lane]
