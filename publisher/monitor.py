@@ -93,6 +93,7 @@ class Monitor:
             "access_token_error": self.access_token.error if self.access_token else "",
             "access_token_changed_at": f"{self.access_token.changed_at:.3f}" if self.access_token else "0",
             "redis_reconnects": str(sink.redis_reconnects),
+            "redis_redirects": str(sink.redirects),
             **self._instruments_fields(),
             **self._lease_fields(),
         }
@@ -224,6 +225,10 @@ class _Metrics(Collector):
         )
         yield CounterMetricFamily(
             "kitebus_redis_write_errors", "Error replies to tick writes", value=sink.write_errors
+        )
+        yield CounterMetricFamily(
+            "kitebus_redis_redirects", "Cluster redirects (MOVED, ASK, ...) met by tick writes",
+            value=sink.redirects,
         )
         yield GaugeMetricFamily("kitebus_buffered_ticks", "Ticks waiting for Redis", value=sink.buffered)
         yield GaugeMetricFamily(

@@ -11,11 +11,13 @@ import redis.asyncio as redis
 from redis.crc import key_slot
 
 from config import Keys, Settings, load_settings
+from config.keys import CONTROL_GROUP
 from consumers.control import ControlClient
 from consumers.subscriber import TickSubscriber
 from kitebus.localredis import LocalCluster
 from publisher import bus
 from publisher.app import Publisher
+from publisher.control import CONSUMER
 from simulator.server import TickerServer
 from tests.integration.conftest import FAST, eventually
 from tests.integration.test_cli import kitebus
@@ -145,7 +147,12 @@ async def test_a_resharded_slot_is_followed_by_the_sink_the_library_and_the_cont
         # the control stream, now on another master, still answers
         result = await sub.subscribe([tokens[1]], mode="full")
         assert result.ok
-    assert cluster_publisher.sink.write_errors >= 1  # the redirects were counted
+    assert cluster_publisher.sink.write_errors >= 1  # the redirects were counted, and shown
+
+    async def shown() -> bool:
+        return int(await crds.hget(KEYS.status, "redis_redirects") or 0) >= 1
+
+    await eventually(shown)
 
 
 async def test_a_lost_master_loses_no_claim_and_no_request(cluster, cluster_publisher, crds) -> None:
@@ -169,3 +176,38 @@ async def test_a_lost_master_loses_no_claim_and_no_request(cluster, cluster_publ
         assert await ticks_of(sub, set(tokens), timeout=15) >= set(tokens)
     answers = [(f[b"request"], f[b"op"]) for _, f in await crds.xrange(KEYS.control_results)]
     assert answers and len(answers) == len(set(answers))
+
+
+async def test_a_pending_request_already_answered_is_acknowledged_not_answered_again(
+    cluster_settings, crds
+) -> None:
+    """On a cluster a result and its XACK go to different nodes: a publisher that stopped
+    between the two leaves the request pending with its result in. The next one must not
+    answer it again (its client would read two results)."""
+    await crds.xgroup_create(KEYS.control, CONTROL_GROUP, id="0", mkstream=True)
+    entry = await crds.xadd(KEYS.control, _request("408065", "a"))
+    fresh = await crds.xadd(KEYS.control, _request("884737", "b"))
+    await crds.xreadgroup(CONTROL_GROUP, CONSUMER, {KEYS.control: ">"}, count=1)  # entry: pending
+    await crds.hset(KEYS.claims("a"), "408065", "ltp")  # what that publisher had written
+    await crds.sadd(KEYS.clients, "a")
+    await crds.xadd(KEYS.control_results, {"request": entry, "op": "subscribe", "client": "a", "ok": "1"})
+    running = Publisher(cluster_settings, FAST)
+    await running.start()
+    try:
+
+        async def drained() -> bool:
+            return (await crds.xpending(KEYS.control, CONTROL_GROUP))["pending"] == 0 and any(
+                f[b"request"] == fresh for _, f in await crds.xrange(KEYS.control_results)
+            )
+
+        await eventually(drained)
+        results = await crds.xrange(KEYS.control_results)
+        answers = [f[b"request"] for _, f in results if f[b"op"] == b"subscribe"]
+        assert answers.count(entry) == 1 and answers.count(fresh) == 1
+        assert running.book.in_force == {408065: "ltp", 884737: "ltp"}  # its claim still holds
+    finally:
+        await running.stop()
+
+
+def _request(tokens: str, client: str) -> dict[str, str]:
+    return {"op": "subscribe", "tokens": tokens, "mode": "ltp", "client": client}
