@@ -235,6 +235,8 @@ class ControlLoop:
         """Run the batch's transaction, then what waited for its results."""
         batch, after, acks = self._batch, self._after_batch, self._acks
         self._batch, self._after_batch, self._acks = None, [], []
+        if acks and batch is None:  # entries answered before (only acknowledged now)
+            batch = bus.OrderedWrites(self._redis, 3)
         if batch is not None and not self._may_write():
             raise LeaseLost("another publisher leads: these entries are its to apply")
         if batch is not None:
