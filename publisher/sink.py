@@ -39,7 +39,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Container
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 
@@ -53,6 +53,13 @@ from publisher.tasks import cancel_and_wait
 log = logging.getLogger("kitebus.sink")
 
 Source = bytes | tuple[int, ...]  # a frame, or the tokens of a republish batch
+
+
+@dataclass(frozen=True, slots=True)
+class _Released:
+    """Tokens an HDEL removes from ``{ns}:last`` and ``{ns}:token_status``."""
+
+    tokens: tuple[int, ...]
 
 
 @dataclass(slots=True)
@@ -74,16 +81,32 @@ class _Queued:
 
 @dataclass
 class _Batch:
-    """One write in flight: how many replies it awaits on each lane and what it carried."""
+    """One write in flight: per lane, the replies it awaits, its ticks and their sources."""
 
     size: int
     replies: list[int]
-    ticks: int
-    sources: list[Source]
+    ticks: list[int]
+    sources: list[list[Source]]
+    commands: list[list[tuple[int, Source | _Released | None]]]  # per lane, in order: (replies, what)
     open: int = 0  # lanes that still owe replies
+    expected: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.open = sum(1 for count in self.replies if count)
+        self.expected = list(self.replies)
+
+    def command_at(self, lane: int, index: int) -> tuple[Source | _Released | None, int]:
+        """What the ``index``-th reply on ``lane`` answers: the source of its ticks (None
+        for a command that is no tick) and which of them."""
+        for count, source in self.commands[lane]:
+            if index < count:
+                return source, index
+            index -= count
+        return None, 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.ticks)
 
 
 class TickSink:
@@ -139,6 +162,7 @@ class TickSink:
         self._overload_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._line_start = [True]  # per lane: its reply stream is at the start of a line
+        self._careful: list[bytes | None] = [None]  # per lane, replies read one by one: the partial one
         # figures for status and metrics
         self.published = 0
         self.queued = 0  # ticks handed in, in order (for "has this tick reached Redis yet?")
@@ -151,6 +175,7 @@ class TickSink:
         self.redis_up = False
         self.redis_reconnects = 0
         self.redirects = 0  # cluster: MOVED/ASK/CLUSTERDOWN/TRYAGAIN answers, each a re-read of the slots
+        self._reopen = ""  # why the lanes must be reopened, once those in flight are answered
         self.last_error = ""
 
     # --- the hot side: called by connections for every frame -----------------------------
@@ -204,7 +229,7 @@ class TickSink:
     @property
     def buffered(self) -> int:
         """Ticks queued or in flight, not yet acknowledged by Redis."""
-        return self._pending_ticks + sum(batch.ticks for batch in self._in_flight)
+        return self._pending_ticks + sum(batch.total for batch in self._in_flight)
 
     @property
     def acknowledged(self) -> int:
@@ -353,7 +378,9 @@ class TickSink:
             for connection in connections:
                 connection.set_write_limit(self.max_in_flight + self.batch_bytes)
             self._lanes = [deque() for _ in connections]
+            self._reopen = ""
             self._line_start = [True] * len(connections)
+            self._careful = [None] * len(connections)
             self._requeue_lost()
             self._work.set()
             try:
@@ -373,9 +400,12 @@ class TickSink:
     async def _open(self) -> list[RespConnection]:
         """A socket per node: one for a server; on a cluster one per master, from a fresh
         read of which master serves which slot."""
+        before = self._topology
         self._topology = await bus.topology(self._url, self._cluster)
         self._lane_of.clear()
         self._lanes_of_tokens.clear()
+        if self._topology != before and self._topology.cluster:
+            self._reroute_pending()
         connections: list[RespConnection] = []
         try:
             for url in self._topology.nodes:
@@ -386,8 +416,29 @@ class TickSink:
             raise
         return connections
 
+    def _reroute_pending(self) -> None:
+        """The map of slots changed: a queued part whose ticks now belong to more than one
+        node cannot go out as one; its ticks are given up and their tokens' newest published
+        again (they never went out, so nothing is sent twice)."""
+        kept: deque[_Queued] = deque()
+        for item in self._pending:
+            tokens = _tokens(item.source) if item.ticks else ()
+            if len({self._token_lane(t) for t in tokens}) > 1:
+                self.dropped += item.ticks
+                self._pending_ticks -= item.ticks
+                self._pending_bytes -= item.size
+                self._lost.update(tokens)
+            else:
+                kept.append(item)
+        self._pending = kept
+
     async def _write(self, connections: list[RespConnection]) -> None:
         while True:
+            if self._reopen:  # let every lane answer what it holds, then re-read the slots
+                while self._in_flight:
+                    self._work.clear()
+                    await self._work.wait()
+                raise RespError(f"cluster: {self._reopen}; reading the slots again")
             if self.conflating and self._in_flight_bytes <= self.max_backlog // 2:
                 self._end_conflation()
             if self._in_flight_bytes >= self.max_in_flight or not (
@@ -400,7 +451,7 @@ class TickSink:
             if not batch.open:
                 continue
             if not self._may_write():  # no longer the leader: the new one publishes from now on
-                self.dropped += batch.ticks + self._pending_ticks
+                self.dropped += batch.total + self._pending_ticks
                 self._pending.clear()
                 self._pending_bytes = self._pending_ticks = 0
                 await asyncio.Future()  # until closed
@@ -408,11 +459,16 @@ class TickSink:
             self._in_flight_bytes += batch.size
             for lane, part in enumerate(data):
                 if part:
-                    connections[lane].write(part)
                     self._lanes[lane].append(batch)
+                    connections[lane].write(part)
             for lane, part in enumerate(data):
                 if part:
-                    await connections[lane].drain()
+                    try:
+                        await connections[lane].drain()
+                    except (ConnectionError, OSError) as exc:
+                        if len(connections) == 1:
+                            raise
+                        self._lane_failed(lane, exc)
 
     def _take_batch(self) -> tuple[_Batch, list[bytes]]:
         """Queued PUBLISHes up to ``batch_bytes``, then one HSET of ``{ns}:last`` with the same
@@ -420,41 +476,46 @@ class TickSink:
         (on a cluster: of the channels on its own node). The bytes for each lane."""
         lanes = len(self._lanes)
         parts: list[list[bytes]] = [[] for _ in range(lanes)]
-        replies = [0] * lanes
+        replies, ticks = [0] * lanes, [0] * lanes
         fields: list[bytes] = []
-        sources: list[Source] = []
-        size = ticks = nfields = 0
+        sources: list[list[Source]] = [[] for _ in range(lanes)]
+        commands: list[list[tuple[int, Source | _Released | None]]] = [[] for _ in range(lanes)]
+        size = nfields = 0
         while self._pending and size < self.batch_bytes:
             item = self._pending.popleft()
             lane = 0 if lanes == 1 else self._lane(item.route)
             parts[lane].append(item.publishes)
             replies[lane] += item.ticks + item.other
+            ticks[lane] += item.ticks
+            sources[lane].append(item.source)
+            commands[lane].append((item.ticks + item.other, item.source if item.ticks else None))
             fields.append(item.fields)
-            sources.append(item.source)
             size += item.size
-            ticks += item.ticks
             nfields += item.nfields
         self._pending_bytes -= size
-        self._pending_ticks -= ticks
+        self._pending_ticks -= sum(ticks)
         if nfields:
             key = self._last_key
             lane = self._lane(key)
             parts[lane].append(b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * nfields, len(key), key))
             parts[lane] += fields
             replies[lane] += 1
+            commands[lane].append((1, None))
         if self._released and not self._pending:
             # Only behind every queued tick: an older HSET of a released token, sent after
             # its HDEL, would leave its snapshot in {ns}:last for good. A token back in the
             # cache by now (subscribed again) keeps its snapshot.
-            names = [b"%d" % t for t in self._released if t not in self.cache]
+            released = _Released(tuple(t for t in self._released if t not in self.cache))
             self._released.clear()
-            if names:
+            if released.tokens:
+                names = [b"%d" % t for t in released.tokens]
                 for key in (self._last_key, self._keys.token_status.encode()):
                     lane = self._lane(key)
                     parts[lane].append(pack_command(b"HDEL", key, *names))
                     replies[lane] += 1
+                    commands[lane].append((1, released))
         data = [b"".join(part) for part in parts]
-        return _Batch(sum(map(len, data)), replies, ticks, sources), data
+        return _Batch(sum(map(len, data)), replies, ticks, sources, commands), data
 
     def _lane(self, name: bytes) -> int:
         lane = self._lane_of.get(name)
@@ -472,20 +533,82 @@ class TickSink:
         counting newlines counts replies; a line starting with '-' is an error."""
         in_flight = self._lanes[lane]
         while True:
-            if in_flight:
-                async with asyncio.timeout(self.write_timeout):
+            try:
+                if in_flight:
+                    async with asyncio.timeout(self.write_timeout):
+                        data = await connection.read()
+                else:
                     data = await connection.read()
-            else:
-                data = await connection.read()
+            except (ConnectionError, OSError, TimeoutError) as exc:
+                if len(self._lanes) == 1:
+                    raise
+                self._lane_failed(lane, exc)
+                return
+            if self._careful[lane] is not None:
+                self._acknowledge_each(lane, data)
+                continue
             errors = data.count(b"\n-") + (self._line_start[lane] and data[:1] == b"-")
+            if errors and self._cluster:  # from here on, reply by reply: which ticks failed
+                self._careful[lane] = b"" if self._line_start[lane] else b"+"  # "+": a reply under way
+                self._acknowledge_each(lane, data)
+                continue
             self._line_start[lane] = data.endswith(b"\n")
             if errors:
                 self.write_errors += errors
                 self.last_error = f"redis answered {errors} error(s)"
-                if self._cluster and any(b"-" + word in data for word in bus.REDIRECTS):
-                    self.redirects += 1
-                    raise RespError("cluster redirect: reading the slots again")
             self._acknowledge(lane, data.count(b"\n"))
+
+    def _acknowledge_each(self, lane: int, data: bytes) -> None:
+        """On a cluster, after an error on ``lane`` and until the lanes are reopened: the
+        replies one by one, so that exactly the ticks that failed are published again (a
+        tick that did go out is never sent twice). A redirect (MOVED, ASK, CLUSTERDOWN,
+        TRYAGAIN) means the map of slots is stale: the lanes are reopened on a fresh one
+        once every lane has answered what it holds."""
+        lines = ((self._careful[lane] or b"") + data).split(b"\n")
+        self._careful[lane] = lines.pop()  # a reply not yet complete
+        owing = self._lanes[lane]
+        for line in lines:
+            if not owing:
+                break
+            head = owing[0]
+            source, index = head.command_at(lane, head.expected[lane] - head.replies[lane])
+            if isinstance(source, _Released):
+                if line.startswith(b"-"):  # deleted again once the lanes are reopened
+                    self._released.update(source.tokens)
+                source = None
+            if line.startswith(b"-"):
+                self.write_errors += 1
+                self.last_error = f"redis answered {line[:80].decode('utf-8', 'replace').strip()}"
+                if line[1:].startswith(bus.REDIRECTS):
+                    self.redirects += 1
+                    self._reopen = self._reopen or "a slot moved or is not served"
+                if source is not None:  # a tick that did not go out
+                    self.published -= 1  # counted as published when its batch is answered
+                    self.dropped += 1
+                    self._lost.add(_tokens(source)[index])
+            elif source is not None:  # went out: newer than any tick of its token that failed before
+                self._lost.discard(_tokens(source)[index])
+            head.replies[lane] -= 1
+            if head.replies[lane] == 0:
+                owing.popleft()
+                head.open -= 1
+        self._complete()
+
+    def _lane_failed(self, lane: int, exc: BaseException) -> None:
+        """One master's socket failed: what it held may or may not have gone out (counted
+        as dropped, its tokens' newest published again); the other lanes finish what they
+        hold, so that ticks that did go out there are not sent twice."""
+        for batch in self._lanes[lane]:
+            self.dropped += batch.ticks[lane]
+            batch.ticks[lane] = 0
+            for source in batch.sources[lane]:
+                self._lost.update(_tokens(source))
+            self._released.update(_released_in(batch.commands[lane]))
+            batch.replies[lane] = 0
+            batch.open -= 1
+        self._lanes[lane].clear()
+        self._reopen = self._reopen or f"the socket to node {lane} failed ({exc.__class__.__name__})"
+        self._complete()
 
     def _acknowledge(self, lane: int, replies: int) -> None:
         owing = self._lanes[lane]
@@ -497,11 +620,14 @@ class TickSink:
             if head.replies[lane] == 0:
                 owing.popleft()
                 head.open -= 1
+        self._complete()
+
+    def _complete(self) -> None:
         in_flight = self._in_flight
         while in_flight and not in_flight[0].open:  # done with in order, whichever lane answered last
             head = in_flight.popleft()
             self._in_flight_bytes -= head.size
-            self.published += head.ticks
+            self.published += head.total
         if not self.writable.is_set() and self.backlog_bytes <= self.max_backlog // 2:
             self._resume()
         self._work.set()
@@ -510,9 +636,12 @@ class TickSink:
         """Batches in flight may or may not have reached Redis: their ticks are counted as
         dropped, and their tokens' newest payloads go out again after the reconnect."""
         for batch in self._in_flight:
-            self.dropped += batch.ticks
-            for source in batch.sources:
-                self._lost.update(_tokens(source))
+            self.dropped += batch.total
+            for sources in batch.sources:
+                for source in sources:
+                    self._lost.update(_tokens(source))
+            for commands in batch.commands:
+                self._released.update(_released_in(commands))
         self._in_flight.clear()
         for lane in self._lanes:
             lane.clear()
@@ -543,6 +672,11 @@ class TickSink:
             self.redis_reconnects += 1
         self.redis_up = False
         self.last_error = error
+
+
+def _released_in(commands: list[tuple[int, Source | _Released | None]]) -> list[int]:
+    """The tokens of the HDELs among ``commands`` (to delete again when their fate is unknown)."""
+    return [t for _, what in commands if isinstance(what, _Released) for t in what.tokens]
 
 
 def _tokens(source: Source) -> tuple[int, ...] | list[int]:

@@ -28,7 +28,7 @@ async def test_a_batch_is_the_publishes_then_one_hset_of_the_same_ticks() -> Non
     commands = parse_commands(data)
     assert [c[:2] for c in commands[:3]] == [[b"PUBLISH", b"paper:ticks:%d" % t] for t in (A, B, A)]
     assert commands[3][:2] == [b"HSET", b"paper:last"] and len(commands[3]) == 2 + 2 * 3
-    assert (batch.replies, batch.ticks) == ([4], 3)
+    assert (batch.replies, batch.ticks) == ([4], [3])
     assert sink.cache[A] == commands[2][2]  # the newest of A
 
 
