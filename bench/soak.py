@@ -1,7 +1,7 @@
 """Soak and chaos: a trading day's faults at once, with the invariants checked through it.
 
     .venv/bin/python bench/soak.py [--duration 300] [--instruments 9000] [--rate 1]
-                                   [--clients 4] [--seed N] [--json]
+                                   [--clients 4] [--seed N] [--json] [--cluster]
 
 Every part is a process of its own except the simulator, which the driver holds so that
 it can inject faults and look at what Kite was told: a private redis-server,
@@ -22,6 +22,11 @@ drained; and the figures of what could grow (publisher memory, Redis keys, strea
 At the end: no session ever over its limit, every request answered exactly once (none
 lost but with Redis's data), no tick received twice, no gap in ``seq`` outside a fault.
 Exit status 0 when every check held.
+
+``--cluster`` runs it all on a private 3-master Redis Cluster (``KITEBUS_REDIS_CLUSTER=1``):
+the consumer SSUBSCRIBEs every channel of the universe at its master, Redis's restart is
+one master's (killed and restarted empty), and one more fault moves a slot to another
+master (a tick channel's, or one of the contract's keys') while everything runs.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import contextlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -50,19 +56,22 @@ import hiredis
 import msgpack
 import redis as sync_redis
 import redis.asyncio as redis
+from redis.crc import key_slot
 
 from config import Keys
 from consumers.control import ControlClient, ControlTimeout
-from kitebus.localredis import LocalRedis, free_port
+from kitebus.localredis import LocalCluster, LocalRedis, free_port
 from kitewire.codec import MODE_RANK
+from publisher import bus
 from publisher.resp import pack_command
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
 
 NS = "soak"
 LIMIT = 3000  # tokens per connection, the publisher's default
 FAULTS = ("drop", "stall", "redis_restart", "publisher_term", "publisher_kill")
+CLUSTER_FAULTS = (*FAULTS, "reshard")
 FOLLOW_UPS = {b"live", b"rebalanced", b"expire"}
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+REDIS_ERRORS = bus.REDIS_DOWN
 
 
 def _token(i: int) -> int:
@@ -72,10 +81,12 @@ def _token(i: int) -> int:
 # --- a strategy process ------------------------------------------------------------------
 
 
-async def run_client(name: str, url: str, pause: Path, universe: int, seed: int, until: float) -> None:
+async def run_client(
+    name: str, url: str, pause: Path, universe: int, seed: int, until: float, cluster: bool
+) -> None:
     """Random requests until ``until`` (epoch s), pausing while ``pause`` exists; prints counts."""
     rng = random.Random(seed)
-    client = redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    client = bus.connect(url, cluster, socket_timeout=5, socket_connect_timeout=2)
     control = ControlClient(client, NS)
     counts: Counter[str] = Counter()
     held: set[int] = set()
@@ -103,14 +114,14 @@ async def run_client(name: str, url: str, pause: Path, universe: int, seed: int,
         else:
             tokens = None
         try:
-            run_id = (await client.info("server"))["run_id"]
+            run_id = await bus.run_id(client)
             try:
                 asks = op in ("subscribe", "mode", "set")
                 result = await control.request(
                     op, tokens, mode=mode if asks else None, client=name, ttl=ttl, timeout=20
                 )
             except ControlTimeout:
-                lost = (await client.info("server"))["run_id"] != run_id
+                lost = await bus.run_id(client) != run_id
                 counts["lost_with_redis" if lost else "unanswered"] += 1
                 continue
         except REDIS_ERRORS:
@@ -136,9 +147,11 @@ async def run_client(name: str, url: str, pause: Path, universe: int, seed: int,
 # --- the consumer process ----------------------------------------------------------------
 
 
-def run_consumer(port: int, out: Path) -> None:
-    """PSUBSCRIBE every tick channel; count ticks, seq gaps (with when), duplicates; write
-    the figures to ``out`` every second; reconnect whenever Redis goes away."""
+def run_consumer(ports: list[int], out: Path, universe: int) -> None:
+    """Every tick channel: PSUBSCRIBE on one server; on a cluster (several ``ports``),
+    SSUBSCRIBE each channel of the universe at its master. Count ticks, seq gaps (with
+    when), duplicates; write the figures to ``out`` every second; reconnect whenever Redis
+    goes away (or, on a cluster, unsubscribes a moved slot's channels)."""
     stats: dict[str, Any] = {"received": 0, "gap_ticks": 0, "gaps": [], "duplicates": 0, "reconnects": 0}
     last: dict[int, tuple[int, int, float]] = {}  # token -> epoch, seq, received at
     written = 0.0
@@ -152,45 +165,80 @@ def run_consumer(port: int, out: Path) -> None:
         nonlocal stop
         stop = True
 
+    def take(payload: bytes) -> None:
+        tick = msgpack.unpackb(payload)
+        token, seq, epoch = tick["instrument_token"], tick["seq"], tick["epoch"]
+        at = tick["received_at_ns"] / 1e9  # when the publisher got it from Kite
+        stats["received"] += 1
+        before = last.get(token)
+        if before is not None and before[0] == epoch:
+            if seq <= before[1]:
+                stats["duplicates"] += 1
+            elif seq > before[1] + 1:  # lost: ticks the publisher got between these two
+                stats["gap_ticks"] += seq - before[1] - 1
+                if len(stats["gaps"]) < 5000:
+                    stats["gaps"].append([before[2], at, token, seq - before[1] - 1])
+        if before is None or before[0] != epoch or seq > before[1]:
+            last[token] = (epoch, seq, at)
+
     signal.signal(signal.SIGTERM, finish)
     while not stop:
+        sockets: list[socket.socket] = []
         try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=1)
-            sock.sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
-            reader = hiredis.Reader()
+            sockets = _subscribe(ports, universe)
+            readers = {sock: hiredis.Reader() for sock in sockets}
             while not stop:
-                try:
+                for sock in select.select(sockets, [], [], 0.5)[0]:
                     data = sock.recv(1 << 20)
-                except TimeoutError:
-                    data = None
-                if data == b"":
-                    raise ConnectionError
-                if data:
+                    if not data:
+                        raise ConnectionError
+                    reader = readers[sock]
                     reader.feed(data)
                     while (reply := reader.gets()) is not False:
-                        if reply[0] != b"pmessage":
-                            continue
-                        tick = msgpack.unpackb(reply[3])
-                        token, seq, epoch = tick["instrument_token"], tick["seq"], tick["epoch"]
-                        at = tick["received_at_ns"] / 1e9  # when the publisher got it from Kite
-                        stats["received"] += 1
-                        before = last.get(token)
-                        if before is not None and before[0] == epoch:
-                            if seq <= before[1]:
-                                stats["duplicates"] += 1
-                            elif seq > before[1] + 1:  # lost: ticks the publisher got between these two
-                                stats["gap_ticks"] += seq - before[1] - 1
-                                if len(stats["gaps"]) < 5000:
-                                    stats["gaps"].append([before[2], at, token, seq - before[1] - 1])
-                        if before is None or before[0] != epoch or seq > before[1]:
-                            last[token] = (epoch, seq, at)
+                        if reply[0] in (b"pmessage", b"smessage"):
+                            take(reply[-1])
+                        elif reply[0] == b"sunsubscribe":  # its slot moved: subscribe at the new master
+                            raise ConnectionError
                 if time.time() - written > 0.5:
                     dump()
                     written = time.time()
-        except OSError:
+        except (OSError, hiredis.ProtocolError):
             stats["reconnects"] += 1
             time.sleep(0.2)
+        finally:
+            for sock in sockets:
+                sock.close()
     dump()
+
+
+def _subscribe(ports: list[int], universe: int) -> list[socket.socket]:
+    """Subscribed sockets: one PSUBSCRIBE on a server; a socket per master of a cluster."""
+    if len(ports) == 1:
+        sock = socket.create_connection(("127.0.0.1", ports[0]), timeout=1)
+        sock.sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
+        return [sock]
+    owner = None
+    for port in ports:  # any node that answers and serves every slot
+        with contextlib.suppress(OSError, sync_redis.RedisError):
+            client = sync_redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                if b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"):
+                    owner = [0] * bus.SLOTS
+                    for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                        owner[start : end + 1] = [int(master[1])] * (end + 1 - start)
+                    break
+            finally:
+                client.close()
+    if owner is None:
+        raise ConnectionError("no cluster node is ok")
+    sockets = {p: socket.create_connection(("127.0.0.1", p), timeout=1) for p in set(owner)}
+    commands: dict[int, list[bytes]] = {p: [] for p in sockets}
+    for i in range(universe):
+        channel = Keys(NS).ticks(_token(i))
+        commands[owner[key_slot(channel.encode())]].append(pack_command("SSUBSCRIBE", channel))
+    for port, sock in sockets.items():
+        sock.sendall(b"".join(commands[port]))
+    return list(sockets.values())
 
 
 # --- the driver --------------------------------------------------------------------------
@@ -211,6 +259,7 @@ class Soak:
     clients: int
     seed: int
     kinds: tuple[str, ...] = FAULTS
+    cluster: bool = False
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kitebus-soak-")))
     faults: list[Fault] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -219,8 +268,12 @@ class Soak:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.keys = Keys(NS)
-        self.redis_server = LocalRedis(self.workdir / "redis", free_port())
-        (self.workdir / "redis").mkdir()
+        self.redis_server: LocalRedis | LocalCluster
+        if self.cluster:
+            self.redis_server = LocalCluster(3)
+        else:
+            self.redis_server = LocalRedis(self.workdir / "redis", free_port())
+            (self.workdir / "redis").mkdir()
         self.pause = self.workdir / "pause"
         self.consumer_out = self.workdir / "consumer.json"
         self.publishers: list[asyncio.subprocess.Process] = []  # the leader and a standby
@@ -237,6 +290,7 @@ class Soak:
             **os.environ, "KITE_WS_URL": self.simulator.url, "REDIS_URL": self.redis_server.url,
             "KITE_API_KEY": DEFAULT_API_KEY, "KITE_ACCESS_TOKEN": DEFAULT_ACCESS_TOKEN,
             "KITEBUS_NAMESPACE": NS, "KITEBUS_LOG_LEVEL": "WARNING",
+            "KITEBUS_REDIS_CLUSTER": "1" if self.cluster else "0",
         }  # fmt: skip
         log = open(self.workdir / "publisher.log", "ab")  # noqa: ASYNC230 - opened once per start
         self.publishers.append(await asyncio.create_subprocess_exec(
@@ -265,24 +319,55 @@ class Soak:
         await proc.wait()
         self.publishers.remove(proc)
 
+    @property
+    def nodes(self) -> list[LocalRedis]:
+        server = self.redis_server
+        return server.nodes if isinstance(server, LocalCluster) else [server]
+
+    def connect(self, **kwargs: Any) -> bus.Client:
+        return bus.connect(self.redis_server.url, self.cluster, **kwargs)
+
     def start_redis(self) -> None:
-        """Start (again, empty), with the pub/sub output buffer limit lifted: the publisher is
-        what is measured, and a consumer that falls behind must not be cut."""
+        """Start, with the pub/sub output buffer limit lifted: the publisher is what is
+        measured, and a consumer that falls behind must not be cut."""
         self.redis_server.start()
-        client = sync_redis.Redis(port=self.redis_server.port)
+        for node in self.nodes:
+            self.lift_limit(node)
+
+    @staticmethod
+    def lift_limit(node: LocalRedis) -> None:
+        client = sync_redis.Redis(port=node.port)
         try:
             client.config_set("client-output-buffer-limit", "pubsub 0 0 0")
         finally:
             client.close()
 
-    def kill_redis(self) -> None:
-        process = self.redis_server.process
+    async def restart_redis(self) -> None:
+        """Kill Redis (on a cluster: one master) and start it again, empty."""
+        node = self.rng.choice(self.nodes)
+        process = node.process
         assert process is not None
         process.kill()
         process.wait()
-        self.redis_server.process = None
+        node.process = None
+        await asyncio.sleep(self.rng.uniform(0.2, 2.0))
+        await asyncio.to_thread(node.start)
+        self.lift_limit(node)
+        if isinstance(self.redis_server, LocalCluster):
+            await asyncio.to_thread(self.redis_server.wait_ok, 30)
 
-    async def publisher_rss_mb(self, client: redis.Redis) -> float:
+    async def reshard(self) -> None:
+        """Move one slot to another master: a tick channel's, or one of the contract's keys'."""
+        assert isinstance(self.redis_server, LocalCluster)
+        held = sorted(self.at_kite()) or [_token(0)]
+        names = [self.keys.ticks(self.rng.choice(held)), self.keys.control, self.keys.control_results,
+                 self.keys.last, self.keys.token_conn, self.keys.clients, self.keys.leader]  # fmt: skip
+        slot = key_slot(self.rng.choice(names).encode())
+        owner = await asyncio.to_thread(self.redis_server.owner, slot)
+        to = self.rng.choice([i for i in range(len(self.nodes)) if i != owner])
+        await asyncio.to_thread(self.redis_server.move_slot, slot, to)
+
+    async def publisher_rss_mb(self, client: bus.Client) -> float:
         with open(f"/proc/{(await self.leader(client)).pid}/status") as status:  # noqa: ASYNC230
             for line in status:
                 if line.startswith("VmRSS:"):
@@ -292,17 +377,21 @@ class Soak:
     async def audit_results(self) -> None:
         """Count results per request id, following the stream across Redis restarts."""
         cursor, run_id = b"0-0", None
+        seen: set[bytes] = set()
         while True:
             try:
-                client = redis.from_url(self.redis_server.url, socket_timeout=5)
+                client = self.connect(socket_timeout=5)
                 while True:
-                    now_id = (await client.info("server"))["run_id"]
+                    now_id = await bus.run_id(client)
                     if now_id != run_id:
                         cursor, run_id = b"0-0", now_id
                     reply = await client.xread({self.keys.control_results: cursor}, count=1000, block=500)
                     for _, entries in reply or []:
                         for entry_id, fields in entries:
                             cursor = entry_id
+                            if entry_id in seen:  # read again after another cluster node restarted
+                                continue
+                            seen.add(entry_id)
                             if fields.get(b"op") not in FOLLOW_UPS:
                                 self.results[fields[b"request"]] += 1
             except REDIS_ERRORS:
@@ -372,12 +461,14 @@ class Soak:
                 break
             await asyncio.sleep(0.05)
         await self.check_last(client)
-        info = await client.info("memory")
+        memory = await client.info("memory")
+        if "used_memory" not in memory:  # a cluster answers for each node
+            memory = {"used_memory": sum(node["used_memory"] for node in memory.values())}
         point |= {
             "tokens": len(self.at_kite()),
             "publisher_rss_mb": round(await self.publisher_rss_mb(client), 1),
             "redis_keys": await client.dbsize(),
-            "redis_used_mb": round(info["used_memory"] / 2**20, 1),
+            "redis_used_mb": round(memory["used_memory"] / 2**20, 1),
             "control_len": await client.xlen(self.keys.control),
             "results_len": await client.xlen(self.keys.control_results),
             "last_len": await client.hlen(self.keys.last),
@@ -422,7 +513,13 @@ class Soak:
                     wrong += 1
             if wrong:
                 self.failures.append(f"{wrong} of {len(sent)} ticked tokens lack their latest tick in :last")
-            stale = {int(k) for k in await client.hkeys(self.keys.last)} - set(want)
+            # A release (a ttl can lapse even now) reaches :last at the next prune, within a
+            # second: only a snapshot that outlives that is stale for good.
+            deadline = time.monotonic() + 5
+            while (stale := {int(k) for k in await client.hkeys(self.keys.last)} - set(self.at_kite())):
+                if time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
             if stale:
                 epoch = int(await client.hget(self.keys.status, "epoch") or 0)
                 samples = []
@@ -448,9 +545,9 @@ class Soak:
         elif kind == "stall":
             self.simulator.stall(8, self.rng.choice(self.simulator.sessions).id)
         elif kind == "redis_restart":
-            self.kill_redis()
-            await asyncio.sleep(self.rng.uniform(0.2, 2.0))
-            self.start_redis()
+            await self.restart_redis()
+        elif kind == "reshard":
+            await self.reshard()
         else:
             await self.stop_leader(client, signal.SIGTERM if kind == "publisher_term" else signal.SIGKILL)
             await self.start_publisher()
@@ -466,11 +563,13 @@ class Soak:
         self.start_redis()
         self.simulator = TickerServer(rate=self.rate, heartbeat_interval=1.0, seed=self.seed)
         await self.simulator.start()
+        universe = self.instruments * 4 // 3
+        ports = ",".join(str(node.port) for node in self.nodes)
         consumer = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--role", "consumer", "--port", str(self.redis_server.port),
-            "--out", str(self.consumer_out),
+            sys.executable, __file__, "--role", "consumer", "--ports", ports,
+            "--out", str(self.consumer_out), "--universe", str(universe),
         )  # fmt: skip
-        client = redis.from_url(self.redis_server.url, socket_timeout=10)
+        client = self.connect(socket_timeout=10)
         await self.start_publisher()
         await self.leader(client)
         await self.start_publisher()  # the standby
@@ -480,13 +579,12 @@ class Soak:
             await self.wait_converged(client, 30)
             self.started = time.monotonic()
             until = time.time() + self.duration
-            universe = self.instruments * 4 // 3
             for i in range(self.clients):
                 clients.append(await asyncio.create_subprocess_exec(
                     sys.executable, __file__, "--role", "client", "--name", f"c{i}",
                     "--url", self.redis_server.url, "--pause", str(self.pause), "--universe", str(universe),
                     "--seed", str(self.seed * 100 + i), "--until", str(until),
-                    stdout=asyncio.subprocess.PIPE,
+                    *(["--cluster"] if self.cluster else []), stdout=asyncio.subprocess.PIPE,
                 ))  # fmt: skip
             kinds: list[str] = []
             next_checkpoint = self.started + max(60.0, self.duration / 5)
@@ -615,23 +713,26 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--faults", default=",".join(FAULTS), help="the kinds to inject, in turn")
-    for hidden in ("--role", "--name", "--url", "--pause", "--out"):
+    parser.add_argument("--cluster", action="store_true", help="on a private 3-master Redis Cluster")
+    parser.add_argument("--faults", default="", help="the kinds to inject, in turn (default: every kind)")
+    for hidden in ("--role", "--name", "--url", "--pause", "--out", "--ports"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
-    for hidden in ("--universe", "--port"):
-        parser.add_argument(hidden, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--universe", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--until", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "client":
-        asyncio.run(run_client(args.name, args.url, Path(args.pause), args.universe, args.seed, args.until))
+        asyncio.run(run_client(
+            args.name, args.url, Path(args.pause), args.universe, args.seed, args.until, args.cluster
+        ))  # fmt: skip
         return 0
     if args.role == "consumer":
-        run_consumer(args.port, Path(args.out))
+        run_consumer([int(p) for p in args.ports.split(",")], Path(args.out), args.universe)
         return 0
-    kinds = tuple(k for k in args.faults.split(",") if k)
-    if not set(kinds) <= set(FAULTS):
-        parser.error(f"--faults: choose from {', '.join(FAULTS)}")
-    soak = Soak(args.duration, args.instruments, args.rate, args.clients, args.seed, kinds)
+    known = CLUSTER_FAULTS if args.cluster else FAULTS
+    kinds = tuple(k for k in args.faults.split(",") if k) or known
+    if not set(kinds) <= set(known):
+        parser.error(f"--faults: choose from {', '.join(known)}")
+    soak = Soak(args.duration, args.instruments, args.rate, args.clients, args.seed, kinds, args.cluster)
     report = asyncio.run(soak.run())
     print(json.dumps(report) if args.json else "", end="\n" if args.json else "")
     if not args.json:

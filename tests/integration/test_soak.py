@@ -24,3 +24,19 @@ async def test_thirty_seconds_of_chaos_keep_every_invariant(redis_server) -> Non
     assert sum(report["faults"].values()) >= 3 and report["requests"]["requests"] > 100
     assert report["ticks"]["received_by_consumer"] > 50_000
     assert report["peak_tokens_per_connection"] <= 3000
+
+
+async def test_thirty_seconds_of_chaos_on_a_redis_cluster(redis_server) -> None:
+    """The same on a 3-master cluster, with its own faults: a master killed and restarted
+    empty, and slots resharded (tick channels, the control stream, the hashes) under load."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(SOAK), "--cluster", "--duration", "30", "--clients", "3", "--seed", "11",
+        "--faults", "reshard,redis_restart,drop,reshard,publisher_kill", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert out, err.decode()[-3000:]
+    report = json.loads(out)
+    assert report["failures"] == [] and proc.returncode == 0, json.dumps(report, indent=1)[:4000]
+    assert report["faults"].get("reshard", 0) >= 1 and sum(report["faults"].values()) >= 3
+    assert report["requests"]["requests"] > 100 and report["ticks"]["received_by_consumer"] > 50_000
