@@ -33,8 +33,6 @@ SLOTS = 16384
 REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, OSError, ClusterDownError, TryAgainError, SlotNotCoveredError,
 )  # fmt: skip
-# Error replies a cluster gives while slots move or a master is lost.
-REDIRECTS = (b"MOVED", b"ASK", b"CLUSTERDOWN", b"TRYAGAIN")
 
 
 def cluster_from_env() -> bool:

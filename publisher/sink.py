@@ -39,7 +39,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 
@@ -47,20 +47,11 @@ from config.keys import Keys
 from kitewire import codec
 from kitewire.encoder import Encoder, frame_encoder
 from publisher import bus
+from publisher.inflight import Answers, Batch, Command, InFlight, Released, Source, tokens_of
 from publisher.resp import RespConnection, RespError, pack_command
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.sink")
-
-Source = bytes | tuple[int, ...]  # a frame, or the tokens of a republish batch
-
-
-@dataclass(frozen=True, slots=True)
-class _Released:
-    """Tokens an HDEL removes from ``{ns}:last`` and ``{ns}:token_status``."""
-
-    tokens: tuple[int, ...]
-
 
 @dataclass(slots=True)
 class _Queued:
@@ -77,36 +68,6 @@ class _Queued:
     @property
     def size(self) -> int:
         return len(self.publishes) + len(self.fields)
-
-
-@dataclass
-class _Batch:
-    """One write in flight: per lane, the replies it awaits, its ticks and their sources."""
-
-    size: int
-    replies: list[int]
-    ticks: list[int]
-    sources: list[list[Source]]
-    commands: list[list[tuple[int, Source | _Released | None]]]  # per lane, in order: (replies, what)
-    open: int = 0  # lanes that still owe replies
-    expected: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.open = sum(1 for count in self.replies if count)
-        self.expected = list(self.replies)
-
-    def command_at(self, lane: int, index: int) -> tuple[Source | _Released | None, int]:
-        """What the ``index``-th reply on ``lane`` answers: the source of its ticks (None
-        for a command that is no tick) and which of them."""
-        for count, source in self.commands[lane]:
-            if index < count:
-                return source, index
-            index -= count
-        return None, 0
-
-    @property
-    def total(self) -> int:
-        return sum(self.ticks)
 
 
 class TickSink:
@@ -147,9 +108,7 @@ class TickSink:
         self._pending: deque[_Queued] = deque()
         self._pending_bytes = 0
         self._pending_ticks = 0
-        self._in_flight: deque[_Batch] = deque()
-        self._lanes: list[deque[_Batch]] = [deque()]  # per lane: the batches owing replies there
-        self._in_flight_bytes = 0
+        self._flight = InFlight(1)  # sent, not yet answered; a lane per Redis node
         self.cache: dict[int, bytes] = {}  # the last-value cache: newest payload per token
         self._released: set[int] = set()  # to delete from {ns}:last
         self._republish: set[int] = set()  # tokens whose newest payload was given up
@@ -161,8 +120,6 @@ class TickSink:
         self._work = asyncio.Event()
         self._overload_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        self._line_start = [True]  # per lane: its reply stream is at the start of a line
-        self._careful: list[bytes | None] = [None]  # per lane, replies read one by one: the partial one
         # figures for status and metrics
         self.published = 0
         self.queued = 0  # ticks handed in, in order (for "has this tick reached Redis yet?")
@@ -229,7 +186,7 @@ class TickSink:
     @property
     def buffered(self) -> int:
         """Ticks queued or in flight, not yet acknowledged by Redis."""
-        return self._pending_ticks + sum(batch.total for batch in self._in_flight)
+        return self._pending_ticks + self._flight.ticks
 
     @property
     def acknowledged(self) -> int:
@@ -238,8 +195,13 @@ class TickSink:
         return self.published + self._discarded + self.dropped
 
     @property
+    def nodes(self) -> int:
+        """Redis nodes the ticks are written to: 1, or a cluster's masters."""
+        return self._flight.lanes
+
+    @property
     def backlog_bytes(self) -> int:
-        return self._pending_bytes + self._in_flight_bytes
+        return self._pending_bytes + self._flight.bytes
 
     def prune(self, subscribed: Container[int]) -> None:
         """Forget tokens no longer subscribed: out of the cache, ``{ns}:last`` and
@@ -295,7 +257,7 @@ class TickSink:
     def _give_up(self, ticks: int, source: Source) -> None:
         self._given_up += ticks
         self._discarded += ticks
-        self._republish.update(_tokens(source))
+        self._republish.update(tokens_of(source))
 
     def _end_conflation(self) -> None:
         """Redis takes writes again: publish each given-up token's newest payload once."""
@@ -313,7 +275,7 @@ class TickSink:
         tick may have been lost, unless a newer tick of it is still queued (no reordering)."""
         if not self._lost or self.conflating:
             return  # the end of conflation covers them
-        queued = {t for item in self._pending for t in _tokens(item.source)}
+        queued = {t for item in self._pending for t in tokens_of(item.source)}
         self._queue_republish(self._lost - queued)
         self._lost.clear()
 
@@ -339,7 +301,7 @@ class TickSink:
             return
         try:
             async with asyncio.timeout(flush_timeout):
-                while (self._pending or self._in_flight or self.conflating) and self.redis_up:
+                while (self._pending or self._flight.batches or self.conflating) and self.redis_up:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             pass
@@ -352,10 +314,8 @@ class TickSink:
             self.dropped += unsent
             log.warning("sink closed with unsent ticks dropped=%d", unsent)
         self._pending.clear()
-        self._in_flight.clear()
-        for lane in self._lanes:
-            lane.clear()
-        self._pending_bytes = self._pending_ticks = self._in_flight_bytes = 0
+        self._flight.reset(self._flight.lanes)
+        self._pending_bytes = self._pending_ticks = 0
         self.writable.set()
 
     async def _run(self) -> None:
@@ -377,10 +337,8 @@ class TickSink:
             log.info("sink connected to redis nodes=%d", len(connections))
             for connection in connections:
                 connection.set_write_limit(self.max_in_flight + self.batch_bytes)
-            self._lanes = [deque() for _ in connections]
+            self._flight.reset(len(connections))
             self._reopen = ""
-            self._line_start = [True] * len(connections)
-            self._careful = [None] * len(connections)
             self._requeue_lost()
             self._work.set()
             try:
@@ -422,7 +380,7 @@ class TickSink:
         again (they never went out, so nothing is sent twice)."""
         kept: deque[_Queued] = deque()
         for item in self._pending:
-            tokens = _tokens(item.source) if item.ticks else ()
+            tokens = tokens_of(item.source) if item.ticks else ()
             if len({self._token_lane(t) for t in tokens}) > 1:
                 self.dropped += item.ticks
                 self._pending_ticks -= item.ticks
@@ -435,13 +393,13 @@ class TickSink:
     async def _write(self, connections: list[RespConnection]) -> None:
         while True:
             if self._reopen:  # let every lane answer what it holds, then re-read the slots
-                while self._in_flight:
+                while self._flight.batches:
                     self._work.clear()
                     await self._work.wait()
                 raise RespError(f"cluster: {self._reopen}; reading the slots again")
-            if self.conflating and self._in_flight_bytes <= self.max_backlog // 2:
+            if self.conflating and self._flight.bytes <= self.max_backlog // 2:
                 self._end_conflation()
-            if self._in_flight_bytes >= self.max_in_flight or not (
+            if self._flight.bytes >= self.max_in_flight or not (
                 self._pending or self._released
             ):
                 self._work.clear()
@@ -455,11 +413,9 @@ class TickSink:
                 self._pending.clear()
                 self._pending_bytes = self._pending_ticks = 0
                 await asyncio.Future()  # until closed
-            self._in_flight.append(batch)
-            self._in_flight_bytes += batch.size
+            self._flight.add(batch, data)
             for lane, part in enumerate(data):
                 if part:
-                    self._lanes[lane].append(batch)
                     connections[lane].write(part)
             for lane, part in enumerate(data):
                 if part:
@@ -470,16 +426,15 @@ class TickSink:
                             raise
                         self._lane_failed(lane, exc)
 
-    def _take_batch(self) -> tuple[_Batch, list[bytes]]:
+    def _take_batch(self) -> tuple[Batch, list[bytes]]:
         """Queued PUBLISHes up to ``batch_bytes``, then one HSET of ``{ns}:last`` with the same
         ticks (and an HDEL of released tokens): the snapshot never runs ahead of the channel
         (on a cluster: of the channels on its own node). The bytes for each lane."""
-        lanes = len(self._lanes)
+        lanes = self._flight.lanes
         parts: list[list[bytes]] = [[] for _ in range(lanes)]
         replies, ticks = [0] * lanes, [0] * lanes
         fields: list[bytes] = []
-        sources: list[list[Source]] = [[] for _ in range(lanes)]
-        commands: list[list[tuple[int, Source | _Released | None]]] = [[] for _ in range(lanes)]
+        commands: list[list[Command]] = [[] for _ in range(lanes)]
         size = nfields = 0
         while self._pending and size < self.batch_bytes:
             item = self._pending.popleft()
@@ -487,7 +442,6 @@ class TickSink:
             parts[lane].append(item.publishes)
             replies[lane] += item.ticks + item.other
             ticks[lane] += item.ticks
-            sources[lane].append(item.source)
             commands[lane].append((item.ticks + item.other, item.source if item.ticks else None))
             fields.append(item.fields)
             size += item.size
@@ -505,7 +459,7 @@ class TickSink:
             # Only behind every queued tick: an older HSET of a released token, sent after
             # its HDEL, would leave its snapshot in {ns}:last for good. A token back in the
             # cache by now (subscribed again) keeps its snapshot.
-            released = _Released(tuple(t for t in self._released if t not in self.cache))
+            released = Released(tuple(t for t in self._released if t not in self.cache))
             self._released.clear()
             if released.tokens:
                 names = [b"%d" % t for t in released.tokens]
@@ -515,7 +469,7 @@ class TickSink:
                     replies[lane] += 1
                     commands[lane].append((1, released))
         data = [b"".join(part) for part in parts]
-        return _Batch(sum(map(len, data)), replies, ticks, sources, commands), data
+        return Batch(sum(map(len, data)), replies, ticks, commands), data
 
     def _lane(self, name: bytes) -> int:
         lane = self._lane_of.get(name)
@@ -529,105 +483,41 @@ class TickSink:
         return lane
 
     async def _count_replies(self, connection: RespConnection, lane: int) -> None:
-        """Every reply to a PUBLISH, HSET or HDEL is one line (an integer or an error), so
-        counting newlines counts replies; a line starting with '-' is an error."""
-        in_flight = self._lanes[lane]
+        """Read ``lane``'s replies as they come (``InFlight`` matches them to the batches)."""
         while True:
             try:
-                if in_flight:
+                if self._flight.owes(lane):
                     async with asyncio.timeout(self.write_timeout):
                         data = await connection.read()
                 else:
                     data = await connection.read()
             except (ConnectionError, OSError, TimeoutError) as exc:
-                if len(self._lanes) == 1:
+                if self._flight.lanes == 1:
                     raise
                 self._lane_failed(lane, exc)
                 return
-            if self._careful[lane] is not None:
-                self._acknowledge_each(lane, data)
-                continue
-            errors = data.count(b"\n-") + (self._line_start[lane] and data[:1] == b"-")
-            if errors and self._cluster:  # from here on, reply by reply: which ticks failed
-                self._careful[lane] = b"" if self._line_start[lane] else b"+"  # "+": a reply under way
-                self._acknowledge_each(lane, data)
-                continue
-            self._line_start[lane] = data.endswith(b"\n")
-            if errors:
-                self.write_errors += errors
-                self.last_error = f"redis answered {errors} error(s)"
-            self._acknowledge(lane, data.count(b"\n"))
-
-    def _acknowledge_each(self, lane: int, data: bytes) -> None:
-        """On a cluster, after an error on ``lane`` and until the lanes are reopened: the
-        replies one by one, so that exactly the ticks that failed are published again (a
-        tick that did go out is never sent twice). A redirect (MOVED, ASK, CLUSTERDOWN,
-        TRYAGAIN) means the map of slots is stale: the lanes are reopened on a fresh one
-        once every lane has answered what it holds."""
-        lines = ((self._careful[lane] or b"") + data).split(b"\n")
-        self._careful[lane] = lines.pop()  # a reply not yet complete
-        owing = self._lanes[lane]
-        for line in lines:
-            if not owing:
-                break
-            head = owing[0]
-            source, index = head.command_at(lane, head.expected[lane] - head.replies[lane])
-            if isinstance(source, _Released):
-                if line.startswith(b"-"):  # deleted again once the lanes are reopened
-                    self._released.update(source.tokens)
-                source = None
-            if line.startswith(b"-"):
-                self.write_errors += 1
-                self.last_error = f"redis answered {line[:80].decode('utf-8', 'replace').strip()}"
-                if line[1:].startswith(bus.REDIRECTS):
-                    self.redirects += 1
-                    self._reopen = self._reopen or "a slot moved or is not served"
-                if source is not None:  # a tick that did not go out
-                    self.published -= 1  # counted as published when its batch is answered
-                    self.dropped += 1
-                    self._lost.add(_tokens(source)[index])
-            elif source is not None:  # went out: newer than any tick of its token that failed before
-                self._lost.discard(_tokens(source)[index])
-            head.replies[lane] -= 1
-            if head.replies[lane] == 0:
-                owing.popleft()
-                head.open -= 1
-        self._complete()
+            self._settle(self._flight.read(lane, data, careful=self._cluster))
 
     def _lane_failed(self, lane: int, exc: BaseException) -> None:
-        """One master's socket failed: what it held may or may not have gone out (counted
-        as dropped, its tokens' newest published again); the other lanes finish what they
-        hold, so that ticks that did go out there are not sent twice."""
-        for batch in self._lanes[lane]:
-            self.dropped += batch.ticks[lane]
-            batch.ticks[lane] = 0
-            for source in batch.sources[lane]:
-                self._lost.update(_tokens(source))
-            self._released.update(_released_in(batch.commands[lane]))
-            batch.replies[lane] = 0
-            batch.open -= 1
-        self._lanes[lane].clear()
-        self._reopen = self._reopen or f"the socket to node {lane} failed ({exc.__class__.__name__})"
-        self._complete()
+        """One master's socket failed: what it held counts as lost; the other lanes finish
+        what they hold, so that ticks that did go out there are not sent twice."""
+        why = f"the socket to node {lane} failed ({exc.__class__.__name__})"
+        self._settle(self._flight.fail_lane(lane), why)
 
-    def _acknowledge(self, lane: int, replies: int) -> None:
-        owing = self._lanes[lane]
-        while replies and owing:
-            head = owing[0]
-            taken = min(replies, head.replies[lane])
-            head.replies[lane] -= taken
-            replies -= taken
-            if head.replies[lane] == 0:
-                owing.popleft()
-                head.open -= 1
-        self._complete()
-
-    def _complete(self) -> None:
-        in_flight = self._in_flight
-        while in_flight and not in_flight[0].open:  # done with in order, whichever lane answered last
-            head = in_flight.popleft()
-            self._in_flight_bytes -= head.size
-            self.published += head.total
+    def _settle(self, answers: Answers, reopen: str = "") -> None:
+        """Take in what replies (or a failure) settled. ``reopen``: why every lane must be
+        reopened on a fresh map of slots, once the others have answered what they hold."""
+        self.published += answers.done
+        self.dropped += answers.failed
+        if answers.errors:
+            self.write_errors += answers.errors
+            self.last_error = answers.last_error
+        self._lost |= answers.lost
+        self._released |= answers.released
+        if answers.redirected:
+            self.redirects += 1
+            reopen = reopen or "a slot moved or is not served"
+        self._reopen = self._reopen or reopen
         if not self.writable.is_set() and self.backlog_bytes <= self.max_backlog // 2:
             self._resume()
         self._work.set()
@@ -635,17 +525,7 @@ class TickSink:
     def _write_failed(self, error: str) -> None:
         """Batches in flight may or may not have reached Redis: their ticks are counted as
         dropped, and their tokens' newest payloads go out again after the reconnect."""
-        for batch in self._in_flight:
-            self.dropped += batch.total
-            for sources in batch.sources:
-                for source in sources:
-                    self._lost.update(_tokens(source))
-            for commands in batch.commands:
-                self._released.update(_released_in(commands))
-        self._in_flight.clear()
-        for lane in self._lanes:
-            lane.clear()
-        self._in_flight_bytes = 0
+        self._settle(self._flight.fail_all())
         self._mark_down(error)
 
     # --- RESP ----------------------------------------------------------------------------
@@ -672,15 +552,6 @@ class TickSink:
             self.redis_reconnects += 1
         self.redis_up = False
         self.last_error = error
-
-
-def _released_in(commands: list[tuple[int, Source | _Released | None]]) -> list[int]:
-    """The tokens of the HDELs among ``commands`` (to delete again when their fate is unknown)."""
-    return [t for _, what in commands if isinstance(what, _Released) for t in what.tokens]
-
-
-def _tokens(source: Source) -> tuple[int, ...] | list[int]:
-    return codec.frame_tokens(source) if isinstance(source, bytes) else source
 
 
 def _fields(latest: dict[int, bytes]) -> bytes:
