@@ -74,6 +74,10 @@ class ControlLoop:
         self._batch: bus.OrderedWrites | None = None  # this batch's writes: state, results, XACK
         self._after_batch: list[Callable[[], None]] = []  # what waits for the batch's results
         self._acks: list[str] = []  # the batch's entries, acknowledged in one XACK at its end
+        # Results of entries applied to the book whose batch was not written (Redis went
+        # away): sent as they are when the entries come back pending, never applied twice.
+        self._unwritten: dict[str, dict[str, str]] = {}
+        self._dirty = False  # a batch failed part way (on a cluster): rewrite Redis from the book
         self._quiet = _RateLimitedLog(per_second=20)
         self._stopping = False
         self.last_error = ""
@@ -111,13 +115,18 @@ class ControlLoop:
         return claims, deadlines
 
     async def write_all(self) -> None:
-        """Rewrite every hash and claim from the book (at start and after Redis lost data),
-        and drop the snapshots in ``{ns}:last`` of tokens no longer subscribed (released
-        while no publisher ran, or just before one was killed)."""
+        """Rewrite every hash and claim from the book (at start, after Redis lost data and
+        after a batch failed part way), and drop the snapshots in ``{ns}:last`` of tokens
+        no longer subscribed (released while no publisher ran, or just before one was
+        killed)."""
         book, keys = self._book, self._keys
         held = book.placement
         stale = [k for k in await self._redis.hkeys(keys.last) if not k.isdigit() or int(k) not in held]
+        gone = [c.decode() for c in await self._redis.smembers(keys.clients) if c.decode() not in book.claims]
         async with bus.pipeline(self._redis) as pipe:
+            for client in gone:  # released everything while the last write of it failed
+                pipe.delete(keys.claims(client))
+                pipe.delete(keys.deadlines(client))
             for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients):
                 pipe.delete(key)
             if stale:
@@ -167,12 +176,15 @@ class ControlLoop:
         while not self._stopping:
             try:
                 await self.ensure_group()
+                if self._dirty:
+                    await self.write_all()
+                    self._dirty = False
                 await self._drain(pending=True)
                 while not self._stopping:
                     await self._drain(pending=False)
                     await self._expire_due()
             except REDIS_DOWN as exc:
-                self._batch, self._after_batch, self._acks = None, [], []  # pending: applied again
+                self._batch_failed()
                 self.last_error = f"redis: {exc.__class__.__name__}"
                 log.warning("control loop lost redis error=%s retry_in=%.1fs", exc.__class__.__name__, delay)
                 await asyncio.sleep(delay)
@@ -181,13 +193,22 @@ class ControlLoop:
                 log.warning("control loop stops: no longer the leader")
                 return
             except ResponseError as exc:
-                self._batch, self._after_batch, self._acks = None, [], []
+                self._batch_failed()
                 if str(exc).startswith("UNBLOCKED"):  # a cluster moved the stream's slot while we waited
                     log.warning("control stream moved to another node; reading it there")
                 elif "NOGROUP" in str(exc):
                     log.warning("control group missing (redis lost its data?); creating it again")
+                    self._unwritten.clear()  # their entries are gone with the stream
+                    self._after_batch = []
                 else:
                     raise
+
+    def _batch_failed(self) -> None:
+        """The batch's writes failed, some perhaps applied (a cluster writes key by key):
+        its entries stay pending with their results kept, and Redis is rewritten from the
+        book before anything else."""
+        self._batch, self._acks = None, []
+        self._dirty = True
 
     async def _drain(self, *, pending: bool) -> None:
         """Pending entries until none are left, or one blocking read of new entries."""
@@ -202,6 +223,9 @@ class ControlLoop:
                 if entry_id in answered:  # its result is in (a cluster's XACK was not): only ack it
                     self._acks.append(entry_id.decode())
                     continue
+                if (result := self._unwritten.get(entry_id.decode())) is not None:
+                    self._send(entry_id.decode(), result)  # applied before its batch failed
+                    continue
                 try:
                     await self._handle(entry_id.decode(), fields)
                 except (*REDIS_DOWN, ResponseError):
@@ -212,6 +236,8 @@ class ControlLoop:
             await self._commit()
             if entries:  # every entry up to the last is answered and acknowledged: keep the stream short
                 await self._redis.xtrim(self._keys.control, minid=entries[-1][0], approximate=True)
+            if pending and not entries:  # every pending entry is done: the rest were lost with Redis
+                self._unwritten.clear()
             if not pending or not entries or self._stopping:
                 return
 
@@ -232,17 +258,21 @@ class ControlLoop:
         await self._commit()
 
     async def _commit(self) -> None:
-        """Run the batch's transaction, then what waited for its results."""
-        batch, after, acks = self._batch, self._after_batch, self._acks
-        self._batch, self._after_batch, self._acks = None, [], []
-        if acks and batch is None:  # entries answered before (only acknowledged now)
-            batch = bus.OrderedWrites(self._redis, 3)
-        if batch is not None and not self._may_write():
-            raise LeaseLost("another publisher leads: these entries are its to apply")
+        """Write the batch (state, results, XACK), then run what waited for its results.
+        If the write fails, what waited and the results stay for the retry."""
+        if self._acks and self._batch is None:  # entries answered before (only acknowledged now)
+            self._batch = bus.OrderedWrites(self._redis, 3)
+        batch, acks = self._batch, self._acks
         if batch is not None:
+            if not self._may_write():
+                raise LeaseLost("another publisher leads: these entries are its to apply")
             if acks:
                 batch.stages[2].xack(self._keys.control, CONTROL_GROUP, *acks)
             await batch.execute()
+        after = self._after_batch
+        self._batch, self._after_batch, self._acks = None, [], []
+        for entry_id in acks:
+            self._unwritten.pop(entry_id, None)
         for step in after:
             step()
 
@@ -316,9 +346,8 @@ class ControlLoop:
         request: Request | None = None,
         outcome: Outcome | None = None,
     ) -> None:
-        """Queue the outcome's persistence (if any), the result and the XACK on the batch's
-        transaction. Without an entry id it is the publisher's own change (an expiry):
-        nothing to XACK."""
+        """Queue the outcome's persistence (if any), the result and the XACK on the batch.
+        Without an entry id it is the publisher's own change (an expiry): nothing to XACK."""
         result = {
             "request": entry_id or "",
             "op": ("expire" if entry_id is None else request.op) if request else _field(fields, "op"),
@@ -332,12 +361,9 @@ class ControlLoop:
             result["released"] = _tokens_text(outcome.released)
         if self._batch is None:
             self._batch = bus.OrderedWrites(self._redis, 3)
-        state, results, _ = self._batch.stages
         if request is not None and outcome is not None:
-            self._persist(state, request, outcome)
-        results.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
-        if entry_id is not None:
-            self._acks.append(entry_id)
+            self._persist(self._batch.stages[0], request, outcome)
+        self._send(entry_id, result)
         if result["ok"] == "0" and not self._quiet.allow():
             return
         log.log(
@@ -346,6 +372,16 @@ class ControlLoop:
             entry_id, result["op"], result["client"], result["ok"], len(outcome.applied) if outcome else 0,
             len(outcome.rejected) if outcome else 0, error,
         )  # fmt: skip
+
+    def _send(self, entry_id: str | None, result: dict[str, str]) -> None:
+        """Queue a result, and the entry's XACK, on the batch."""
+        if self._batch is None:
+            self._batch = bus.OrderedWrites(self._redis, 3)
+        results = self._batch.stages[1]
+        results.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+        if entry_id is not None:
+            self._unwritten[entry_id] = result
+            self._acks.append(entry_id)
 
     def _persist(self, pipe: bus.Pipeline, request: Request, outcome: Outcome) -> None:
         keys, book = self._keys, self._book

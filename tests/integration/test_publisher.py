@@ -290,3 +290,32 @@ async def test_refused_for_the_api_keys_socket_limit_it_retries_at_a_steady_pace
         assert time.monotonic() - freed < 2.0
     finally:
         await publisher.stop()
+
+
+async def test_a_request_whose_write_failed_gets_the_result_of_its_one_application(
+    publisher, control, rds, keys, monkeypatch
+) -> None:
+    """Redis goes away between applying a request and writing its batch: the entry comes
+    back pending. Applied again, a ``set`` would release nothing and answer so; the client
+    must get the result of its one application (which released INDEX), exactly once, and
+    Redis must end up as the book says."""
+    from publisher import bus
+
+    assert (await control.subscribe([EQUITY, INDEX], mode="ltp", client="c")).ok
+    real, failures = bus.OrderedWrites.execute, []
+
+    async def fail_once(self) -> None:
+        if not failures:
+            failures.append(1)
+            for stage in self.stages:
+                await stage.reset()
+            raise redis.ConnectionError("Redis went away (test)")
+        await real(self)
+
+    monkeypatch.setattr(bus.OrderedWrites, "execute", fail_once)
+    result = await control.set_watchlist([EQUITY], mode="ltp", client="c", timeout=15)
+    assert failures and result.ok and result.released == (INDEX,)
+    assert await rds.hgetall(keys.claims("c")) == {str(EQUITY).encode(): b"ltp"}
+    assert publisher.book.in_force == {EQUITY: "ltp"}
+    results = await rds.xrange(keys.control_results)
+    assert [f[b"request"] for _, f in results].count(result.request.encode()) == 1
