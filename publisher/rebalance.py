@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from config.keys import RESULTS_MAXLEN, Keys
 from publisher import bus
@@ -113,11 +113,8 @@ class Rebalancer:
         for src, change in breaks.items():
             await self._connections[src].apply(change)
         moved = {str(t): str(ready[t][1]) for change in breaks.values() for t in change.unsubscribe}
-        if moved:
-            try:
-                await self._redis.hset(self._keys.token_conn, mapping=moved)
-            except REDIS_DOWN as exc:  # the monitor rewrites the hash once Redis is back
-                log.warning("token_conn not updated error=%s", exc.__class__.__name__)
+        if moved and not await self._retried(lambda: self._redis.hset(self._keys.token_conn, mapping=moved)):
+            log.warning("token_conn not updated (rewritten once Redis restarts)")
 
     async def _report(self, request: str, client: str, moved: list[int]) -> None:
         loads = ",".join(map(str, self._book.loads))
@@ -126,8 +123,21 @@ class Rebalancer:
             "applied": ",".join(map(str, moved)), "rejected": "", "loads": loads,
         }  # fmt: skip
         results = self._keys.control_results
-        try:
-            await self._redis.xadd(results, result, maxlen=RESULTS_MAXLEN, approximate=True)
-        except REDIS_DOWN as exc:
-            log.warning("rebalance follow-up not written request=%s error=%s", request, type(exc).__name__)
+        if not await self._retried(
+            lambda: self._redis.xadd(results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+        ):
+            log.warning("rebalance follow-up not written request=%s", request)
         log.info("rebalanced request=%s moved=%d loads=%s", request, len(moved), loads)
+
+    async def _retried(self, write: Callable[[], Awaitable[object]], attempts: int = 20) -> bool:
+        """A write retried every half second while Redis is away (a restart, a cluster's
+        failover or resharding), so that no other change is needed to repair it."""
+        for attempt in range(attempts):
+            try:
+                await write()
+                return True
+            except REDIS_DOWN as exc:
+                if attempt == 0:
+                    log.warning("rebalance write failed, retrying error=%s", exc.__class__.__name__)
+                await asyncio.sleep(0.5)
+        return False
