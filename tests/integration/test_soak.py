@@ -34,8 +34,9 @@ async def test_thirty_seconds_of_chaos_keep_every_invariant(redis_server) -> Non
 
 
 async def test_thirty_seconds_of_chaos_on_a_redis_cluster(redis_server) -> None:
-    """The same on a 3-master cluster, with its own faults: a master killed and restarted
-    empty, and slots resharded (tick channels, the control stream, the hashes) under load."""
-    faults = "reshard,redis_restart,drop,reshard,publisher_kill"
+    """The same on a 3-master cluster, with the cluster's own fault: slots resharded (tick
+    channels, the control stream, the hashes) under load. A master lost is tested on its
+    own (test_cluster.py) and in the 5-minute run of bench/soak.py --cluster."""
+    faults = "reshard,drop,reshard"
     report = await soak("--cluster", "--seed", "11", "--faults", faults)
     assert report["faults"].get("reshard", 0) >= 1 and sum(report["faults"].values()) >= 3
