@@ -93,7 +93,6 @@ class TickSink:
         self._cluster = cluster
         self._command = bus.publish_command(cluster)
         self._topology = bus.Topology.single(redis_url)
-        self._lane_of: dict[bytes, int] = {}  # channel or key -> lane, for the topology in use
         self._lanes_of_tokens: dict[int, int] = {}  # token -> the lane of its channel
         self._may_write = may_write or (lambda: True)  # False once another publisher leads
         self._keys = keys
@@ -360,7 +359,6 @@ class TickSink:
         read of which master serves which slot."""
         before = self._topology
         self._topology = await bus.topology(self._url, self._cluster)
-        self._lane_of.clear()
         self._lanes_of_tokens.clear()
         if self._topology != before and self._topology.cluster:
             self._reroute_pending()
@@ -472,15 +470,11 @@ class TickSink:
         return Batch(sum(map(len, data)), replies, ticks, commands), data
 
     def _lane(self, name: bytes) -> int:
-        lane = self._lane_of.get(name)
-        if lane is None:
-            if len(self._lane_of) >= 100_000:
-                self._lane_of.clear()
-            try:
-                lane = self._lane_of[name] = self._topology.node_of(name)
-            except RespError:  # a slot nobody serves: its node's error reply brings a re-read
-                lane = 0
-        return lane
+        """The lane of a channel or key (once per queued part; tokens are cached below)."""
+        try:
+            return self._topology.node_of(name)
+        except RespError:  # a slot nobody serves: its node's error reply brings a re-read
+            return 0
 
     async def _count_replies(self, connection: RespConnection, lane: int) -> None:
         """Read ``lane``'s replies as they come (``InFlight`` matches them to the batches)."""
