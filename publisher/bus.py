@@ -21,7 +21,7 @@ import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 
 from publisher.resp import RespConnection, RespError, pack_command
 
@@ -33,6 +33,19 @@ SLOTS = 16384
 REDIS_DOWN: tuple[type[BaseException], ...] = (
     redis.ConnectionError, redis.TimeoutError, OSError, ClusterDownError, TryAgainError, SlotNotCoveredError,
 )  # fmt: skip
+# Redis away, or saying no for now: OOM (maxmemory with noeviction), READONLY (a demoted
+# primary), MISCONF (a failed snapshot stops writes), NOPERM (an ACL change), LOADING, BUSY
+# (a long script), or any other error reply. The publisher's background writes retry these
+# with a backoff and report them (``describe``); none of them ends a task.
+REDIS_FAULTS: tuple[type[BaseException], ...] = (*REDIS_DOWN, ResponseError)
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for a Redis fault, for logs and ``{ns}:status``: the error reply's
+    text (Redis never quotes a password in one), else the exception's class."""
+    if isinstance(exc, ResponseError):
+        return f"redis said: {str(exc)[:120]}"
+    return f"redis unreachable: {exc.__class__.__name__}"
 
 
 def cluster_from_env() -> bool:
