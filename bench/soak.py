@@ -59,6 +59,7 @@ import redis.asyncio as redis
 from redis.crc import key_slot
 
 from config import Keys
+from config.keys import SERVING
 from consumers.control import ControlClient, ControlTimeout
 from kitebus.localredis import LocalCluster, LocalRedis, free_port
 from kitewire.codec import MODE_RANK
@@ -420,7 +421,8 @@ class Soak:
         if len(sessions) != 3 or any(s.stalled for s in sessions):
             return False
         status = await client.hgetall(self.keys.status)
-        fresh = time.time() - float(status.get(b"heartbeat_at", 0)) < 3 and status.get(b"state") == b"running"
+        serving = status.get(b"state", b"").decode() in SERVING
+        fresh = time.time() - float(status.get(b"heartbeat_at", 0)) < 3 and serving
         return fresh and await self.desired(client) == self.at_kite()
 
     async def wait_converged(self, client: redis.Redis, timeout: float) -> float | None:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 CONTROL_GROUP = "publisher"
 RESULTS_MAXLEN = 10_000  # entries kept in {ns}:control:results (trimmed approximately)
+# ``state`` of {ns}:status while a publisher leads and publishes (degraded: with a fault, see
+# ``degraded_reason``)
+SERVING = ("running", "degraded")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from config import Keys, load_settings
+from config.keys import SERVING
 from consumers.control import ControlTimeout, SubscriptionRejected
 from consumers.subscriber import StreamStatus, Tick, TickSubscriber
 from publisher import bus
@@ -305,7 +306,7 @@ class KiteTicker:
         status = await client.hgetall(self.keys.status)
         state = status.get(b"state", b"").decode()
         age = time.time() - float(status.get(b"heartbeat_at", b"0") or 0)
-        if state != "running" or age > HEARTBEAT_STALE:
+        if state not in SERVING or age > HEARTBEAT_STALE:
             raise BusDown(
                 f"no publisher running on the bus (namespace {self.keys.ns!r}, state {state or 'absent'}, "
                 f"heartbeat {age:.0f}s ago)"

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from config import Keys
+from config.keys import SERVING
 
 STALE_AFTER = 5.0  # seconds without a publisher heartbeat
 
@@ -79,7 +80,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "state": status.get("state", "absent"),
             "pid": int(status["pid"]) if "pid" in status else None,
             "heartbeat_age": age,
-            "alive": age is not None and age < STALE_AFTER and status.get("state") == "running",
+            "alive": age is not None and age < STALE_AFTER and status.get("state") in SERVING,
             "published": int(status.get("published", 0)),
             "conflated": int(status.get("conflated", 0)),
             "dropped": int(status.get("dropped", 0)),

@@ -8,6 +8,10 @@ subscription is back before a new request is taken.
 Stop: control loop -> connections (close frames) -> hashes cleared, status ``stopped``
 -> monitor -> sink (drained for a moment) -> Redis. A publisher that lost its lease
 closes its Kite sockets first and writes nothing more.
+
+Redis away or saying no ends nothing: every writer waits it out with its own backoff and
+reports it (``health.py``); a lapsed lease pauses every write until it is renewed, and
+only a lease another publisher holds ends the term (``lease.py``).
 """
 
 from __future__ import annotations
@@ -15,17 +19,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 from config import Keys, Settings
 from kitewire.encoder import Encoder
 from publisher import bus
 from publisher.access_token import AccessTokenSource
-from publisher.bus import REDIS_DOWN
+from publisher.bus import REDIS_FAULTS
 from publisher.connection import KiteConnection
 from publisher.control import ControlLoop
+from publisher.handover import Handover
+from publisher.health import Health
 from publisher.instruments import InstrumentsLoader
 from publisher.lease import Lease
 from publisher.live import LiveWatch
@@ -35,9 +42,10 @@ from publisher.rebalance import Rebalancer
 from publisher.sink import TickSink
 from publisher.standby import Standby
 from publisher.subscriptions import SubscriptionBook
-from publisher.tasks import cancel_and_wait, run_until
+from publisher.tasks import Backoff, cancel_and_wait, run_until
 
 log = logging.getLogger("kitebus.publisher")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -74,13 +82,13 @@ class Publisher:
         self.book = SubscriptionBook(settings.total_connections, settings.tokens_per_connection)
         self.epoch = time.time_ns() // 1_000_000  # tells a consumer a restart from a gap
         self.lease = lease
-        may_write = lease.valid if lease is not None else None
+        self.health = Health()
         self.sink = TickSink(
             settings.redis_url, self.keys, encoder=encoder, epoch=self.epoch,
-            max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after, may_write=may_write,
+            max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after, fence=lease,
             cluster=settings.redis_cluster,
         )  # fmt: skip
-        publish = self.sink.publish_frame if lease is None else _fenced(self.sink.publish_frame, lease)
+        publish = self.sink.publish_frame
         self.moves = Moves()  # tokens moving between connections in a rebalance
         # Each account (api_key) has KITEBUS_CONNECTIONS connections of its own, numbered on
         # from the previous account's; the book places tokens over all of them.
@@ -107,20 +115,26 @@ class Publisher:
                 connection.account = name
                 self.connections.append(connection)
         self.access_token = self.access_tokens[0]  # the default account's
-        self.live = LiveWatch(self.redis, self.keys, self.sink, timeout=tuning.live_timeout)
+        self.live = LiveWatch(self.redis, self.keys, self.sink, timeout=tuning.live_timeout, fence=lease)
         self.rebalancer = Rebalancer(
-            self.redis, self.keys, self.book, self.connections, self.moves, timeout=tuning.live_timeout
-        )
+            self.redis, self.keys, self.book, self.connections, self.moves, timeout=tuning.live_timeout,
+            fence=lease,
+        )  # fmt: skip
         self.instruments = InstrumentsLoader(self.redis, self.keys, settings.instruments)
         self.control = ControlLoop(
             self.redis, self.keys, self.book, self.connections, live=self.live,
-            rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments, may_write=may_write,
+            rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments, fence=lease,
         )  # fmt: skip
         self.monitor = Monitor(
             self.redis, self.keys, self.book, self.connections, self.sink, self._redis_reset, self.epoch,
             interval=tuning.status_interval, access_token=self.access_token, instruments=self.instruments,
-            may_write=may_write, lease=lease,
+            fence=lease, lease=lease, health=self.health, problems=self._problems,
         )  # fmt: skip
+        self.handover = Handover(self.redis, self.keys, lease, self.connections) if lease else None
+
+    def _problems(self) -> dict[str, str]:
+        """What each part of the publisher says is wrong now (for ``health``)."""
+        return {"ticks": self.sink.problem, "control": self.control.problem, "live": self.live.problem}
 
     async def _redis_reset(self) -> None:
         """Redis came back without its data: rewrite every hash, load the instruments again."""
@@ -135,14 +149,13 @@ class Publisher:
     async def start(self) -> None:
         for source in self.access_tokens:
             source.start()
-        await self._wait_for_redis()
-        plan, dropped = self.book.restore(*await self.control.load_claims())
+        plan, dropped = self.book.restore(*await self._retried(self.control.load_claims))
         for index, change in plan.items():
             await self.connections[index].apply(change)
-        await self.control.drop_claims(dropped)
-        await self.control.write_all()
-        await self.control.ensure_group()
-        await self.instruments.load()  # before any request: symbols in pending ones resolve
+        await self._retried(lambda: self.control.drop_claims(dropped))
+        await self._retried(self.control.write_all)
+        await self._retried(self.control.ensure_group)
+        await self._retried(self.instruments.load)  # before any request: symbols in pending ones resolve
         log.info(
             "restored tokens=%d clients=%d capacity=%d",
             len(self.book.placement), len(self.book.claims), self.book.capacity,
@@ -150,6 +163,8 @@ class Publisher:
         self.sink.start()
         for connection in self.connections:
             connection.start()
+        if self.handover is not None:
+            self.handover.start()
         self.monitor.state = "running"
         self.monitor.start(self.settings.metrics_port)
         self.live.start()
@@ -163,6 +178,8 @@ class Publisher:
         if deposed:
             await asyncio.gather(*(connection.close() for connection in self.connections))
         self.monitor.state = "stopping"
+        if self.handover is not None:
+            await self.handover.close()
         await self.control.close()
         await self.rebalancer.close()
         await self.instruments.close()
@@ -186,8 +203,8 @@ class Publisher:
                             mapping=self.monitor.connection_fields(connection),
                         )
                     await pipe.execute()
-        except (*REDIS_DOWN, TimeoutError) as exc:
-            log.warning("could not mark status stopped error=%s", exc.__class__.__name__)
+        except (*REDIS_FAULTS, TimeoutError) as exc:
+            log.warning("could not mark status stopped error=%s", bus.describe(exc))
         await self._close_quietly()
 
     async def _close_quietly(self) -> None:
@@ -197,26 +214,15 @@ class Publisher:
         await self.redis.aclose()
         log.info("stopped")
 
-    async def _wait_for_redis(self) -> None:
-        delay = 0.2
+    async def _retried(self, step: Callable[[], Awaitable[T]]) -> T:
+        """A start-up step, retried while Redis is away or says no."""
+        backoff = Backoff(0.2, 2.0)
         while True:
             try:
-                await self.redis.ping()
-                return
-            except REDIS_DOWN as exc:
-                log.warning("waiting for redis error=%s retry_in=%.1fs", exc.__class__.__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(5.0, delay * 2)
-
-
-def _fenced(publish: Callable[[bytes, int], int], lease: Lease) -> Callable[[bytes, int], int]:
-    """Frames are published only while the lease is valid (a leader woken from a freeze
-    finds it lapsed before its renewal task has even run)."""
-
-    def handle(frame: bytes, received_at_ns: int) -> int:
-        return publish(frame, received_at_ns) if lease.valid() else 0
-
-    return handle
+                return await step()
+            except REDIS_FAULTS as exc:
+                log.warning("waiting for redis to start error=%s", bus.describe(exc))
+                await backoff.wait()
 
 
 async def run(settings: Settings, stop: asyncio.Event) -> None:

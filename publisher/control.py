@@ -22,16 +22,16 @@ from redis.exceptions import ResponseError
 from config.keys import CONTROL_GROUP, RESULTS_MAXLEN, Keys
 from kitewire.instruments import UnknownInstrument
 from publisher import bus
-from publisher.bus import REDIS_DOWN
+from publisher.bus import REDIS_FAULTS
 from publisher.connection import KiteConnection
 from publisher.instruments import InstrumentsLoader
-from publisher.lease import LeaseLost
+from publisher.lease import Fence, LeaseLost
 from publisher.live import LiveWatch
 from publisher.moves import Moves
 from publisher.rebalance import Rebalancer
 from publisher.requests import RELEASES, Request, RequestError, parse_request
 from publisher.subscriptions import Outcome, RebalanceBusy, SubscriptionBook
-from publisher.tasks import cancel_and_wait
+from publisher.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("kitebus.control")
 
@@ -58,7 +58,7 @@ class ControlLoop:
         rebalancer: Rebalancer | None = None,
         moves: Moves | None = None,
         instruments: InstrumentsLoader | None = None,
-        may_write: Callable[[], bool] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -69,7 +69,7 @@ class ControlLoop:
         self._rebalancer = rebalancer
         self._moves = moves or Moves()
         self._instruments = instruments or InstrumentsLoader(client, keys, None)
-        self._may_write = may_write or (lambda: True)  # False once another publisher leads
+        self._fence = fence or Fence()  # asked before each read and write: does this publisher lead?
         self._task: asyncio.Task[None] | None = None
         self._batch: bus.OrderedWrites | None = None  # this batch's writes: state, results, XACK
         self._after_batch: list[Callable[[], None]] = []  # what waits for the batch's results
@@ -78,9 +78,12 @@ class ControlLoop:
         # away): sent as they are when the entries come back pending, never applied twice.
         self._unwritten: dict[str, dict[str, str]] = {}
         self._dirty = False  # a batch failed part way (on a cluster): rewrite Redis from the book
+        self._orphans: list[dict[str, str]] = []  # this batch's results of no entry (expiries)
+        self._resend: list[dict[str, str]] = []  # such results of a batch that failed
         self._quiet = _RateLimitedLog(per_second=20)
         self._stopping = False
         self.last_error = ""
+        self.problem = ""  # what keeps the loop from working now ("" when nothing does)
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -172,47 +175,66 @@ class ControlLoop:
         self._task = None
 
     async def _run(self) -> None:
-        delay = 0.1
+        """Read, apply, write, until stopped. Redis away or saying no (``REDIS_FAULTS``) and
+        a lapsed lease are waited out, never the end of the loop; a lost lease is."""
+        backoff = Backoff()
         while not self._stopping:
             try:
+                if not self._fence.valid():
+                    await self._fence.wait_valid()
+                    if not self._fence.valid():
+                        raise LeaseLost("another publisher leads")
                 await self.ensure_group()
                 if self._dirty:
                     await self.write_all()
                     self._dirty = False
+                if self._resend:
+                    for result in self._resend:
+                        self._send(None, result)
+                    self._resend = []
+                    await self._commit()
                 await self._drain(pending=True)
+                self.problem = ""
+                backoff.reset()
                 while not self._stopping:
                     await self._drain(pending=False)
                     await self._expire_due()
-            except REDIS_DOWN as exc:
-                self._batch_failed()
-                self.last_error = f"redis: {exc.__class__.__name__}"
-                log.warning("control loop lost redis error=%s retry_in=%.1fs", exc.__class__.__name__, delay)
-                await asyncio.sleep(delay)
-                delay = min(5.0, delay * 2)
             except LeaseLost:
+                self._batch_failed()
+                if self._fence.lapsed:
+                    continue  # wait for the renewal at the top; the entries stay pending
                 log.warning("control loop stops: no longer the leader")
                 return
-            except ResponseError as exc:
+            except REDIS_FAULTS as exc:
                 self._batch_failed()
-                if str(exc).startswith("UNBLOCKED"):  # a cluster moved the stream's slot while we waited
+                if isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED"):
                     log.warning("control stream moved to another node; reading it there")
-                elif "NOGROUP" in str(exc):
+                    continue  # a cluster moved the stream's slot while we waited
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     log.warning("control group missing (redis lost its data?); creating it again")
                     self._unwritten.clear()  # their entries are gone with the stream
                     self._after_batch = []
-                else:
-                    raise
+                    continue
+                reason = bus.describe(exc)
+                if reason != self.problem:
+                    log.warning("control loop waits for redis error=%s", reason)
+                self.problem = self.last_error = reason
+                await backoff.wait()
 
     def _batch_failed(self) -> None:
         """The batch's writes failed, some perhaps applied (a cluster writes key by key):
         its entries stay pending with their results kept, and Redis is rewritten from the
         book before anything else."""
         self._batch, self._acks = None, []
+        self._resend += self._orphans
+        self._orphans = []
         self._dirty = True
 
     async def _drain(self, *, pending: bool) -> None:
         """Pending entries until none are left, or one blocking read of new entries."""
         while True:
+            if not self._fence.valid():  # a read moves the group on: only the leader reads
+                raise LeaseLost("the lease is not valid")
             reply = await self._redis.xreadgroup(
                 CONTROL_GROUP, CONSUMER, {self._keys.control: "0" if pending else ">"},
                 count=100, block=None if pending else self._block_ms,
@@ -228,7 +250,7 @@ class ControlLoop:
                     continue
                 try:
                     await self._handle(entry_id.decode(), fields)
-                except (*REDIS_DOWN, ResponseError):
+                except REDIS_FAULTS:
                     raise
                 except Exception:  # a bug must not stall every request behind this one
                     log.exception("request id=%s failed unexpectedly", entry_id.decode())
@@ -264,13 +286,13 @@ class ControlLoop:
             self._batch = bus.OrderedWrites(self._redis, 3)
         batch, acks = self._batch, self._acks
         if batch is not None:
-            if not self._may_write():
-                raise LeaseLost("another publisher leads: these entries are its to apply")
+            if not self._fence.valid():
+                raise LeaseLost("the lease is not valid: these entries wait (or are the next leader's)")
             if acks:
                 batch.stages[2].xack(self._keys.control, CONTROL_GROUP, *acks)
             await batch.execute()
         after = self._after_batch
-        self._batch, self._after_batch, self._acks = None, [], []
+        self._batch, self._after_batch, self._acks, self._orphans = None, [], [], []
         for entry_id in acks:
             self._unwritten.pop(entry_id, None)
         for step in after:
@@ -382,6 +404,8 @@ class ControlLoop:
         if entry_id is not None:
             self._unwritten[entry_id] = result
             self._acks.append(entry_id)
+        else:
+            self._orphans.append(result)
 
     def _persist(self, pipe: bus.Pipeline, request: Request, outcome: Outcome) -> None:
         keys, book = self._keys, self._book

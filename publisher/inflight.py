@@ -3,9 +3,9 @@
 One server is one socket (a *lane*); a Redis Cluster has a lane per master. A batch goes
 out as one part per lane and is done with once every lane has answered its part, in the
 order the batches were sent. Replies are counted by lines: every reply to a PUBLISH,
-SPUBLISH, HSET or HDEL is one line, an error starts with '-'. On a cluster, from the first
-error on a lane its replies are read one by one and matched to the commands, so that
-exactly the ticks that failed are known (and no tick that went out is sent again).
+SPUBLISH, HSET or HDEL is one line, an error starts with '-'. From the first error on a
+lane its replies are read one by one and matched to the commands, so that exactly the
+ticks that failed are known (and no tick that went out is sent again).
 """
 
 from __future__ import annotations
@@ -17,6 +17,10 @@ from kitewire import codec
 
 Source = bytes | tuple[int, ...]  # a frame, or the tokens of a republish
 REDIRECTS = (b"MOVED", b"ASK", b"CLUSTERDOWN", b"TRYAGAIN")  # a cluster's slots moved or are not served
+# The server is not (or not yet) a primary that takes our writes: a demoted primary, one
+# loading its data, a replica that lost its primary. The socket must be opened afresh
+# (through Sentinel, if used, to whichever server is primary now).
+NOT_PRIMARY = (b"READONLY", b"LOADING", b"MASTERDOWN")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,7 @@ class Answers:
     errors: int = 0  # error replies
     last_error: str = ""
     redirected: bool = False  # a slot moved or is not served: the map of slots is stale
+    not_primary: bool = False  # the server said it is not a primary that takes writes
     lost: set[int] = field(default_factory=set)  # tokens whose newest tick must go again
     released: set[int] = field(default_factory=set)  # tokens to delete again from {ns}:last
 
@@ -103,8 +108,9 @@ class InFlight:
                 self._owing[lane].append(batch)
 
     def read(self, lane: int, data: bytes, *, careful: bool) -> Answers:
-        """Replies that arrived on ``lane``. ``careful`` (a cluster): from the first error
-        on, read them one by one."""
+        """Replies that arrived on ``lane``. ``careful``: from the first error on, read them
+        one by one (until a chunk without an error), so that exactly the ticks that failed
+        are known."""
         if self._careful[lane] is not None:
             return self._read_each(lane, data)
         errors = data.count(b"\n-") + (self._line_start[lane] and data[:1] == b"-")
@@ -140,6 +146,7 @@ class InFlight:
                 answers.errors += 1
                 answers.last_error = f"redis answered {line[:80].decode('utf-8', 'replace').strip()}"
                 answers.redirected |= line[1:].startswith(REDIRECTS)
+                answers.not_primary |= line[1:].startswith(NOT_PRIMARY)
             if isinstance(what, Released):
                 if error:  # deleted again later
                     answers.released.update(what.tokens)
@@ -155,6 +162,9 @@ class InFlight:
             if head.replies[lane] == 0:
                 owing.popleft()
                 head.open -= 1
+        if not answers.errors and self._careful[lane] == b"":  # a clean chunk, ending a reply
+            self._careful[lane] = None
+            self._line_start[lane] = True
         answers.done = self._complete()
         return answers
 

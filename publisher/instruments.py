@@ -22,7 +22,7 @@ from pathlib import Path
 from config.keys import Keys
 from kitewire.instruments import InstrumentsError, UnknownInstrument, parse_instruments
 from publisher import bus
-from publisher.bus import REDIS_DOWN
+from publisher.bus import REDIS_FAULTS
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.instruments")
@@ -138,5 +138,5 @@ class InstrumentsLoader:
             self._wake.clear()
             try:
                 await self.load()
-            except REDIS_DOWN as exc:
-                self._failed(f"redis: {exc.__class__.__name__}")
+            except REDIS_FAULTS as exc:  # loaded again when Redis is back (``reload``), or in a minute
+                self._failed(bus.describe(exc))

@@ -11,8 +11,13 @@ A clean stop leaves the key saying ``released``, and a standby takes over at onc
 A leader trusts its lease only for ``0.8 * ttl`` from the moment it *sent* its last
 successful renewal (``valid``): the key cannot have expired before, so no other
 publisher can lead yet. It checks before every write to Redis and every frame it
-publishes; a leader cut off from Redis, or frozen (SIGSTOP) and woken after its lease
-ran out, finds it invalid at once, before the renewal task has even run, and steps down.
+publishes. A lease that was not renewed in time has *lapsed*: the leader writes nothing
+and publishes nothing, but keeps its book and keeps trying to renew; it is *lost* only
+when Redis answers that another publisher holds the key. So an outage of Redis alone
+(down, paused, restarted empty) costs no claim: the leader renews (or takes the key
+back) as soon as Redis answers, and carries on from its own book. A standby that itself
+lost sight of Redis waits ``ttl`` after Redis answers it again before it takes a free
+key (``standby.py``), so the leader it could not see has the first chance.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 
 from config.keys import Keys
 from publisher import bus
-from publisher.bus import REDIS_DOWN
+from publisher.bus import REDIS_FAULTS
 from publisher.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.lease")
@@ -61,12 +66,31 @@ return redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
 TRUST = 0.8  # of the ttl, from the sending of the last successful renewal
 
 
+RETRY = 0.2  # seconds between renewals while the lease is lapsed
+
+
 class LeaseLost(Exception):
     """This publisher no longer leads its namespace."""
 
 
-class Lease:
-    """``await acquire()`` until it is True; then ``start()`` renews it and sets ``lost``."""
+class Fence:
+    """What a writer asks before it writes: may this publisher write now? The one of a
+    publisher without a lease always says yes."""
+
+    def valid(self) -> bool:
+        return True
+
+    @property
+    def lapsed(self) -> bool:
+        return False
+
+    async def wait_valid(self) -> None:
+        """Return once writes are allowed again, or the lease is lost for good."""
+
+
+class Lease(Fence):
+    """``await acquire()`` until it is True; then ``start()`` renews it; ``lost`` is set
+    once another publisher holds it."""
 
     def __init__(self, client: bus.Client, keys: Keys, ttl: float = 3.0) -> None:
         self._redis = client
@@ -79,16 +103,42 @@ class Lease:
         self.since = 0.0  # epoch seconds this term began
         self._trusted_until = 0.0  # monotonic
         self.lost = asyncio.Event()
+        self.lapses = 0  # times the lease lapsed and was renewed or lost after
+        self._lapsed_at = 0.0  # monotonic; 0 while the lease is trusted
+        self._renewed = asyncio.Event()  # set on each renewal, and when the lease is lost
         self._task: asyncio.Task[None] | None = None
 
     def valid(self) -> bool:
         """True while no other publisher can have taken the lease."""
         if time.monotonic() < self._trusted_until:
             return True
-        if self.value and not self.lost.is_set():
-            log.error("lease lapsed (not renewed in time): stepping down fence=%d", self.fence)
-            self.lost.set()
+        if self.value and not self._lapsed_at and not self.lost.is_set():
+            log.error("lease lapsed (not renewed in time): writes paused until renewed fence=%d", self.fence)
+            self._lapsed_at = time.monotonic()
+            self.lapses += 1
         return False
+
+    @property
+    def lapsed(self) -> bool:
+        """Not renewed in time, and not (yet) known to be lost."""
+        return not self.valid() and not self.lost.is_set()
+
+    @property
+    def lapsed_for(self) -> float:
+        """Seconds since the lease lapsed (0 while it is trusted)."""
+        return time.monotonic() - self._lapsed_at if self._lapsed_at and not self.valid() else 0.0
+
+    async def wait_valid(self) -> None:
+        while True:
+            self._renewed.clear()
+            if self.valid() or self.lost.is_set():
+                return
+            await self._renewed.wait()
+
+    def _lose(self, why: str) -> None:
+        log.error("%s: stepping down fence=%d", why, self.fence)
+        self.lost.set()
+        self._renewed.set()
 
     async def acquire(self) -> bool:
         """Take the lease if nobody holds it (absent, or released by a clean stop)."""
@@ -99,6 +149,7 @@ class Lease:
             return False
         self.value, self.fence, self.since = value, fence, time.time()
         self._trusted_until = sent + self.ttl * TRUST
+        self._lapsed_at = 0.0
         self.lost.clear()
         log.warning("leading fence=%d", fence)
         return True
@@ -119,22 +170,29 @@ class Lease:
         if renewed == 2:
             await self._redis.eval(_FENCE_AT_LEAST, 1, self._fence_key, self.fence)
         self._trusted_until = sent + self.ttl * TRUST
+        if self._lapsed_at and self.valid():
+            lapse = time.monotonic() - self._lapsed_at
+            log.warning("lease renewed after a lapse of %.1fs fence=%d", lapse, self.fence)
+            self._lapsed_at = 0.0
+        self._renewed.set()
         return True
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="lease")
 
     async def _run(self) -> None:
+        failing = False
         while not self.lost.is_set():
-            await asyncio.sleep(self.ttl / 3)
-            if not self.valid():
-                return
+            await asyncio.sleep(self.ttl / 3 if self.valid() else RETRY)
             try:
                 if not await self.renew():
-                    log.error("lease taken by another publisher: stepping down fence=%d", self.fence)
-                    self.lost.set()
-            except REDIS_DOWN as exc:  # valid() ends the term if this lasts
-                log.warning("lease not renewed error=%s", exc.__class__.__name__)
+                    self._lose("lease taken by another publisher")
+                    return
+                failing = False
+            except REDIS_FAULTS as exc:  # lapses (valid() says so) if this lasts; never ends the term
+                if not failing:
+                    log.warning("lease not renewed (retrying) error=%s", bus.describe(exc))
+                failing = True
 
     async def close(self, *, release: bool) -> None:
         """Stop renewing; ``release`` hands the lease over at once (a clean stop)."""
@@ -143,6 +201,6 @@ class Lease:
         if release and self.valid():
             try:
                 await self._redis.eval(_RELEASE, 1, self.key, self.value, int(self.ttl * 1000))
-            except REDIS_DOWN:
+            except REDIS_FAULTS:
                 pass  # it expires by itself
         self.value = ""

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 from config.keys import RESULTS_MAXLEN, Keys
 from publisher import bus
-from publisher.bus import REDIS_DOWN
+from publisher.bus import REDIS_FAULTS
+from publisher.lease import Fence
 from publisher.sink import TickSink
-from publisher.tasks import cancel_and_wait
+from publisher.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("kitebus.live")
 
@@ -39,12 +40,18 @@ class _Waiter:
 class LiveWatch:
     """Owns the task that writes the ``live`` follow-ups."""
 
-    def __init__(self, client: bus.Client, keys: Keys, sink: TickSink, timeout: float = 10.0) -> None:
+    def __init__(
+        self, client: bus.Client, keys: Keys, sink: TickSink,
+        timeout: float = 10.0, *, fence: Fence | None = None,
+    ) -> None:
         self._redis = client
         self._keys = keys
         self._sink = sink
         self.timeout = timeout
+        self._fence = fence or Fence()
         self._waiters: list[_Waiter] = []
+        self._unsent: list[dict[str, str]] = []  # follow-ups due, not yet written (Redis away)
+        self.problem = ""
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -71,8 +78,9 @@ class LiveWatch:
         self._task = None
 
     async def _run(self) -> None:
+        backoff = Backoff()
         while True:
-            if not self._waiters:
+            if not self._waiters and not self._unsent:
                 self._wake.clear()
                 await self._wake.wait()
             await asyncio.sleep(POLL)
@@ -80,10 +88,23 @@ class LiveWatch:
             for waiter in list(self._waiters):
                 if self._progress(waiter) or now >= waiter.deadline:
                     self._waiters.remove(waiter)
-                    try:
-                        await self._report(waiter)
-                    except REDIS_DOWN as exc:
-                        log.warning("live follow-up not written request=%s error=%s", waiter.request, exc)
+                    self._unsent.append(self._result(waiter))
+            if not self._unsent:
+                continue
+            if not self._fence.valid():
+                if not self._fence.lapsed:  # another publisher leads: the requests are its own now
+                    self._unsent.clear()
+                await self._fence.wait_valid()
+                continue
+            try:
+                await self._write()
+                self.problem = ""
+                backoff.reset()
+            except REDIS_FAULTS as exc:  # kept, and written once Redis takes them
+                if not self.problem:
+                    log.warning("live follow-ups not written yet count=%d error=%s", len(self._unsent), exc)
+                self.problem = bus.describe(exc)
+                await backoff.wait()
 
     def _progress(self, waiter: _Waiter) -> bool:
         """Note tokens that ticked; True once every one's tick has reached Redis."""
@@ -97,16 +118,23 @@ class LiveWatch:
                 waiter.live.append(token)
         return not waiter.waiting
 
-    async def _report(self, waiter: _Waiter) -> None:
+    def _result(self, waiter: _Waiter) -> dict[str, str]:
         silent = sorted(waiter.waiting)
         error = f"no tick within {self.timeout:g}s from: {','.join(map(str, silent))}" if silent else ""
-        result = {
+        level = logging.WARNING if silent else logging.INFO
+        log.log(level, "live request=%s live=%d silent=%d", waiter.request, len(waiter.live), len(silent))
+        return {
             "request": waiter.request, "op": "live", "client": waiter.client, "ok": "0" if silent else "1",
             "error": error, "applied": _text(waiter.live), "rejected": _text(silent),
         }  # fmt: skip
-        await self._redis.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
-        level = logging.WARNING if silent else logging.INFO
-        log.log(level, "live request=%s live=%d silent=%d", waiter.request, len(waiter.live), len(silent))
+
+    async def _write(self) -> None:
+        """The follow-ups due, in order, in one transaction: all written or none."""
+        async with bus.pipeline(self._redis) as pipe:
+            for result in self._unsent:
+                pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+            await pipe.execute()
+        self._unsent.clear()
 
 
 def _text(tokens: list[int]) -> str:

@@ -17,10 +17,11 @@ from config.keys import Keys
 from kitewire.encoder import SPEEDUPS
 from publisher import bus
 from publisher.access_token import AccessTokenSource
-from publisher.bus import REDIS_DOWN
+from publisher.bus import REDIS_FAULTS
 from publisher.connection import LIVE, KiteConnection
+from publisher.health import Health
 from publisher.instruments import InstrumentsLoader
-from publisher.lease import Lease
+from publisher.lease import Fence, Lease
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
 from publisher.tasks import cancel_and_wait
@@ -45,9 +46,13 @@ class Monitor:
         interval: float = 1.0,
         access_token: AccessTokenSource | None = None,
         instruments: InstrumentsLoader | None = None,
-        may_write: Callable[[], bool] | None = None,
+        fence: Fence | None = None,
         lease: Lease | None = None,
+        health: Health | None = None,
+        problems: Callable[[], dict[str, str]] | None = None,
     ) -> None:
+        """``problems``: what each component says is wrong now (name -> reason, "" for
+        nothing), taken into ``health`` at every round."""
         self._redis = client
         self._keys = keys
         self.book = book
@@ -58,7 +63,9 @@ class Monitor:
         self.access_token = access_token
         self.instruments = instruments
         self.lease = lease
-        self._may_write = may_write or (lambda: True)
+        self._fence = fence or lease or Fence()
+        self.health = health or Health()
+        self._problems = problems or dict
         self.interval = interval
         self.started_at = time.time()
         self.state = "starting"
@@ -76,7 +83,10 @@ class Monitor:
             "heartbeat_at": f"{time.time():.3f}",
             "tokens": str(len(self.book.placement)),
             "capacity": str(self.book.capacity),
-            "state": self.state,
+            "state": "degraded" if self.state == "running" and self.health.degraded else self.state,
+            "degraded": "1" if self.health.degraded else "0",
+            "degraded_reason": self.health.reason,
+            "degraded_since": f"{self.health.degraded_since:.3f}",
             "connections": str(len(self.connections)),
             "live_connections": str(sum(c.state == LIVE for c in self.connections)),
             "clients": str(len(self.book.claims)),
@@ -103,7 +113,10 @@ class Monitor:
         if lease is None:
             return {}
         since = f"{lease.since:.3f}"
-        return {"leader": lease.identity, "leader_fence": str(lease.fence), "leader_since": since}
+        return {
+            "leader": lease.identity, "leader_fence": str(lease.fence), "leader_since": since,
+            "lease_lapses": str(lease.lapses),
+        }  # fmt: skip
 
     def _instruments_fields(self) -> dict[str, str]:
         loader = self.instruments
@@ -166,18 +179,35 @@ class Monitor:
             self._metrics_server.shutdown()  # type: ignore[attr-defined]
             self._metrics_server = None
 
+    def _take_problems(self) -> None:
+        problems = self._problems()
+        lease = self.lease
+        if lease is not None and lease.lapsed:
+            problems["lease"] = f"lapsed {lease.lapsed_for:.1f}s ago: writes paused until it is renewed"
+        elif lease is not None:
+            problems["lease"] = ""
+        for component, reason in problems.items():
+            if reason:
+                self.health.fault(component, reason)
+            else:
+                self.health.clear(component)
+
     async def _run(self) -> None:
         while True:
             self.sink.prune(self.book.placement)
+            self._take_problems()
             try:
-                if not self._may_write():  # another publisher leads: its status is the status
+                if not self._fence.valid():  # lapsed, or another publisher leads: write nothing
+                    self.redis_up = False  # rewrite every hash once the lease is renewed
                     await asyncio.sleep(self.interval)
                     continue
                 await self.check_redis()
                 await self.write()
-            except REDIS_DOWN as exc:
+                self.health.clear("status")
+            except REDIS_FAULTS as exc:
                 if self.redis_up:
-                    log.warning("monitor lost redis error=%s", exc.__class__.__name__)
+                    log.warning("monitor lost redis error=%s", bus.describe(exc))
+                self.health.fault("status", bus.describe(exc))
                 self.redis_up = False
             except Exception:  # keep the heartbeat going whatever one write did
                 log.exception("status write failed unexpectedly")

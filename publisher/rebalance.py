@@ -19,11 +19,12 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from config.keys import RESULTS_MAXLEN, Keys
 from publisher import bus
-from publisher.bus import REDIS_DOWN
+from publisher.bus import REDIS_FAULTS
 from publisher.connection import LIVE, KiteConnection
+from publisher.lease import Fence
 from publisher.moves import Moves
 from publisher.subscriptions import ConnectionChange, SubscriptionBook
-from publisher.tasks import cancel_and_wait
+from publisher.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("kitebus.rebalance")
 
@@ -42,6 +43,7 @@ class Rebalancer:
         *,
         timeout: float = 10.0,
         grace: float = 1.0,  # how long the old connection's late packets are still dropped
+        fence: Fence | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -50,6 +52,7 @@ class Rebalancer:
         self._moves = moves
         self.timeout = timeout
         self.grace = grace
+        self._fence = fence or Fence()
         self._switched = asyncio.Event()
         moves.on_switch = self._switched.set
         self._task: asyncio.Task[None] | None = None
@@ -114,7 +117,7 @@ class Rebalancer:
             await self._connections[src].apply(change)
         moved = {str(t): str(ready[t][1]) for change in breaks.values() for t in change.unsubscribe}
         if moved and not await self._retried(lambda: self._redis.hset(self._keys.token_conn, mapping=moved)):
-            log.warning("token_conn not updated (rewritten once Redis restarts)")
+            log.warning("token_conn not updated: another publisher leads")
 
     async def _report(self, request: str, client: str, moved: list[int]) -> None:
         loads = ",".join(map(str, self._book.loads))
@@ -129,15 +132,22 @@ class Rebalancer:
             log.warning("rebalance follow-up not written request=%s", request)
         log.info("rebalanced request=%s moved=%d loads=%s", request, len(moved), loads)
 
-    async def _retried(self, write: Callable[[], Awaitable[object]], attempts: int = 20) -> bool:
-        """A write retried every half second while Redis is away (a restart, a cluster's
-        failover or resharding), so that no other change is needed to repair it."""
-        for attempt in range(attempts):
+    async def _retried(self, write: Callable[[], Awaitable[object]]) -> bool:
+        """A write retried while Redis is away or says no (a restart, a failover, a full
+        server, a resharding) and while the lease is lapsed; False only once another
+        publisher leads (the write is then its to make)."""
+        backoff = Backoff(0.1, 1.0)
+        failed = False
+        while True:
+            if not self._fence.valid():
+                await self._fence.wait_valid()
+                if not self._fence.valid():
+                    return False
             try:
                 await write()
                 return True
-            except REDIS_DOWN as exc:
-                if attempt == 0:
-                    log.warning("rebalance write failed, retrying error=%s", exc.__class__.__name__)
-                await asyncio.sleep(0.5)
-        return False
+            except REDIS_FAULTS as exc:
+                if not failed:
+                    log.warning("rebalance write failed, retrying error=%s", bus.describe(exc))
+                failed = True
+                await backoff.wait()

@@ -18,6 +18,14 @@ The overload policy, in order:
 3. Ticks in a batch whose write failed (fate unknown) are counted as ``dropped``; their
    tokens' newest payloads are published again too.
 
+Redis saying no is the same: a PUBLISH answered with an error (BUSY, NOPERM, ...) counts
+as dropped and its token's newest goes again a moment later; an HSET of ``{ns}:last``
+refused (OOM, MISCONF, ...) has the whole snapshot written again a second later, until
+Redis takes it. A server that says it is no primary (READONLY, LOADING, MASTERDOWN) has
+its socket opened afresh, through Sentinel when ``REDIS_URL`` names one. While the lease
+is lapsed (``lease.py``) nothing is written, and the backlog is held and conflated as
+while Redis is away: each token's newest goes out once the lease is renewed.
+
 The cache is also what ``{ns}:last`` is written from: after every reconnect (Redis may
 have come back empty) the whole hash is rewritten, and ``prune`` removes released tokens.
 
@@ -38,7 +46,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Container
+from collections.abc import Container
 from dataclasses import dataclass
 
 import msgpack
@@ -48,6 +56,7 @@ from kitewire import codec
 from kitewire.encoder import Encoder, frame_encoder
 from publisher import bus
 from publisher.inflight import Answers, Batch, Command, InFlight, Released, Source, tokens_of
+from publisher.lease import Fence
 from publisher.resp import RespConnection, RespError, pack_command
 from publisher.tasks import cancel_and_wait
 
@@ -85,7 +94,7 @@ class TickSink:
         batch_bytes: int = 256 << 10,
         conflate_after: float = 1.0,
         write_timeout: float = 5.0,
-        may_write: Callable[[], bool] | None = None,
+        fence: Fence | None = None,
         cluster: bool = False,
     ) -> None:
         """``cluster``: ``redis_url`` names a node of a Redis Cluster (SPUBLISH, a lane per master)."""
@@ -94,7 +103,7 @@ class TickSink:
         self._command = bus.publish_command(cluster)
         self._topology = bus.Topology.single(redis_url)
         self._lanes_of_tokens: dict[int, int] = {}  # token -> the lane of its channel
-        self._may_write = may_write or (lambda: True)  # False once another publisher leads
+        self._fence = fence or Fence()  # asked before each batch: does this publisher lead?
         self._keys = keys
         self._encoder = encoder or frame_encoder(keys.ticks("").encode(), self._command, epoch=epoch)
         self._last_key = keys.last.encode()
@@ -132,7 +141,11 @@ class TickSink:
         self.redis_reconnects = 0
         self.redirects = 0  # cluster: MOVED/ASK/CLUSTERDOWN/TRYAGAIN answers, each a re-read of the slots
         self._reopen = ""  # why the lanes must be reopened, once those in flight are answered
+        self._retry_timer: asyncio.TimerHandle | None = None  # after error replies: go again
+        self._snapshot_stale = False  # an HSET of {ns}:last was refused: rewrite it whole
+        self._not_primary = False  # the reopen under way is for a server that is no primary
         self.last_error = ""
+        self.error_at = 0.0  # monotonic: the last error reply or failed write
 
     # --- the hot side: called by connections for every frame -----------------------------
 
@@ -299,15 +312,17 @@ class TickSink:
         if self._task is None:
             return
         try:
-            async with asyncio.timeout(flush_timeout):
+            async with asyncio.timeout(flush_timeout if self._fence.valid() else 0):
                 while (self._pending or self._flight.batches or self.conflating) and self.redis_up:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             pass
         await cancel_and_wait(self._task)
         self._task = None
-        if self._overload_timer is not None:
-            self._overload_timer.cancel()
+        for timer in (self._overload_timer, self._retry_timer):
+            if timer is not None:
+                timer.cancel()
+        self._retry_timer = None
         unsent = self.buffered
         if unsent:
             self.dropped += unsent
@@ -326,7 +341,7 @@ class TickSink:
                 connections = await self._open()
             except ConnectionError as exc:
                 self._mark_down(str(exc))
-                delay = min(2.0, max(0.1, delay * 2))
+                delay = min(0.5, max(0.1, delay * 2))  # Redis back: ticks flow within half a second
                 continue
             delay = 0.1
             if not first and self.cache:  # Redis may have restarted empty: rewrite all of {ns}:last
@@ -353,6 +368,8 @@ class TickSink:
             finally:
                 for connection in connections:
                     await connection.close()
+            if self._not_primary:  # give a failover a moment before asking again
+                self._not_primary, delay = False, 0.5
 
     async def _open(self) -> list[RespConnection]:
         """A socket per node: one for a server; on a cluster one per master, from a fresh
@@ -394,7 +411,7 @@ class TickSink:
                 while self._flight.batches:
                     self._work.clear()
                     await self._work.wait()
-                raise RespError(f"cluster: {self._reopen}; reading the slots again")
+                raise RespError(f"{self._reopen}; opening the socket(s) again")
             if self.conflating and self._flight.bytes <= self.max_backlog // 2:
                 self._end_conflation()
             if self._flight.bytes >= self.max_in_flight or not (
@@ -403,14 +420,12 @@ class TickSink:
                 self._work.clear()
                 await self._work.wait()
                 continue
+            if not self._fence.valid():
+                await self._hold()
+                continue
             batch, data = self._take_batch()
             if not batch.open:
                 continue
-            if not self._may_write():  # no longer the leader: the new one publishes from now on
-                self.dropped += batch.total + self._pending_ticks
-                self._pending.clear()
-                self._pending_bytes = self._pending_ticks = 0
-                await asyncio.Future()  # until closed
             self._flight.add(batch, data)
             for lane, part in enumerate(data):
                 if part:
@@ -423,6 +438,17 @@ class TickSink:
                         if len(connections) == 1:
                             raise
                         self._lane_failed(lane, exc)
+
+    async def _hold(self) -> None:
+        """Write nothing while the lease is lapsed (the backlog is held, then conflated);
+        once it is lost, the new leader publishes: give the backlog up and wait to be closed."""
+        if self._fence.lapsed:
+            await self._fence.wait_valid()
+            return
+        self.dropped += self._pending_ticks
+        self._pending.clear()
+        self._pending_bytes = self._pending_ticks = 0
+        await asyncio.Future()  # until closed
 
     def _take_batch(self) -> tuple[Batch, list[bytes]]:
         """Queued PUBLISHes up to ``batch_bytes``, then one HSET of ``{ns}:last`` with the same
@@ -490,7 +516,7 @@ class TickSink:
                     raise
                 self._lane_failed(lane, exc)
                 return
-            self._settle(self._flight.read(lane, data, careful=self._cluster))
+            self._settle(self._flight.read(lane, data, careful=True))
 
     def _lane_failed(self, lane: int, exc: BaseException) -> None:
         """One master's socket failed: what it held counts as lost; the other lanes finish
@@ -506,15 +532,46 @@ class TickSink:
         if answers.errors:
             self.write_errors += answers.errors
             self.last_error = answers.last_error
+            self.error_at = time.monotonic()
+            if not reopen and not answers.redirected and not answers.not_primary:
+                self._retry_soon()  # the reopen covers these
         self._lost |= answers.lost
         self._released |= answers.released
         if answers.redirected:
             self.redirects += 1
             reopen = reopen or "a slot moved or is not served"
+        if answers.not_primary:
+            self._not_primary = True
+            reopen = reopen or answers.last_error.replace("redis answered ", "the server is no primary: ")
         self._reopen = self._reopen or reopen
         if not self.writable.is_set() and self.backlog_bytes <= self.max_backlog // 2:
             self._resume()
         self._work.set()
+
+    def _retry_soon(self, delay: float = 0.5) -> None:
+        """After error replies: a moment later, publish again the newest tick of each token
+        whose tick was refused, and write the whole snapshot (an HSET may have been refused)."""
+        self._snapshot_stale = True
+        if self._retry_timer is None:
+            self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry)
+
+    def _retry(self) -> None:
+        self._retry_timer = None
+        self._requeue_lost()
+        if self._snapshot_stale and self.cache and self.redis_up:
+            self._snapshot_stale = False
+            self._queue(_Queued(b"", _fields(self.cache), 0, len(self.cache), ()), front=True)
+        self._work.set()
+
+    @property
+    def problem(self) -> str:
+        """What is wrong with the tick flow's Redis now ("" when nothing is): away, or an
+        error reply within the last two seconds."""
+        if not self.redis_up:
+            return self.last_error or "redis unreachable"
+        if self.error_at and time.monotonic() - self.error_at < 2.0:
+            return self.last_error
+        return ""
 
     def _write_failed(self, error: str) -> None:
         """Batches in flight may or may not have reached Redis: their ticks are counted as

@@ -6,6 +6,11 @@ tokens per connection): its capacity would be wrong. It refuses while that leade
 the lease, and while its status still says ``running`` with a heartbeat younger than
 ``MISMATCH_GRACE`` seconds (it just died); after that it takes over, loudly, since a
 leader gone that long was replaced on purpose.
+
+After it lost sight of Redis (an error, or a reply that took over ``STALL`` seconds: a
+paused server) it takes no free lease for ``ttl`` seconds once Redis answers again: the
+leader kept its book through the outage and takes its lease back at its first renewal,
+whereas the standby would start from what Redis holds, which after a restart is nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import socket
 import time
 
 from config import Keys, Settings
+from config.keys import SERVING
 from publisher import bus
-from publisher.bus import REDIS_DOWN
+from publisher.bus import REDIS_FAULTS
 from publisher.lease import Lease
 
 log = logging.getLogger("kitebus.standby")
@@ -26,6 +32,7 @@ log = logging.getLogger("kitebus.standby")
 POLL = 0.5  # seconds between tries of the lease
 PRESENCE_TTL = 5.0  # {ns}:standby lapses this long after the standby stops writing it
 MISMATCH_GRACE = 30.0
+STALL = 1.0  # seconds: a lease read slower than this means Redis was paused
 
 
 class Standby:
@@ -46,10 +53,16 @@ class Standby:
         first = True
         expires_at = 0.0  # monotonic: when the leader's key, as last seen, would expire
         vanished_at = 0.0  # monotonic: when the key was first seen gone before its time
+        blind = False  # Redis was out of sight since the last look
+        wait_until = 0.0  # monotonic: no free lease is taken before (the leader goes first)
         while not stop.is_set():
             try:
+                asked = time.monotonic()
                 holder, left = await self._lease.holder()
                 now = time.monotonic()
+                if blind or now - asked > STALL:
+                    wait_until, blind = now + self._lease.ttl, False
+                    log.warning("redis is back: the leader goes first for %.1fs", self._lease.ttl)
                 if holder is not None and holder != "released":
                     expires_at, vanished_at = now + left, 0.0
                 elif holder is None and now < expires_at and not vanished_at:
@@ -58,6 +71,7 @@ class Standby:
                 free = holder == "released" or (
                     holder is None and (not vanished_at or now - vanished_at >= self._lease.ttl)
                 )  # a vanished lease is free once its leader can no longer trust it
+                free = free and (holder == "released" or now >= wait_until)
                 self.refusing = self._mismatch(await self._redis.hgetall(self._keys.status), holder)
                 if not self.refusing and free and await self._lease.acquire():
                     await self._redis.delete(self.key)
@@ -66,8 +80,10 @@ class Standby:
                     log.warning("standing by: %s leads", holder)
                 first = False
                 await self._say_present()
-            except REDIS_DOWN as exc:
-                log.warning("standby cannot reach redis error=%s", exc.__class__.__name__)
+            except REDIS_FAULTS as exc:
+                if not blind:
+                    log.warning("standby cannot reach redis error=%s", bus.describe(exc))
+                blind = True
             try:
                 async with asyncio.timeout(POLL):
                     await stop.wait()
@@ -77,7 +93,7 @@ class Standby:
 
     def _mismatch(self, status: dict[bytes, bytes], holder: str | None) -> str:
         """Why this process must not take over now ("" if it may)."""
-        if not status or status.get(b"state") != b"running":
+        if not status or status.get(b"state", b"").decode() not in SERVING:
             return ""
         theirs = (status.get(b"connections", b"").decode(), status.get(b"capacity", b"").decode())
         ours = (str(self._settings.total_connections), str(self._settings.capacity))

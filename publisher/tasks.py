@@ -33,3 +33,19 @@ async def run_until(work: Awaitable[None], stop: asyncio.Event) -> None:
         await cancel_and_wait(task)
     if not task.cancelled():
         task.result()
+
+
+class Backoff:
+    """Growing waits between retries of a failing call, from ``base`` to ``cap`` seconds,
+    back to ``base`` after a success (``reset``): Redis back means work resumes at once."""
+
+    def __init__(self, base: float = 0.1, cap: float = 1.0) -> None:
+        self.base, self.cap = base, cap
+        self.delay = base
+
+    def reset(self) -> None:
+        self.delay = self.base
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.cap, self.delay * 2)
