@@ -21,7 +21,8 @@ requests keep coming through the fault. Faults (``KIND:SECONDS``):
   reaches (its sockets through a proxy that stops forwarding), then reconnected.
 
 From the moment Redis answers again (or the partition begins, for ``partition``), each
-row gives: the first tick on the bus, every claim back (claims, ``token_conn``,
+row gives: the first tick on the bus, every claimed token ticking again (the simulator
+ticks each about once a second, so about 1 s is the floor), every claim back (claims, ``token_conn``,
 ``token_mode``, ``{ns}:last`` for every token, instruments, the consumer group), the next
 request answered; then ticks conflated and dropped, requests answered twice (must be 0), Kite
 handshakes during the fault (0 when only Redis failed and no standby runs) and ``seq``
@@ -78,6 +79,7 @@ class Figures:
     seconds: float
     standby: bool
     first_tick_s: float | None = None  # after Redis answered again
+    all_ticking_s: float | None = None  # every claimed token has ticked again (they tick about 1/s)
     claims_back_s: float | None = None
     request_answered_s: float | None = None
     takeover_s: float | None = None  # partition: from the cut to the standby leading with sockets
@@ -103,6 +105,7 @@ class Consumer:
     def __init__(self, url: str) -> None:
         self._url = url
         self.last_at = 0.0  # monotonic time of the newest tick
+        self.token_at: dict[int, float] = {}  # token -> monotonic time of its newest tick
         self.ticks = 0
         self.gaps = 0
         self.seq: dict[int, tuple[int, int]] = {}  # token -> (epoch, seq)
@@ -139,6 +142,7 @@ class Consumer:
         self.ticks += 1
         self.last_at = time.monotonic()
         epoch, seq, instrument = tick["epoch"], tick["seq"], tick["instrument_token"]
+        self.token_at[instrument] = self.last_at
         if epoch not in self.epochs:
             self.epochs.append(epoch)
         elif epoch != self.epochs[-1]:
@@ -552,6 +556,10 @@ async def _recovery(rig: Rig, figures: Figures) -> None:
     probe = asyncio.create_task(control.subscribe([token(80_000)], mode="ltp", client="probe", timeout=60))
     try:
         figures.first_tick_s = await _until(lambda: rig.consumer.last_at > back, 60)
+        at = rig.consumer.token_at
+        figures.all_ticking_s = figures.first_tick_s + await _until(
+            lambda: all(at.get(t, 0) > back for t in rig.tokens), 60
+        )
         figures.claims_back_s = await _until(rig.claims_back, 60)
     except TimeoutError as exc:
         figures.problems.append(f"not recovered: {exc}")
@@ -624,7 +632,8 @@ def _row(f: Figures) -> str:
         return "—" if v is None else f"{v:.2f}"
 
     cells = (
-        f"{f.fault}:{f.seconds:g}", "yes" if f.standby else "no", s(f.first_tick_s), s(f.claims_back_s),
+        f"{f.fault}:{f.seconds:g}", "yes" if f.standby else "no", s(f.first_tick_s), s(f.all_ticking_s),
+        s(f.claims_back_s),
         s(f.request_answered_s), s(f.takeover_s), f.conflated, f.dropped, f.answered_twice, f.handshakes,
         f.seq_gaps,
         "ok" if f.ok else "FAILED",
@@ -643,9 +652,9 @@ async def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = []
-    print("| fault | standby | first tick s | claims back s | request answered s | takeover s | conflated "
-          "| dropped | answered twice | Kite handshakes | seq gaps | |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| fault | standby | first tick s | every token ticks s | claims back s | request answered s "
+          "| takeover s | conflated | dropped | answered twice | Kite handshakes | seq gaps | |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for item in args.faults.split(","):
         kind, _, seconds = item.partition(":")
         figures = await measure(kind, float(seconds or 5), tokens=args.tokens, standby=args.standby)
