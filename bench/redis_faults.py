@@ -353,6 +353,9 @@ class Rig:
         return fresh and serving and await self._leader_pid() in {p.pid for p in alive}
 
 
+RECOVERY_BUDGET = 45.0  # seconds for everything to come back after a fault ends
+
+
 async def _until(check: Any, timeout: float, interval: float = 0.02) -> float:
     """Poll ``check`` until truthy; seconds it took (raises TimeoutError)."""
     started = time.monotonic()
@@ -549,22 +552,29 @@ async def measure(kind: str, seconds: float, *, tokens: int = 300, standby: bool
     return figures
 
 
-async def _recovery(rig: Rig, figures: Figures) -> None:
+async def _recovery(rig: Rig, figures: Figures, budget: float = RECOVERY_BUDGET) -> None:
+    """How long until ticks, every token, the claims and a request come back; all of it
+    within one ``budget``, so that a stack that does not recover says so in good time."""
     back = time.monotonic()
+    deadline = back + budget
+
+    def left() -> float:
+        return max(0.1, deadline - time.monotonic())
+
     assert rig.consumer is not None
     control = ControlClient(rig.rds, NS)
-    probe = asyncio.create_task(control.subscribe([token(80_000)], mode="ltp", client="probe", timeout=60))
+    probe = asyncio.create_task(control.subscribe([token(80_000)], mode="ltp", client="probe", timeout=budget))
     try:
-        figures.first_tick_s = await _until(lambda: rig.consumer.last_at > back, 60)
+        figures.first_tick_s = await _until(lambda: rig.consumer.last_at > back, left())
         at = rig.consumer.token_at
         figures.all_ticking_s = figures.first_tick_s + await _until(
-            lambda: all(at.get(t, 0) > back for t in rig.tokens), 60
+            lambda: all(at.get(t, 0) > back for t in rig.tokens), left()
         )
-        figures.claims_back_s = await _until(rig.claims_back, 60)
+        figures.claims_back_s = await _until(rig.claims_back, left())
     except TimeoutError as exc:
         figures.problems.append(f"not recovered: {exc}")
     try:
-        await probe
+        await asyncio.wait_for(probe, left())
         figures.request_answered_s = time.monotonic() - back
     except (TimeoutError, *bus.REDIS_FAULTS) as exc:
         figures.problems.append(f"request not answered: {exc!r}")
