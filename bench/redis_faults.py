@@ -58,6 +58,7 @@ from config.keys import CONTROL_GROUP, SERVING
 from consumers.control import ControlClient
 from kitebus.localredis import LocalRedis, free_port
 from publisher import bus
+from publisher.tasks import cancel_and_wait
 from simulator.server import TickerServer
 
 NS = "faults"
@@ -118,9 +119,7 @@ class Consumer:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)  # redis-py can swallow one cancel
 
     async def _run(self) -> None:
         while True:
@@ -387,9 +386,7 @@ class Requester:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)  # redis-py can swallow one cancel
 
     async def _run(self) -> None:
         client = redis.from_url(self._url, socket_timeout=1, socket_connect_timeout=0.5)

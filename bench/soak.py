@@ -65,6 +65,7 @@ from kitebus.localredis import LocalCluster, LocalRedis, free_port
 from kitewire.codec import MODE_RANK
 from publisher import bus
 from publisher.resp import pack_command
+from publisher.tasks import cancel_and_wait
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
 
 NS = "soak"
@@ -609,8 +610,7 @@ class Soak:
             await asyncio.sleep(1.0)  # the auditor reads the last results
             return self.report(counts, await self.consumer_figures())
         finally:
-            auditor.cancel()
-            await asyncio.gather(auditor, return_exceptions=True)
+            await cancel_and_wait(auditor)  # redis-py can swallow one cancel
             for proc in clients:
                 if proc.returncode is None:
                     proc.kill()
