@@ -11,11 +11,12 @@ claims and garbage) over a universe of ``instruments * 4/3`` tokens, so capacity
 out, and a consumer PSUBSCRIBEd to every tick channel that checks ``seq`` per token.
 
 At random moments, one at a time: a connection dropped or stalled at the simulator,
-Redis killed and restarted empty, the leading publisher stopped with SIGTERM or killed
-with SIGKILL (two run: the standby takes over, and a new standby is started). Each
-fault's recovery time runs until the simulator holds exactly the persisted claims again
-on three live sessions. At checkpoints (clients
-paused, the market held still): Kite's subscriptions equal the union of the persisted
+Redis killed and restarted empty, frozen (SIGSTOP) past the lease, full (OOM) or read-only
+(READONLY, as in a failover) for a few seconds, the leading publisher stopped with SIGTERM
+or killed with SIGKILL (two run: the standby takes over, and a new standby is started).
+Each fault's recovery time runs from its end (Redis answering again, say) until the
+simulator holds exactly the persisted claims again on three live sessions. At checkpoints
+(clients paused, the market held still): Kite's subscriptions equal the union of the persisted
 claims with the richest mode; ``{ns}:token_conn`` and ``{ns}:token_mode`` agree with the
 simulator; every ticked token's latest tick is in ``{ns}:last``; the control stream is
 drained; and the figures of what could grow (publisher memory, Redis keys, streams).
@@ -70,10 +71,15 @@ from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
 
 NS = "soak"
 LIMIT = 3000  # tokens per connection, the publisher's default
-FAULTS = ("drop", "stall", "redis_restart", "publisher_term", "publisher_kill")
-CLUSTER_FAULTS = (*FAULTS, "reshard")
+FAULTS = (
+    "drop", "stall", "redis_restart", "redis_pause", "redis_oom", "redis_readonly", "publisher_term",
+    "publisher_kill",
+)  # fmt: skip
+# A cluster node cannot be made a replica of a plain server: no READONLY fault there.
+CLUSTER_FAULTS = (*(k for k in FAULTS if k != "redis_readonly"), "reshard")
 FOLLOW_UPS = {b"live", b"rebalanced", b"expire"}
-REDIS_ERRORS = bus.REDIS_DOWN
+# Redis away or saying no for a while (OOM, READONLY, LOADING...): a client waits and goes on.
+REDIS_ERRORS = bus.REDIS_FAULTS
 
 
 def _token(i: int) -> int:
@@ -250,6 +256,7 @@ def _subscribe(ports: list[int], universe: int) -> list[socket.socket]:
 class Fault:
     kind: str
     at: float  # epoch seconds
+    ended_at: float = 0.0  # the fault over (Redis answering again, the process restarted)
     recovered_at: float | None = None
 
 
@@ -357,6 +364,51 @@ class Soak:
         self.lift_limit(node)
         if isinstance(self.redis_server, LocalCluster):
             await asyncio.to_thread(self.redis_server.wait_ok, 30)
+
+    async def pause_redis(self) -> None:
+        """Freeze Redis (on a cluster: one master) with SIGSTOP for longer than the lease."""
+        node = self.rng.choice(self.nodes)
+        assert node.process is not None
+        os.kill(node.process.pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(self.rng.uniform(1.0, 6.0))
+        finally:
+            os.kill(node.process.pid, signal.SIGCONT)
+
+    async def fill_redis(self) -> None:
+        """Every write refused with OOM for a while (maxmemory 1 byte with noeviction)."""
+        admin = sync_redis.Redis(port=self.rng.choice(self.nodes).port)
+        try:
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", "1")
+            await asyncio.sleep(self.rng.uniform(1.0, 5.0))
+        finally:
+            admin.config_set("maxmemory", "0")
+            admin.close()
+
+    async def demote_redis(self) -> None:
+        """Every write refused with READONLY for a while, as in a failover: the server
+        follows a copy of itself, which is then promoted and the server back."""
+        node = self.rng.choice(self.nodes)
+        copy = LocalRedis(self.workdir / f"copy-{len(self.faults)}", free_port())
+        copy.workdir.mkdir()
+        await asyncio.to_thread(copy.start)
+        admin, mirror = sync_redis.Redis(port=node.port), sync_redis.Redis(port=copy.port)
+        try:
+            mirror.replicaof("127.0.0.1", node.port)
+            deadline = time.monotonic() + 20
+            while mirror.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the copy never caught up")
+                await asyncio.sleep(0.05)
+            mirror.replicaof("no", "one")
+            admin.replicaof("127.0.0.1", copy.port)
+            await asyncio.sleep(self.rng.uniform(1.0, 4.0))
+        finally:
+            admin.replicaof("no", "one")
+            admin.close()
+            mirror.close()
+            await asyncio.to_thread(copy.stop)
 
     async def reshard(self) -> None:
         """Move one slot to another master: a tick channel's, or one of the contract's keys'."""
@@ -549,11 +601,18 @@ class Soak:
             self.simulator.stall(8, self.rng.choice(self.simulator.sessions).id)
         elif kind == "redis_restart":
             await self.restart_redis()
+        elif kind == "redis_pause":
+            await self.pause_redis()
+        elif kind == "redis_oom":
+            await self.fill_redis()
+        elif kind == "redis_readonly":
+            await self.demote_redis()
         elif kind == "reshard":
             await self.reshard()
         else:
             await self.stop_leader(client, signal.SIGTERM if kind == "publisher_term" else signal.SIGKILL)
             await self.start_publisher()
+        fault.ended_at = time.time()
         took = await self.wait_converged(client, 60)
         if took is None:
             self.failures.append(f"no recovery within 60 s after {kind}")
@@ -659,7 +718,7 @@ class Soak:
         recovery: dict[str, list[float]] = {}
         for f in self.faults:
             if f.recovered_at is not None:
-                recovery.setdefault(f.kind, []).append(f.recovered_at - f.at)
+                recovery.setdefault(f.kind, []).append(f.recovered_at - f.ended_at)
         return {
             "ok": not self.failures,
             "failures": self.failures,

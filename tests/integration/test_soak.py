@@ -40,3 +40,13 @@ async def test_thirty_seconds_of_chaos_on_a_redis_cluster(redis_server) -> None:
     faults = "reshard,drop,reshard"
     report = await soak("--cluster", "--seed", "11", "--faults", faults)
     assert report["faults"].get("reshard", 0) >= 1 and sum(report["faults"].values()) >= 3
+
+
+async def test_forty_seconds_of_redis_frozen_full_and_read_only(redis_server) -> None:
+    """Redis's own faults in the rotation: SIGSTOP past the lease, OOM and READONLY, each
+    once (the three are shuffled and drawn before any repeats), with requests and ticks
+    flowing and a standby beside the leader."""
+    faults = "redis_pause,redis_oom,redis_readonly"
+    report = await soak("--duration", "40", "--seed", "14", "--faults", faults)
+    assert set(report["faults"]) == {"redis_pause", "redis_oom", "redis_readonly"}
+    assert report["ticks"]["seq_gaps_outside_faults"] == 0
