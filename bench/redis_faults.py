@@ -88,7 +88,10 @@ class Figures:
     dropped: int = 0  # ticks in writes that failed or were refused (their tokens' newest went again)
     answered_twice: int = 0
     handshakes: int = 0  # Kite handshakes while the fault lasted and after it
-    seq_gaps: int = 0
+    seq_gaps: int = 0  # tokens whose seq jumped in what the publisher sent
+    seq_gaps_reconnect: int = 0  # ... across the consumer's own reconnect
+    consumer_reconnects: int = 0
+    repeats: int = 0  # ticks received again (same seq)
     leaders: int = 0  # publishers that lead at the end (must be 1)
     problems: list[str] = field(default_factory=list)
 
@@ -108,8 +111,12 @@ class Consumer:
         self.last_at = 0.0  # monotonic time of the newest tick
         self.token_at: dict[int, float] = {}  # token -> monotonic time of its newest tick
         self.ticks = 0
-        self.gaps = 0
+        self.gaps = 0  # seq gaps in the publisher's output (conflated or dropped ticks)
+        self.gaps_reconnect = 0  # ... across this consumer's own reconnects (pub/sub is at most once)
+        self.reconnects = 0
+        self.repeats = 0  # a tick whose seq was seen already
         self.seq: dict[int, tuple[int, int]] = {}  # token -> (epoch, seq)
+        self._rejoined: set[int] = set()  # tokens not yet seen since the last reconnect
         self.epochs: list[int] = []  # in the order they were first seen
         self.stale_epoch_after_new = 0  # ticks of an older epoch after a newer one was seen
         self._task: asyncio.Task[None] | None = None
@@ -132,6 +139,8 @@ class Consumer:
                     if message is not None:
                         self._take(msgpack.unpackb(message["data"]))
             except (*bus.REDIS_FAULTS, TimeoutError):
+                self.reconnects += 1
+                self._rejoined = set(self.seq)
                 await asyncio.sleep(0.05)
             finally:
                 with contextlib.suppress(Exception):
@@ -147,8 +156,15 @@ class Consumer:
         elif epoch != self.epochs[-1]:
             self.stale_epoch_after_new += 1
         previous = self.seq.get(instrument)
-        if previous is not None and previous[0] == epoch and seq != previous[1] + 1:
-            self.gaps += 1
+        rejoined = instrument in self._rejoined
+        self._rejoined.discard(instrument)
+        if previous is not None and previous[0] == epoch and seq <= previous[1]:
+            self.repeats += 1  # the newest tick again (a republish after a failed write): not lost
+        elif previous is not None and previous[0] == epoch and seq != previous[1] + 1:
+            if rejoined:
+                self.gaps_reconnect += 1
+            else:
+                self.gaps += 1
         self.seq[instrument] = (epoch, seq)
 
 
@@ -534,12 +550,16 @@ async def measure(kind: str, seconds: float, *, tokens: int = 300, standby: bool
         await requester.close()
         await _settle_requests(rig)
         figures.handshakes = len(rig.simulator.handshakes) - handshakes
+        await _fresh_status(rig)
         conflated, dropped = await _counts(rig)
         figures.conflated, figures.dropped = conflated - conflated_before, dropped - dropped_before
         figures.answered_twice = await rig.answered_twice()
         figures.leaders = await rig.leaders()
         assert rig.consumer is not None
         figures.seq_gaps = rig.consumer.gaps
+        figures.seq_gaps_reconnect = rig.consumer.gaps_reconnect
+        figures.consumer_reconnects = rig.consumer.reconnects
+        figures.repeats = rig.consumer.repeats
         _judge(rig, figures)
         if figures.problems:
             for process, name in zip(rig.publishers, ("first", "second"), strict=False):
@@ -602,6 +622,17 @@ async def _leads_other(rig: Rig, old: int | None) -> bool:
     return pid is not None and pid != old
 
 
+async def _fresh_status(rig: Rig) -> None:
+    """Wait for a status written from now on: the counters of the recovery itself."""
+    now = time.time()
+
+    async def written() -> bool:
+        return float(await rig.rds.hget(rig.keys.status, "heartbeat_at") or 0) > now
+
+    with contextlib.suppress(TimeoutError):
+        await _until(written, 10)
+
+
 async def _counts(rig: Rig) -> tuple[int, int]:
     """``conflated`` and ``dropped`` of the leader's status (the sum over publishers is not
     kept: a takeover starts them again)."""
@@ -628,6 +659,8 @@ def _judge(rig: Rig, figures: Figures) -> None:
         problems.append(f"{figures.leaders} publishers lead at the end")
     if not figures.standby and figures.handshakes:
         problems.append(f"Kite saw {figures.handshakes} handshakes although only Redis failed")
+    if figures.seq_gaps and not (figures.conflated or figures.dropped):
+        problems.append(f"{figures.seq_gaps} seq gaps in what the publisher sent, none counted as given up")
     if figures.fault == "partition" and rig.consumer is not None and rig.consumer.stale_epoch_after_new:
         problems.append(f"{rig.consumer.stale_epoch_after_new} ticks of the old leader after the new one's")
 
@@ -643,7 +676,7 @@ def _row(f: Figures) -> str:
         f"{f.fault}:{f.seconds:g}", "yes" if f.standby else "no", s(f.first_tick_s), s(f.all_ticking_s),
         s(f.claims_back_s),
         s(f.request_answered_s), s(f.takeover_s), f.conflated, f.dropped, f.answered_twice, f.handshakes,
-        f.seq_gaps,
+        f"{f.seq_gaps} / {f.seq_gaps_reconnect} ({f.consumer_reconnects})", f.repeats,
         "ok" if f.ok else "FAILED",
     )  # fmt: skip
     return "| " + " | ".join(map(str, cells)) + " |"
@@ -661,8 +694,9 @@ async def main() -> int:
     args = parser.parse_args()
     results = []
     print("| fault | standby | first tick s | every token ticks s | claims back s | request answered s "
-          "| takeover s | conflated | dropped | answered twice | Kite handshakes | seq gaps | |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| takeover s | conflated | dropped | answered twice | Kite handshakes "
+          "| seq gaps: publisher / consumer reconnect (reconnects) | ticks again | |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for item in args.faults.split(","):
         kind, _, seconds = item.partition(":")
         figures = await measure(kind, float(seconds or 5), tokens=args.tokens, standby=args.standby)
