@@ -28,7 +28,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 
@@ -121,6 +123,9 @@ def _sentinel_client(url: str, **kwargs: Any) -> redis.Redis:
     asking.setdefault("socket_timeout", 2.0)
     asking.setdefault("socket_connect_timeout", 2.0)
     manager = Sentinel(list(target.sentinels), sentinel_kwargs=asking)
+    # What redis.from_url gives its pool, which a pool made here would go without: a
+    # command (and the connect before it) retried on a connection error, for ~4 s.
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), 10))
     pool = FollowingPool(
         url, target, manager, db=target.db, username=target.username, password=target.password, **kwargs
     )
