@@ -94,14 +94,14 @@ class FollowingPool(SentinelConnectionPool):
         self.target = target
         self._asked = 0.0
 
-    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+    async def get_connection(self, *args: Any, **options: Any) -> Any:
         if self.master_address is not None and time.monotonic() - self._asked >= FOLLOW_INTERVAL:
             self._asked = time.monotonic()
             try:
                 await self.get_master_address()  # a new one: idle connections are closed
             except (redis.ConnectionError, redis.TimeoutError, OSError):
                 pass  # no sentinel answers, or none names a primary: stay where we are
-        connection = await super().get_connection(command_name, *keys, **options)
+        connection = await super().get_connection(*args, **options)
         if self.master_address is not None and (connection.host, connection.port) != self.master_address:
             try:  # busy when the primary changed: open it again, to the new one
                 await connection.disconnect()
