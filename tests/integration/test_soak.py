@@ -40,3 +40,11 @@ async def test_thirty_seconds_of_chaos_on_a_redis_cluster(redis_server) -> None:
     faults = "reshard,drop,reshard"
     report = await soak("--cluster", "--seed", "11", "--faults", faults)
     assert report["faults"].get("reshard", 0) >= 1 and sum(report["faults"].values()) >= 3
+
+
+async def test_thirty_seconds_of_chaos_through_sentinel(redis_server) -> None:
+    """On a primary, a replica and a sentinel, everything through redis+sentinel://: a
+    manual SENTINEL FAILOVER and a primary killed, in turn, under load."""
+    report = await soak("--sentinel", "--seed", "5", "--faults", "sentinel_failover,primary_killed")
+    faults = report["faults"]
+    assert faults.get("sentinel_failover", 0) >= 1 and faults.get("primary_killed", 0) >= 1
