@@ -93,6 +93,14 @@ class FollowingPool(SentinelConnectionPool):
         self.url = url
         self.target = target
         self._asked = 0.0
+        self.moves = 0  # how often the primary changed under this pool
+
+    async def get_master_address(self) -> Any:
+        before = self.master_address
+        address = await super().get_master_address()
+        if before is not None and address != before:
+            self.moves += 1
+        return address
 
     async def get_connection(self, *args: Any, **options: Any) -> Any:
         if self.master_address is not None and time.monotonic() - self._asked >= FOLLOW_INTERVAL:
@@ -130,6 +138,15 @@ def _sentinel_client(url: str, **kwargs: Any) -> redis.Redis:
         url, target, manager, db=target.db, username=target.username, password=target.password, **kwargs
     )
     return redis.Redis.from_pool(pool)
+
+
+def primary_moves(client: Client) -> int:
+    """How often the client's primary changed (Sentinel); 0 for anything else. Whoever
+    relies on writes being acknowledged by the server in hand (the control loop's XACKs)
+    looks again when this changes: the old primary's last writes may not have reached
+    the new one."""
+    pool = getattr(client, "connection_pool", None)
+    return pool.moves if isinstance(pool, FollowingPool) else 0
 
 
 def is_sentinel(client: Client) -> bool:
