@@ -18,9 +18,14 @@ requests keep coming through the fault. Faults (``KIND:SECONDS``):
 - ``busy``: a script that loops until ``SCRIPT KILL``;
 - ``loading``: Redis restarted with a snapshot it reads slowly (answers LOADING);
 - ``partition`` (with ``--standby``): the leader cut off from a Redis the standby still
-  reaches (its sockets through a proxy that stops forwarding), then reconnected.
+  reaches (its sockets through a proxy that stops forwarding), then reconnected;
+- ``sentinel_failover``: on a primary, a replica and a sentinel (everything reaching Redis
+  through ``redis+sentinel://``), ``SENTINEL FAILOVER``; SECONDS is not used;
+- ``primary_killed``: the same stack, the primary killed (SIGKILL) and not started again;
+  the sentinel judges it down after 1 s and promotes the replica.
 
-From the moment Redis answers again (or the partition begins, for ``partition``), each
+From the moment Redis answers again (or the partition begins, for ``partition``; or the
+sentinel names the new primary, for the Sentinel faults: ``named s`` after the fault), each
 row gives: the first tick on the bus, every claimed token ticking again (the simulator
 ticks each about once a second, so about 1 s is the floor), every claim back (claims, ``token_conn``,
 ``token_mode``, ``{ns}:last`` for every token, instruments, the consumer group), the next
@@ -51,12 +56,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import msgpack
 import redis as sync_redis
-import redis.asyncio as redis
 
 from config import Keys
 from config.keys import CONTROL_GROUP, SERVING
 from consumers.control import ControlClient
-from kitebus.localredis import LocalRedis, free_port
+from kitebus.localredis import LocalRedis, LocalSentinelSet, free_port
 from publisher import bus
 from publisher.tasks import cancel_and_wait
 from simulator.server import TickerServer
@@ -64,7 +68,9 @@ from simulator.server import TickerServer
 NS = "faults"
 INSTRUMENTS = Path(__file__).resolve().parent.parent / "tests" / "data" / "instruments.csv"
 FOLLOW_UPS = {"live", "rebalanced", "expire"}
-KINDS = ("restart", "pause", "readonly", "oom", "misconf", "noperm", "busy", "loading", "partition")
+SENTINEL_KINDS = ("sentinel_failover", "primary_killed")
+KINDS = ("restart", "pause", "readonly", "oom", "misconf", "noperm", "busy", "loading", "partition",
+         *SENTINEL_KINDS)  # fmt: skip
 ACL_USER, ACL_PASSWORD = "kitebus", "s3cret-pw"
 
 
@@ -84,6 +90,7 @@ class Figures:
     claims_back_s: float | None = None
     request_answered_s: float | None = None
     takeover_s: float | None = None  # partition: from the cut to the standby leading with sockets
+    named_s: float | None = None  # Sentinel faults: from the fault to the new primary named
     conflated: int = 0
     dropped: int = 0  # ticks in writes that failed or were refused (their tokens' newest went again)
     answered_twice: int = 0
@@ -130,14 +137,20 @@ class Consumer:
 
     async def _run(self) -> None:
         while True:
-            client = redis.from_url(self._url, socket_connect_timeout=0.5)
+            client = bus.connect(self._url, False, socket_connect_timeout=0.5)
             try:
                 pubsub = client.pubsub()
                 await pubsub.psubscribe(f"{NS}:ticks:*")
+                asked = time.monotonic()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
                     if message is not None:
                         self._take(msgpack.unpackb(message["data"]))
+                    if bus.is_sentinel(client) and time.monotonic() - asked > bus.FOLLOW_INTERVAL:
+                        asked = time.monotonic()  # redis-py's PubSub keeps its connection: follow
+                        connection = pubsub.connection
+                        if await bus.primary_address(self._url) != (connection.host, connection.port):
+                            break
             except (*bus.REDIS_FAULTS, TimeoutError):
                 self.reconnects += 1
                 self._rejoined = set(self.seq)
@@ -221,9 +234,16 @@ class Proxy:
 class Rig:
     """One fault's stack: Redis, the simulator, the publisher(s), claims, a consumer."""
 
-    def __init__(self, tokens: int, standby: bool, acl: bool = False, proxy: bool = False) -> None:
+    def __init__(
+        self, tokens: int, standby: bool, acl: bool = False, proxy: bool = False, sentinel: bool = False
+    ) -> None:
+        """``sentinel``: a primary, a replica and a sentinel, reached through the sentinel."""
         self.workdir = Path(tempfile.mkdtemp(prefix="kitebus-faults-"))
-        self.redis = LocalRedis(self.workdir, extra=("--enable-protected-configs", "local"))
+        self.sentinels = LocalSentinelSet(1) if sentinel else None
+        if self.sentinels is not None:
+            self.redis = self.sentinels.servers[0]
+        else:
+            self.redis = LocalRedis(self.workdir, extra=("--enable-protected-configs", "local"))
         self.tokens = [token(i) for i in range(tokens)]
         self.standby = standby
         self.acl = acl
@@ -238,14 +258,19 @@ class Rig:
 
     @property
     def admin_url(self) -> str:
-        return self.redis.url
+        return self.sentinels.url if self.sentinels is not None else self.redis.url
 
     def publisher_url(self, port: int | None = None) -> str:
+        if self.sentinels is not None:
+            return self.sentinels.url
         auth = f"{ACL_USER}:{ACL_PASSWORD}@" if self.acl else ""
         return f"redis://{auth}127.0.0.1:{port or self.redis.port}/0"
 
     async def __aenter__(self) -> Rig:
-        self.redis.start()
+        if self.sentinels is not None:
+            await asyncio.to_thread(self.sentinels.start)
+        else:
+            self.redis.start()
         if self.acl:
             grant = ("on", f">{ACL_PASSWORD}", "~*", "&*", "+@all")
             self.admin().execute_command("ACL", "SETUSER", ACL_USER, *grant)
@@ -255,7 +280,7 @@ class Rig:
             await self.proxy.start()
         first = self.proxy.port if self.proxy else None
         self.publishers.append(await self._publisher(self.publisher_url(first), "first"))
-        self.rds = redis.from_url(self.admin_url, socket_timeout=5)
+        self.rds = bus.connect(self.admin_url, False, socket_timeout=5)
         await _until(lambda: self._leader_pid(), 20)
         await _until(lambda: len(self.simulator.sessions) == 3, 20)
         if self.standby:
@@ -299,6 +324,8 @@ class Rig:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.redis.process.pid, signal.SIGCONT)
         self.redis.stop()
+        if self.sentinels is not None:
+            self.sentinels.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def _publisher(self, url: str, name: str) -> asyncio.subprocess.Process:
@@ -405,7 +432,7 @@ class Requester:
             await cancel_and_wait(self._task)  # redis-py can swallow one cancel
 
     async def _run(self) -> None:
-        client = redis.from_url(self._url, socket_timeout=1, socket_connect_timeout=0.5)
+        client = bus.connect(self._url, False, socket_timeout=1, socket_connect_timeout=0.5)
         keys = Keys(NS)
         try:
             while True:
@@ -424,11 +451,33 @@ class Requester:
 # --- the faults --------------------------------------------------------------------------
 
 
-async def _inject(rig: Rig, kind: str, seconds: float) -> None:
+async def _fail_over(rig: Rig, kind: str, figures: Figures | None) -> None:
+    """``SENTINEL FAILOVER``, or the primary killed; returns once the sentinel names the
+    replica primary (and the replica says it is one)."""
+    assert rig.sentinels is not None
+    sentinel = rig.sentinels.sentinels[0]
+    old = await asyncio.to_thread(rig.sentinels.primary_port)
+    began = time.monotonic()
+    if kind == "sentinel_failover":
+        await asyncio.to_thread(sentinel.failover)
+    else:
+        server = rig.sentinels.server(old)
+        assert server.process is not None
+        server.process.kill()
+        server.process.wait()
+    await _until(lambda: asyncio.to_thread(lambda: rig.sentinels.primary_port() != old), 60, 0.01)
+    if figures is not None:
+        figures.named_s = time.monotonic() - began
+    rig.redis = rig.sentinels.server(rig.sentinels.primary_port())
+
+
+async def _inject(rig: Rig, kind: str, seconds: float, figures: Figures | None = None) -> None:
     """Cause the fault, hold it ``seconds``, end it; returns once Redis answers again."""
     server = rig.redis
     assert server.process is not None
-    if kind == "restart":
+    if kind in SENTINEL_KINDS:
+        await _fail_over(rig, kind, figures)
+    elif kind == "restart":
         server.process.kill()
         server.process.wait()
         server.process = None
@@ -537,7 +586,9 @@ async def measure(kind: str, seconds: float, *, tokens: int = 300, standby: bool
     if kind == "partition":
         standby = True
     figures = Figures(kind, seconds, standby)
-    async with Rig(tokens, standby, acl=kind == "noperm", proxy=kind == "partition") as rig:
+    sentinel = kind in SENTINEL_KINDS
+    rig = Rig(tokens, standby, acl=kind == "noperm", proxy=kind == "partition", sentinel=sentinel)
+    async with rig:
         requester = Requester(rig.admin_url)
         requester.start()
         handshakes = len(rig.simulator.handshakes)
@@ -545,7 +596,7 @@ async def measure(kind: str, seconds: float, *, tokens: int = 300, standby: bool
         if kind == "partition":
             await _partition(rig, seconds, figures)
         else:
-            await _inject(rig, kind, seconds)
+            await _inject(rig, kind, seconds, figures)
             await _recovery(rig, figures)
         await requester.close()
         await _settle_requests(rig)
@@ -648,7 +699,10 @@ async def _settle_requests(rig: Rig) -> None:
 
 async def _drained(rig: Rig) -> bool:
     groups = await rig.rds.xinfo_groups(rig.keys.control)
-    return all(g["pending"] == 0 and g.get("lag", 0) in (0, None) for g in groups)
+    newest = await rig.rds.xrevrange(rig.keys.control, count=1)
+    # ``lag`` is off after a replica's promotion: the last delivered id tells what is unread
+    read = not newest or all(g["last-delivered-id"] == newest[0][0] for g in groups)
+    return all(g["pending"] == 0 and (g.get("lag", 0) in (0, None) or read) for g in groups)
 
 
 def _judge(rig: Rig, figures: Figures) -> None:
@@ -675,8 +729,8 @@ def _row(f: Figures) -> str:
     cells = (
         f"{f.fault}:{f.seconds:g}", "yes" if f.standby else "no", s(f.first_tick_s), s(f.all_ticking_s),
         s(f.claims_back_s),
-        s(f.request_answered_s), s(f.takeover_s), f.conflated, f.dropped, f.answered_twice, f.handshakes,
-        f"{f.seq_gaps} / {f.seq_gaps_reconnect} ({f.consumer_reconnects})", f.repeats,
+        s(f.request_answered_s), s(f.takeover_s), s(f.named_s), f.conflated, f.dropped, f.answered_twice,
+        f.handshakes, f"{f.seq_gaps} / {f.seq_gaps_reconnect} ({f.consumer_reconnects})", f.repeats,
         "ok" if f.ok else "FAILED",
     )  # fmt: skip
     return "| " + " | ".join(map(str, cells)) + " |"
@@ -686,7 +740,7 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--faults", default="restart:3,restart:10,restart:60,pause:8,readonly:4,oom:5,misconf:5,noperm:5,"
-        "busy:4,loading:4,partition:8",
+        "busy:4,loading:4,partition:8,sentinel_failover:0,primary_killed:0",
     )  # fmt: skip
     parser.add_argument("--tokens", type=int, default=3000)
     parser.add_argument("--standby", action="store_true", help="run a standby beside the leader")
@@ -694,9 +748,9 @@ async def main() -> int:
     args = parser.parse_args()
     results = []
     print("| fault | standby | first tick s | every token ticks s | claims back s | request answered s "
-          "| takeover s | conflated | dropped | answered twice | Kite handshakes "
+          "| takeover s | named s | conflated | dropped | answered twice | Kite handshakes "
           "| seq gaps: publisher / consumer reconnect (reconnects) | ticks again | |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * 15 + "|")
     for item in args.faults.split(","):
         kind, _, seconds = item.partition(":")
         figures = await measure(kind, float(seconds or 5), tokens=args.tokens, standby=args.standby)

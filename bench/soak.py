@@ -1,7 +1,7 @@
 """Soak and chaos: a trading day's faults at once, with the invariants checked through it.
 
     .venv/bin/python bench/soak.py [--duration 300] [--instruments 9000] [--rate 1]
-                                   [--clients 4] [--seed N] [--json] [--cluster]
+                                   [--clients 4] [--seed N] [--json] [--cluster | --sentinel]
 
 Every part is a process of its own except the simulator, which the driver holds so that
 it can inject faults and look at what Kite was told: a private redis-server,
@@ -28,6 +28,12 @@ Exit status 0 when every check held.
 the consumer SSUBSCRIBEs every channel of the universe at its master, Redis's restart is
 one master's (killed and restarted empty), and one more fault moves a slot to another
 master (a tick channel's, or one of the contract's keys') while everything runs.
+
+``--sentinel`` runs it on a primary, a replica and a sentinel: every part reaches Redis
+through ``redis+sentinel://`` (the consumer asks the sentinel who is primary, and moves
+when it names another), and Redis's faults are Sentinel's: ``sentinel_failover`` (a
+manual ``SENTINEL FAILOVER``) and ``primary_killed`` (SIGKILL; the sentinel promotes the
+replica, and the killed server comes back, empty, as the new primary's replica).
 """
 
 from __future__ import annotations
@@ -61,8 +67,9 @@ from redis.crc import key_slot
 
 from config import Keys
 from config.keys import SERVING
+from config.redisurl import parse_sentinel_url
 from consumers.control import ControlClient, ControlTimeout
-from kitebus.localredis import LocalCluster, LocalRedis, free_port
+from kitebus.localredis import LocalCluster, LocalRedis, LocalSentinelSet, free_port
 from kitewire.codec import MODE_RANK
 from publisher import bus
 from publisher.resp import pack_command
@@ -77,6 +84,9 @@ FAULTS = (
 )  # fmt: skip
 # A cluster node cannot be made a replica of a plain server: no READONLY fault there.
 CLUSTER_FAULTS = (*(k for k in FAULTS if k != "redis_readonly"), "reshard")
+SENTINEL_FAULTS = (
+    "drop", "stall", "sentinel_failover", "primary_killed", "publisher_term", "publisher_kill",
+)  # fmt: skip
 FOLLOW_UPS = {b"live", b"rebalanced", b"expire"}
 # Redis away or saying no for a while (OOM, READONLY, LOADING...): a client waits and goes on.
 REDIS_ERRORS = bus.REDIS_FAULTS
@@ -155,11 +165,13 @@ async def run_client(
 # --- the consumer process ----------------------------------------------------------------
 
 
-def run_consumer(ports: list[int], out: Path, universe: int) -> None:
+def run_consumer(ports: list[int] | str, out: Path, universe: int) -> None:
     """Every tick channel: PSUBSCRIBE on one server; on a cluster (several ``ports``),
-    SSUBSCRIBE each channel of the universe at its master. Count ticks, seq gaps (with
+    SSUBSCRIBE each channel of the universe at its master; with a ``redis+sentinel://``
+    URL, PSUBSCRIBE at the primary the sentinel names. Count ticks, seq gaps (with
     when), duplicates; write the figures to ``out`` every second; reconnect whenever Redis
-    goes away (or, on a cluster, unsubscribes a moved slot's channels)."""
+    goes away (or, on a cluster, unsubscribes a moved slot's channels; with Sentinel, once
+    it names another primary)."""
     stats: dict[str, Any] = {"received": 0, "gap_ticks": 0, "gaps": [], "duplicates": 0, "reconnects": 0}
     last: dict[int, tuple[int, int, float]] = {}  # token -> epoch, seq, received at
     written = 0.0
@@ -193,9 +205,15 @@ def run_consumer(ports: list[int], out: Path, universe: int) -> None:
     while not stop:
         sockets: list[socket.socket] = []
         try:
-            sockets = _subscribe(ports, universe)
+            at = _sentinel_primary(ports) if isinstance(ports, str) else ports
+            sockets = _subscribe(at, universe)
             readers = {sock: hiredis.Reader() for sock in sockets}
+            asked = time.monotonic()
             while not stop:
+                if isinstance(ports, str) and time.monotonic() - asked > bus.FOLLOW_INTERVAL:
+                    asked = time.monotonic()
+                    if _sentinel_primary(ports) != at:
+                        raise ConnectionError("the sentinel names another primary")
                 for sock in select.select(sockets, [], [], 0.5)[0]:
                     data = sock.recv(1 << 20)
                     if not data:
@@ -217,6 +235,21 @@ def run_consumer(ports: list[int], out: Path, universe: int) -> None:
             for sock in sockets:
                 sock.close()
     dump()
+
+
+def _sentinel_primary(url: str) -> list[int]:
+    """The port of the primary the sentinels of ``url`` name (all on loopback here)."""
+    target = parse_sentinel_url(url)
+    for host, port in target.sentinels:
+        with contextlib.suppress(OSError, sync_redis.RedisError):
+            client = sync_redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1)
+            try:
+                reply = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", target.service)
+            finally:
+                client.close()
+            if reply:
+                return [int(reply[1])]
+    raise ConnectionError("no sentinel names a primary")
 
 
 def _subscribe(ports: list[int], universe: int) -> list[socket.socket]:
@@ -269,6 +302,7 @@ class Soak:
     seed: int
     kinds: tuple[str, ...] = FAULTS
     cluster: bool = False
+    sentinel: bool = False
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="kitebus-soak-")))
     faults: list[Fault] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
@@ -277,9 +311,11 @@ class Soak:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.keys = Keys(NS)
-        self.redis_server: LocalRedis | LocalCluster
+        self.redis_server: LocalRedis | LocalCluster | LocalSentinelSet
         if self.cluster:
             self.redis_server = LocalCluster(3)
+        elif self.sentinel:
+            self.redis_server = LocalSentinelSet(1)
         else:
             self.redis_server = LocalRedis(self.workdir / "redis", free_port())
             (self.workdir / "redis").mkdir()
@@ -331,6 +367,8 @@ class Soak:
     @property
     def nodes(self) -> list[LocalRedis]:
         server = self.redis_server
+        if isinstance(server, LocalSentinelSet):
+            return server.servers
         return server.nodes if isinstance(server, LocalCluster) else [server]
 
     def connect(self, **kwargs: Any) -> bus.Client:
@@ -409,6 +447,35 @@ class Soak:
             admin.close()
             mirror.close()
             await asyncio.to_thread(copy.stop)
+
+    async def fail_over(self, kind: str) -> None:
+        """``SENTINEL FAILOVER``, or the primary killed; once the sentinel names the replica,
+        a killed primary is started again, empty, as its replica (ready for the next one)."""
+        stack = self.redis_server
+        assert isinstance(stack, LocalSentinelSet)
+        old = await asyncio.to_thread(stack.primary_port)
+        server = stack.server(old)
+        if kind == "sentinel_failover":
+            await asyncio.to_thread(stack.sentinels[0].failover)
+        else:
+            assert server.process is not None
+            server.process.kill()
+            server.process.wait()
+            server.process = None
+        deadline = time.monotonic() + 60
+        while await asyncio.to_thread(stack.primary_port) == old:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the sentinel named no new primary within a minute")
+            await asyncio.sleep(0.02)
+        if kind == "primary_killed":
+            await asyncio.to_thread(server.start)
+            self.lift_limit(server)
+            replica = sync_redis.Redis(port=server.port)
+            try:
+                replica.replicaof("127.0.0.1", stack.primary_port())
+            finally:
+                replica.close()
+        await asyncio.to_thread(stack.wait_replica_known, 60)
 
     async def reshard(self) -> None:
         """Move one slot to another master: a tick channel's, or one of the contract's keys'."""
@@ -512,7 +579,11 @@ class Soak:
             await self.check_hashes(client)
         while True:  # every request answered: nothing pending or unread in the control group
             group = (await client.xinfo_groups(self.keys.control))[0]
-            if not group["pending"] and not group["lag"]:
+            # ``lag`` is off after a replica's promotion (its count of entries read is not
+            # replicated exactly): the last delivered id tells what is unread.
+            newest = await client.xrevrange(self.keys.control, count=1)
+            unread = bool(newest) and newest[0][0] != group["last-delivered-id"]
+            if not group["pending"] and (not group["lag"] or not unread):
                 break
             await asyncio.sleep(0.05)
         await self.check_last(client)
@@ -609,6 +680,8 @@ class Soak:
             await self.demote_redis()
         elif kind == "reshard":
             await self.reshard()
+        elif kind in ("sentinel_failover", "primary_killed"):
+            await self.fail_over(kind)
         else:
             await self.stop_leader(client, signal.SIGTERM if kind == "publisher_term" else signal.SIGKILL)
             await self.start_publisher()
@@ -627,6 +700,8 @@ class Soak:
         await self.simulator.start()
         universe = self.instruments * 4 // 3
         ports = ",".join(str(node.port) for node in self.nodes)
+        if isinstance(self.redis_server, LocalSentinelSet):
+            ports = self.redis_server.url  # the consumer asks the sentinel
         consumer = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--role", "consumer", "--ports", ports,
             "--out", str(self.consumer_out), "--universe", str(universe),
@@ -775,6 +850,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--cluster", action="store_true", help="on a private 3-master Redis Cluster")
+    parser.add_argument("--sentinel", action="store_true", help="on a primary, a replica and a sentinel")
     parser.add_argument("--faults", default="", help="the kinds to inject, in turn (default: every kind)")
     for hidden in ("--role", "--name", "--url", "--pause", "--out", "--ports"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -787,13 +863,19 @@ def main() -> int:
         ))  # fmt: skip
         return 0
     if args.role == "consumer":
-        run_consumer([int(p) for p in args.ports.split(",")], Path(args.out), args.universe)
+        if args.ports.startswith("redis+sentinel://"):
+            run_consumer(args.ports, Path(args.out), args.universe)
+        else:
+            run_consumer([int(p) for p in args.ports.split(",")], Path(args.out), args.universe)
         return 0
-    known = CLUSTER_FAULTS if args.cluster else FAULTS
+    if args.cluster and args.sentinel:
+        parser.error("--cluster or --sentinel, not both")
+    known = CLUSTER_FAULTS if args.cluster else SENTINEL_FAULTS if args.sentinel else FAULTS
     kinds = tuple(k for k in args.faults.split(",") if k) or known
     if not set(kinds) <= set(known):
         parser.error(f"--faults: choose from {', '.join(known)}")
-    soak = Soak(args.duration, args.instruments, args.rate, args.clients, args.seed, kinds, args.cluster)
+    soak = Soak(args.duration, args.instruments, args.rate, args.clients, args.seed, kinds,
+                args.cluster, args.sentinel)  # fmt: skip
     report = asyncio.run(soak.run())
     print(json.dumps(report) if args.json else "", end="\n" if args.json else "")
     if not args.json:

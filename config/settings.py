@@ -20,6 +20,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from config.redisurl import is_sentinel_url, parse_sentinel_url
+
 MAX_KITE_CONNECTIONS = 3
 MAX_KITE_TOKENS_PER_CONNECTION = 3000
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -110,9 +112,17 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str, info: ValidationInfo) -> str:
+        if is_sentinel_url(value):
+            if info.data.get("redis_cluster"):
+                raise ValueError("names Sentinel, which KITEBUS_REDIS_CLUSTER=1 does not go with")
+            try:
+                parse_sentinel_url(value)
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+            return value
         scheme = urlsplit(value).scheme
         if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+            raise ValueError("must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
         if scheme == "unix" and info.data.get("redis_cluster"):
             raise ValueError("must name a cluster node as redis:// or rediss:// with KITEBUS_REDIS_CLUSTER=1")
         return value
@@ -203,6 +213,13 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(f"invalid setting {name}: not valid JSON") from None
 
 
+def _no_password(field: str, value: object) -> object:
+    """A URL's password masked (REDIS_URL may carry one)."""
+    if field == "redis_url" and isinstance(value, str):
+        return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", value)
+    return value
+
+
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
@@ -213,6 +230,6 @@ def _describe(exc: ValidationError) -> str:
         if index is not None:  # inside a list of objects: which one, which key
             name += f"[{index}]" + "".join(f".{key}" for key in keys)
         message = error["msg"].removeprefix("Value error, ")
-        shown = "" if secret else f" (got {error.get('input')!r})"
+        shown = "" if secret else f" (got {_no_password(field, error.get('input'))!r})"
         problems.append(f"{name}: {message}{shown}")
     return "invalid setting " + "; ".join(problems)

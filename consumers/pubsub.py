@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import quote
 
 import hiredis
 import redis.asyncio as redis
 
+from config.redisurl import is_sentinel_url
 from publisher import bus
 from publisher.resp import RespConnection, RespError, pack_command
 from publisher.tasks import cancel_and_wait
@@ -30,9 +33,11 @@ SUBSCRIBE_BATCH = 1000  # channels per SUBSCRIBE command
 
 def url_of(client: bus.Client) -> str:
     """The URL a redis-py client connects to (host or unix socket, credentials, db, TLS);
-    for a cluster client, the URL of one of its nodes."""
+    for a cluster client, the URL of one of its nodes; with Sentinel, its sentinel URL."""
     if bus.is_cluster(client):
         return bus.seed_url(client)
+    if isinstance(client.connection_pool, bus.FollowingPool):
+        return client.connection_pool.url
     kwargs = client.connection_pool.connection_kwargs
     auth = ""
     if kwargs.get("password"):
@@ -60,9 +65,11 @@ class FastPubSub:
         *,
         sharded: bool = False,
         arrived: asyncio.Event | None = None,
+        moved: Coroutine[Any, Any, str] | None = None,
     ) -> None:
         """``sharded``: SSUBSCRIBE (a cluster node); ``arrived``: an event shared with other
-        readers, set when messages arrive."""
+        readers, set when messages arrive; ``moved``: returns when this server is no longer
+        the primary (Sentinel), and the reader then fails as if cut off."""
         self._connection = connection
         self._parser = hiredis.Reader()
         self._ready: deque[Message] = deque()
@@ -76,10 +83,24 @@ class FastPubSub:
         self._failure: ConnectionError | None = None
         self.max_unread = max_unread
         self._task = asyncio.create_task(self._pump(), name="pubsub-reader")
+        self._follow = asyncio.create_task(self._moved(moved), name="pubsub-follow") if moved else None
 
     @classmethod
     async def open(cls, url: str, max_unread: int = 10_000) -> FastPubSub:
-        return cls(await RespConnection.open(url), max_unread)
+        """A reader at ``url``; with a ``redis+sentinel://`` URL, at the primary the sentinels
+        name, failing (so that its owner reconnects) once they name another."""
+        if not is_sentinel_url(url):
+            return cls(await RespConnection.open(url), max_unread)
+        node = (await bus.topology(url, False)).nodes[0]
+        return cls(await RespConnection.open(node), max_unread, moved=bus.primary_moved(url, node))
+
+    async def _moved(self, moved: Coroutine[Any, Any, str]) -> None:
+        why = await moved
+        if self._failure is None:
+            self._failure = RespError(f"the primary moved ({why})")
+        await cancel_and_wait(self._task)
+        self._arrived.set()
+        self._confirmed.set()
 
     async def subscribe(self, *channels: str) -> None:
         """Subscribe and wait until Redis confirmed every channel (so that a snapshot read
@@ -168,6 +189,8 @@ class FastPubSub:
             self._confirmed.set()
 
     async def close(self) -> None:
+        if self._follow is not None:
+            await cancel_and_wait(self._follow)
         await cancel_and_wait(self._task)
         await self._connection.close()
 

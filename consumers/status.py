@@ -14,6 +14,7 @@ from rich.text import Text
 
 from config import Keys
 from config.keys import SERVING
+from publisher import bus
 
 STALE_AFTER = 5.0  # seconds without a publisher heartbeat
 
@@ -76,6 +77,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
     tokens = int(status.get("tokens", 0))
     return {
         "namespace": keys.ns,
+        "redis": await bus.describe_server(client),
         "publisher": {
             "state": status.get("state", "absent"),
             "pid": int(status["pid"]) if "pid" in status else None,
@@ -151,6 +153,8 @@ def render_status(data: dict[str, Any], console: Console) -> None:
             f"[bold red]INSTRUMENTS: {problem}[/]; the last good dump stays in use",
             soft_wrap=True,
         )
+    if data.get("redis"):
+        console.print(f"redis: {escape(data['redis'])}", soft_wrap=True)
     lead = data["leadership"]
     if lead["leader"] or lead["standby"]:
         since = f" for {_age(lead['since_age'])}" if lead["since_age"] is not None else ""

@@ -207,3 +207,170 @@ class LocalCluster:
         for node in self.nodes:
             node.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class LocalSentinel:
+    """A ``redis-server --sentinel`` on a free loopback port watching the primary at
+    ``primary_port`` as ``service`` (quorum 1, quick to judge it down), for the demo and
+    the tests. Several may watch the same primary; each needs its own ``workdir``."""
+
+    def __init__(
+        self,
+        primary_port: int,
+        service: str = "mymaster",
+        workdir: Path | None = None,
+        *,
+        quorum: int = 1,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kitebus-sentinel-"))
+        self.primary_port = primary_port
+        self.service = service
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def url(self, *others: LocalSentinel, db: int = 0) -> str:
+        """``redis+sentinel://`` naming this sentinel (and ``others``) and the service."""
+        hosts = ",".join(s.address for s in (self, *others))
+        return f"redis+sentinel://{hosts}/{self.service}/{db}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        binary = shutil.which("redis-server") or shutil.which("redis-sentinel")
+        if binary is None:
+            raise RedisServerError("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "sentinel.conf"  # sentinel rewrites its config: it must be writable
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self.workdir}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.primary_port} {self.quorum}\n"
+            f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {self.service} 1\n"
+        )
+        self.process = subprocess.Popen(
+            [binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent, start_new_session=True,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    if client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service):
+                        return
+                except redis.ConnectionError:
+                    pass
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RedisServerError(f"redis sentinel did not start on port {self.port}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def primary(self) -> tuple[str, int] | None:
+        """The primary's address as this sentinel names it now (None: it names none)."""
+        client = redis.Redis(port=self.port, socket_timeout=2, decode_responses=True)
+        try:
+            reply = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        finally:
+            client.close()
+        return (reply[0], int(reply[1])) if reply else None
+
+    def failover(self) -> None:
+        """``SENTINEL FAILOVER``: promote a replica without asking other sentinels."""
+        client = redis.Redis(port=self.port, socket_timeout=5)
+        try:
+            client.execute_command("SENTINEL", "FAILOVER", self.service)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class LocalSentinelSet:
+    """A primary, a replica of it and ``sentinels`` sentinels watching them, on loopback:
+    ``url`` is the ``redis+sentinel://`` URL of the lot."""
+
+    def __init__(self, sentinels: int = 1, service: str = "mymaster") -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="kitebus-sentinel-set-"))
+        self.service = service
+        self.servers = [LocalRedis(self.workdir / "a"), LocalRedis(self.workdir / "b")]
+        quorum = sentinels // 2 + 1
+        self.sentinels = [
+            LocalSentinel(self.servers[0].port, service, self.workdir / f"sentinel{i}", quorum=quorum)
+            for i in range(sentinels)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.sentinels[0].url(*self.sentinels[1:])
+
+    def start(self, timeout: float = 20.0) -> None:
+        try:
+            for server in self.servers:
+                server.workdir.mkdir(parents=True, exist_ok=True)
+                server.start(timeout)
+            replica = redis.Redis(port=self.servers[1].port)
+            try:
+                replica.replicaof("127.0.0.1", self.servers[0].port)
+                deadline = time.monotonic() + timeout
+                while replica.info("replication").get("master_link_status") != "up":
+                    if time.monotonic() > deadline:
+                        raise RedisServerError("the replica did not sync with the primary")
+                    time.sleep(0.02)
+            finally:
+                replica.close()
+            for sentinel in self.sentinels:
+                sentinel.start(timeout)
+            self.wait_replica_known(timeout)
+        except RedisServerError:
+            self.stop()
+            raise
+
+    def wait_replica_known(self, timeout: float = 20.0) -> None:
+        """Until every sentinel knows a replica it could promote (found by INFO, ~10 s at most)."""
+        deadline = time.monotonic() + timeout
+        for sentinel in self.sentinels:
+            client = redis.Redis(port=sentinel.port, socket_timeout=2, decode_responses=True)
+            try:
+                while not [r for r in client.sentinel_slaves(self.service) if "s_down" not in r["flags"]
+                           and r.get("master-link-status") == "ok"]:  # fmt: skip
+                    if time.monotonic() > deadline:
+                        raise RedisServerError("the sentinels found no replica to promote")
+                    time.sleep(0.05)
+            finally:
+                client.close()
+
+    def primary_port(self) -> int:
+        address = self.sentinels[0].primary()
+        assert address is not None
+        return address[1]
+
+    def server(self, port: int) -> LocalRedis:
+        return next(s for s in self.servers if s.port == port)
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.stop()
+        for server in self.servers:
+            server.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""The Redis behind the bus: one server, or a Redis Cluster (``KITEBUS_REDIS_CLUSTER=1``).
+"""The Redis behind the bus: one server, a primary found through Redis Sentinel
+(``REDIS_URL=redis+sentinel://...``), or a Redis Cluster (``KITEBUS_REDIS_CLUSTER=1``).
 
 Everything that differs between the two lives here, so no other module asks which it is:
 
@@ -7,12 +8,19 @@ Everything that differs between the two lives here, so no other module asks whic
   different slots, so it is a plain pipeline, split per node, in order per key;
 - ``PUBLISH`` or ``SPUBLISH`` (sharded pub/sub, Redis >= 7) and the matching subscribe;
 - ``Topology``: which master serves the slot of a channel or key, for the RESP sockets of
-  the tick flow and of the library's pub/sub reader, which redis-py does not carry.
+  the tick flow and of the library's pub/sub reader, which redis-py does not carry;
+- Sentinel: ``connect`` gives a client whose pool asks the sentinels who is primary on each
+  new connection and, at most every ``FOLLOW_INTERVAL`` seconds, before handing one out, so
+  it moves to a new primary within that much of a failover (a demoted primary goes on
+  taking writes for seconds until Sentinel reconfigures it). The RESP sockets resolve the
+  primary on each (re)open (``topology``) and watch for a new one (``primary_moved``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -20,9 +28,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
 from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 
+from config.redisurl import SentinelURL, is_sentinel_url, parse_sentinel_url
 from publisher.resp import RespConnection, RespError, pack_command
 
 Client = redis.Redis | RedisCluster
@@ -54,12 +66,144 @@ def cluster_from_env() -> bool:
 
 
 def connect(url: str, cluster: bool | None = None, **kwargs: Any) -> Client:
-    """A client for ``url``; ``cluster=None`` reads ``KITEBUS_REDIS_CLUSTER``."""
+    """A client for ``url``; ``cluster=None`` reads ``KITEBUS_REDIS_CLUSTER``. A
+    ``redis+sentinel://`` URL gives a client of the service's primary, wherever it is."""
+    if is_sentinel_url(url):
+        if cluster:
+            raise ValueError("a redis+sentinel:// URL does not go with KITEBUS_REDIS_CLUSTER=1")
+        return _sentinel_client(url, **kwargs)
     if cluster is None:
         cluster = cluster_from_env()
     if cluster:
         return RedisCluster.from_url(url, **kwargs)
     return redis.from_url(url, **kwargs)
+
+
+FOLLOW_INTERVAL = 0.5  # seconds: how often a connection's user asks who is primary now
+
+
+class FollowingPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool that also follows a failover on its own: before handing
+    out a connection it asks the sentinels (at most every ``FOLLOW_INTERVAL`` s) who is
+    primary, and a connection still open to another server is reopened. redis-py alone
+    moves only when the old primary answers READONLY or drops the connection."""
+
+    def __init__(self, url: str, target: SentinelURL, manager: Sentinel, **kwargs: Any) -> None:
+        super().__init__(target.service, manager, **kwargs)
+        self.url = url
+        self.target = target
+        self._asked = 0.0
+        self.moves = 0  # how often the primary changed under this pool
+
+    async def get_master_address(self) -> Any:
+        before = self.master_address
+        address = await super().get_master_address()
+        if before is not None and address != before:
+            self.moves += 1
+        return address
+
+    async def get_connection(self, *args: Any, **options: Any) -> Any:
+        if self.master_address is not None and time.monotonic() - self._asked >= FOLLOW_INTERVAL:
+            self._asked = time.monotonic()
+            try:
+                await self.get_master_address()  # a new one: idle connections are closed
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                pass  # no sentinel answers, or none names a primary: stay where we are
+        connection = await super().get_connection(*args, **options)
+        if self.master_address is not None and (connection.host, connection.port) != self.master_address:
+            try:  # busy when the primary changed: open it again, to the new one
+                await connection.disconnect()
+                await connection.connect()
+            except BaseException:
+                await self.release(connection)
+                raise
+        return connection
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the client is closing: so are its sentinel connections
+            await self.sentinel_manager.aclose()
+
+
+def _sentinel_client(url: str, **kwargs: Any) -> redis.Redis:
+    target = parse_sentinel_url(url)
+    asking = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+    asking.setdefault("socket_timeout", 2.0)
+    asking.setdefault("socket_connect_timeout", 2.0)
+    manager = Sentinel(list(target.sentinels), sentinel_kwargs=asking)
+    # What redis.from_url gives its pool, which a pool made here would go without: a
+    # command (and the connect before it) retried on a connection error, for ~4 s.
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=1.0), 10))
+    pool = FollowingPool(
+        url, target, manager, db=target.db, username=target.username, password=target.password, **kwargs
+    )
+    return redis.Redis.from_pool(pool)
+
+
+def primary_moves(client: Client) -> int:
+    """How often the client's primary changed (Sentinel); 0 for anything else. Whoever
+    relies on writes being acknowledged by the server in hand (the control loop's XACKs)
+    looks again when this changes: the old primary's last writes may not have reached
+    the new one."""
+    pool = getattr(client, "connection_pool", None)
+    return pool.moves if isinstance(pool, FollowingPool) else 0
+
+
+def is_sentinel(client: Client) -> bool:
+    return isinstance(getattr(client, "connection_pool", None), FollowingPool)
+
+
+async def primary_address(url: str | SentinelURL, timeout: float = 1.0) -> tuple[str, int]:
+    """``SENTINEL GET-MASTER-ADDR-BY-NAME`` asked of each sentinel in turn, until one names
+    the primary. Raises RespError (a ConnectionError) when none does."""
+    target = parse_sentinel_url(url) if isinstance(url, str) else url
+    problems = []
+    for host, port in target.sentinels:
+        try:
+            connection = await RespConnection.open(f"redis://{host}:{port}/0", timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await connection.call(b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME", target.service)
+            finally:
+                await connection.close()
+        except (ConnectionError, OSError, TimeoutError) as exc:
+            problems.append(f"{host}:{port} {exc.__class__.__name__}")
+            continue
+        if isinstance(reply, list) and len(reply) == 2:
+            return reply[0].decode(), int(reply[1])
+        problems.append(f"{host}:{port} {'said ' + str(reply) if reply else 'knows no such service'}")
+    raise RespError(f"no sentinel names a primary for {target.service!r}: {'; '.join(problems)}")
+
+
+async def primary_moved(url: str, node: str, interval: float = FOLLOW_INTERVAL) -> str:
+    """Returns (why) once the sentinels of ``url`` name another primary than ``node`` (a
+    ``redis://`` URL); waits for ever while they name it, or none answers."""
+    parts = urlsplit(node)
+    here = (parts.hostname, parts.port)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            host, port = await primary_address(url)
+        except RespError:
+            continue
+        if (host, port) != here:
+            return f"sentinel names {host}:{port} primary"
+
+
+async def describe_server(client: Client) -> str:
+    """Which server the client writes to, for ``kitebus status``: ``primary H:P via sentinel
+    service S``, ``H:P`` of a server, or the cluster's masters."""
+    if is_cluster(client):
+        masters = sorted(f"{n.host}:{n.port}" for n in client.get_primaries())
+        return f"cluster masters {', '.join(masters)}"
+    pool = client.connection_pool
+    if isinstance(pool, FollowingPool):
+        host, port = await pool.get_master_address()
+        return f"primary {host}:{port} via sentinel service {pool.service_name}"
+    kwargs = pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
 def is_cluster(client: Client) -> bool:
@@ -147,7 +291,14 @@ class Topology:
 
 
 async def topology(url: str, cluster: bool) -> Topology:
-    return await Topology.fetch(url) if cluster else Topology.single(url)
+    """Where the RESP sockets go: a cluster's masters, the primary the sentinels name now
+    (raises RespError when none does), or the one server."""
+    if cluster:
+        return await Topology.fetch(url)
+    if is_sentinel_url(url):
+        target = parse_sentinel_url(url)
+        return Topology.single(target.node_url(*await primary_address(target)))
+    return Topology.single(url)
 
 
 class OrderedWrites:

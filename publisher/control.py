@@ -193,10 +193,17 @@ class ControlLoop:
                         self._send(None, result)
                     self._resend = []
                     await self._commit()
+                moves = bus.primary_moves(self._redis)
                 await self._drain(pending=True)
                 self.problem = ""
                 backoff.reset()
                 while not self._stopping:
+                    if bus.primary_moves(self._redis) != moves:
+                        # a failover: XACKs (and results) sent to the old primary in its last
+                        # moments may be missing on the new one. Read the pending again:
+                        # those answered are only acknowledged, the others applied.
+                        log.warning("redis primary moved: reading pending requests again")
+                        break
                     await self._drain(pending=False)
                     await self._expire_due()
             except LeaseLost:

@@ -82,6 +82,14 @@ class RespConnection:
                 errors += 1
         return errors
 
+    async def call(self, *args: bytes | str) -> object:
+        """One command and its reply, parsed (an error reply comes back as hiredis.ReplyError)."""
+        self.write(pack_command(*args))
+        await self.drain()
+        while (reply := self._parser.gets()) is False:
+            self._parser.feed(await self.read())
+        return reply
+
     def write(self, data: bytes) -> None:
         """Queue bytes for Redis without waiting."""
         self._writer.write(data)

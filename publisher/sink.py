@@ -22,7 +22,8 @@ Redis saying no is the same: a PUBLISH answered with an error (BUSY, NOPERM, ...
 as dropped and its token's newest goes again a moment later; an HSET of ``{ns}:last``
 refused (OOM, MISCONF, ...) has the whole snapshot written again a second later, until
 Redis takes it. A server that says it is no primary (READONLY, LOADING, MASTERDOWN) has
-its socket opened afresh, through Sentinel when ``REDIS_URL`` names one. While the lease
+its socket opened afresh, through Sentinel when ``REDIS_URL`` names one; with Sentinel the
+socket is also reopened as soon as the sentinels name another primary. While the lease
 is lapsed (``lease.py``) nothing is written, and the backlog is held and conflated as
 while Redis is away: each token's newest goes out once the lease is renewed.
 
@@ -52,6 +53,7 @@ from dataclasses import dataclass
 import msgpack
 
 from config.keys import Keys
+from config.redisurl import is_sentinel_url
 from kitewire import codec
 from kitewire.encoder import Encoder, frame_encoder
 from publisher import bus
@@ -100,6 +102,7 @@ class TickSink:
         """``cluster``: ``redis_url`` names a node of a Redis Cluster (SPUBLISH, a lane per master)."""
         self._url = redis_url
         self._cluster = cluster
+        self._sentinel = is_sentinel_url(redis_url)
         self._command = bus.publish_command(cluster)
         self._topology = bus.Topology.single(redis_url)
         self._lanes_of_tokens: dict[int, int] = {}  # token -> the lane of its channel
@@ -358,6 +361,8 @@ class TickSink:
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._write(connections))
+                    if self._sentinel:
+                        group.create_task(self._follow_primary())
                     for lane, connection in enumerate(connections):
                         group.create_task(self._count_replies(connection, lane))
             except* (ConnectionError, OSError, TimeoutError) as failure:
@@ -370,6 +375,15 @@ class TickSink:
                     await connection.close()
             if self._not_primary:  # give a failover a moment before asking again
                 self._not_primary, delay = False, 0.5
+
+    async def _follow_primary(self) -> None:
+        """With Sentinel: once it names another primary, finish what is in flight on this
+        one and open the socket to the new one (a demoted primary takes writes for seconds
+        before Sentinel reconfigures it, and its subscribers are moving away)."""
+        why = await bus.primary_moved(self._url, self._topology.nodes[0])
+        log.warning("sink follows the primary: %s", why)
+        self._reopen = self._reopen or why
+        self._work.set()
 
     async def _open(self) -> list[RespConnection]:
         """A socket per node: one for a server; on a cluster one per master, from a fresh
