@@ -92,6 +92,11 @@ FOLLOW_UPS = {b"live", b"rebalanced", b"expire"}
 REDIS_ERRORS = bus.REDIS_FAULTS
 
 
+def _entry_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, n = entry_id.partition(b"-")
+    return int(ms), int(n or 0)
+
+
 def _token(i: int) -> int:
     return (i + 1) << 8 | 1  # generic NSE instruments
 
@@ -106,6 +111,7 @@ async def run_client(
     rng = random.Random(seed)
     client = bus.connect(url, cluster, socket_timeout=5, socket_connect_timeout=2)
     control = ControlClient(client, NS)
+    control_key = Keys(NS).control
     counts: Counter[str] = Counter()
     held: set[int] = set()
     ack = pause.with_name(f"{pause.name}.{name}")
@@ -138,8 +144,11 @@ async def run_client(
                 result = await control.request(
                     op, tokens, mode=mode if asks else None, client=name, ttl=ttl, timeout=20
                 )
-            except ControlTimeout:
-                lost = await bus.run_id(client) != run_id
+            except ControlTimeout as exc:
+                # Redis restarted empty, or (Sentinel) the request was written to a primary
+                # demoted before it replicated: gone with Redis's data, not unanswered.
+                kept = await client.xrange(control_key, exc.request, exc.request)
+                lost = await bus.run_id(client) != run_id or not kept
                 counts["lost_with_redis" if lost else "unanswered"] += 1
                 continue
         except REDIS_ERRORS:
@@ -324,6 +333,8 @@ class Soak:
         self.publishers: list[asyncio.subprocess.Process] = []  # the leader and a standby
         self.publisher_runs = 0
         self.results: Counter[bytes] = Counter()  # request id -> results seen
+        self.result_ids: dict[bytes, list[bytes]] = {}  # request id -> its result entries' ids
+        self.results_kept: set[bytes] = set()  # the result entries in the stream at the end
         self.results_lost = 0  # results in a stream Redis lost before they were read
         self.rss_mb: list[float] = []
 
@@ -515,6 +526,7 @@ class Soak:
                             seen.add(entry_id)
                             if fields.get(b"op") not in FOLLOW_UPS:
                                 self.results[fields[b"request"]] += 1
+                                self.result_ids.setdefault(fields[b"request"], []).append(entry_id)
             except REDIS_ERRORS:
                 await asyncio.sleep(0.2)
             finally:
@@ -742,6 +754,7 @@ class Soak:
                 counts.update(json.loads(out or b"{}"))
             await self.checkpoint(client, final=True)
             await asyncio.sleep(1.0)  # the auditor reads the last results
+            self.results_kept = {i for i, _ in await client.xrange(self.keys.control_results)}
             return self.report(counts, await self.consumer_figures())
         finally:
             await cancel_and_wait(auditor)  # redis-py can swallow one cancel
@@ -771,7 +784,17 @@ class Soak:
         windows = [(f.at - 1, (f.recovered_at or f.at + 60) + 2) for f in self.faults]
         gaps = consumer.get("gaps", [])
         outside = [g for g in gaps if not any(g[0] <= b and g[1] >= a for a, b in windows)]
-        duplicates = sum(1 for n in self.results.values() if n > 1)
+        twice = [r for r, n in self.results.items() if n > 1]
+        # A result read from a primary that was demoted before it replicated is lost with it;
+        # the new primary's publisher answers the request again (its pending entry came back).
+        # (One trimmed off the stream's head is not lost: it counts as kept.)
+        first = min(self.results_kept, key=_entry_key, default=b"0-0")
+
+        def kept(entry: bytes) -> bool:
+            return entry in self.results_kept or _entry_key(entry) < _entry_key(first)
+
+        again = [r for r in twice if sum(map(kept, self.result_ids[r])) <= 1]
+        duplicates = len(twice) - len(again)
         if self.simulator.peak > LIMIT:
             self.failures.append(f"a session held {self.simulator.peak} tokens, over the limit of {LIMIT}")
         if duplicates:
@@ -809,6 +832,7 @@ class Soak:
             },
             "requests": dict(counts),
             "results_audited": len(self.results),
+            "answered_again_after_failover": len(again),
             "ticks": {
                 "sent_by_simulator": self.simulator.sent,
                 "received_by_consumer": consumer.get("received", 0),
@@ -834,7 +858,9 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"faults      {report['faults']}  (publisher runs {report['publisher_runs']})")
     for kind, figures in report["recovery_s"].items():
         print(f"  recovery  {kind:15} p50 {figures['p50']:6.2f} s  max {figures['max']:6.2f} s")
-    print(f"requests    {report['requests']}; results audited {report['results_audited']}")
+    again = report["answered_again_after_failover"]
+    print(f"requests    {report['requests']}; results audited {report['results_audited']}"
+          f" (answered again after its result was lost with a demoted primary: {again})")
     print(f"ticks       {report['ticks']}")
     print(f"peak tokens on one connection {report['peak_tokens_per_connection']} (limit {LIMIT})")
     for point in report["checkpoints"]:

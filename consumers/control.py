@@ -12,7 +12,12 @@ from config.keys import Keys
 
 
 class ControlTimeout(TimeoutError):
-    """No result arrived in time: is the publisher running?"""
+    """No result arrived in time: is the publisher running? ``request`` is the entry id of
+    the request that went unanswered ("" for a follow-up)."""
+
+    def __init__(self, message: str, request: str = "") -> None:
+        super().__init__(message)
+        self.request = request
 
 
 class SubscriptionRejected(Exception):
@@ -88,7 +93,8 @@ class ControlClient:
         entry_id = (await self._redis.xadd(self._keys.control, fields)).decode()
         result = await self._find(cursor, entry_id, None, timeout)
         if result is None:
-            raise ControlTimeout(f"no result for {entry_id} in {timeout:g}s: is the publisher running?")
+            message = f"no result for {entry_id} in {timeout:g}s: is the publisher running?"
+            raise ControlTimeout(message, entry_id)
         return result
 
     async def wait_live(self, result: ControlResult, timeout: float = 15.0) -> ControlResult:

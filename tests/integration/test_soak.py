@@ -9,8 +9,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 SOAK = Path(__file__).parent.parent.parent / "bench" / "soak.py"
 
 
@@ -54,10 +52,6 @@ async def test_forty_seconds_of_redis_frozen_full_and_read_only(redis_server) ->
     assert report["ticks"]["seq_gaps_outside_faults"] == 0
 
 
-@pytest.mark.skip(
-    reason="known open problem: a leader and a standby across Sentinel failovers can hand over "
-    "(lease renewals lost in the switch) and leave a request unanswered; docs/sentinel.md"
-)
 async def test_thirty_seconds_of_chaos_through_sentinel(redis_server) -> None:
     """On a primary, a replica and a sentinel, everything through redis+sentinel://: a
     manual SENTINEL FAILOVER and a primary killed, in turn, under load (50 s: room for both)."""
