@@ -563,7 +563,9 @@ async def _recovery(rig: Rig, figures: Figures, budget: float = RECOVERY_BUDGET)
 
     assert rig.consumer is not None
     control = ControlClient(rig.rds, NS)
-    probe = asyncio.create_task(control.subscribe([token(80_000)], mode="ltp", client="probe", timeout=budget))
+    probe = asyncio.create_task(
+        control.subscribe([token(80_000)], mode="ltp", client="probe", timeout=budget)
+    )
     try:
         figures.first_tick_s = await _until(lambda: rig.consumer.last_at > back, left())
         at = rig.consumer.token_at
