@@ -16,7 +16,8 @@ from config import Keys
 from config.keys import SERVING
 from publisher import bus
 
-STALE_AFTER = 5.0  # seconds without a publisher heartbeat
+STALE_AFTER = 5.0  # seconds without a publisher heartbeat (at least; 3 heartbeat intervals if longer)
+HEARTBEATS_MISSED = 3
 
 
 def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
@@ -74,15 +75,22 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
         clients[raw.decode()] = await client.hlen(keys.claims(raw.decode()))
     heartbeat = float(status.get("heartbeat_at", 0) or 0)
     age = round(now - heartbeat, 3) if heartbeat else None
+    stale_after = max(STALE_AFTER, HEARTBEATS_MISSED * float(status.get("heartbeat_interval") or 0))
+    state = status.get("state", "absent")
     tokens = int(status.get("tokens", 0))
     return {
         "namespace": keys.ns,
         "redis": await bus.describe_server(client),
         "publisher": {
-            "state": status.get("state", "absent"),
+            "state": state,
             "pid": int(status["pid"]) if "pid" in status else None,
             "heartbeat_age": age,
-            "alive": age is not None and age < STALE_AFTER and status.get("state") in SERVING,
+            "alive": age is not None and age < stale_after and state in SERVING,
+            # it says it serves, but has not said so for a while: dead, stuck, or cut off from Redis
+            "old_heartbeat": state in SERVING and (age is None or age >= stale_after),
+            "degraded_reason": status.get("degraded_reason", ""),
+            "failed_reason": status.get("failed_reason", ""),
+            "task_restarts": int(status.get("task_restarts", 0)),
             "published": int(status.get("published", 0)),
             "conflated": int(status.get("conflated", 0)),
             "dropped": int(status.get("dropped", 0)),
@@ -124,7 +132,11 @@ def connections_table(data: dict[str, Any]) -> Table:
 def render_status(data: dict[str, Any], console: Console) -> None:
     """The whole status, for a terminal (or plain text when not one)."""
     pub, totals = data["publisher"], data["totals"]
-    health = "[green]alive[/]" if pub["alive"] else "[red]NOT ALIVE[/]"
+    if pub["old_heartbeat"]:
+        age = _age(pub["heartbeat_age"])
+        health = f"[bold red]OLD HEARTBEAT ({age}): that state is its last word, it may be dead or stuck[/]"
+    else:
+        health = "[green]alive[/]" if pub["alive"] else "[red]NOT ALIVE[/]"
     console.print(
         f"publisher {escape('[' + data['namespace'] + ']')}: {pub['state']} {health}, "
         f"heartbeat {_age(pub['heartbeat_age'])} ago, "
@@ -133,6 +145,12 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         + (" [yellow]waiting for Redis (backpressure)[/]" if pub["backpressure"] else ""),
         soft_wrap=True,  # one line for scripts and pipes, whatever the console's width
     )
+    if pub["state"] == "degraded" and pub["degraded_reason"]:
+        console.print(f"[bold yellow]DEGRADED:[/] {escape(pub['degraded_reason'])}", soft_wrap=True)
+    if pub["state"] == "failed" and pub["failed_reason"]:
+        console.print(f"[bold red]FAILED (exited 1):[/] {escape(pub['failed_reason'])}", soft_wrap=True)
+    if pub["task_restarts"]:
+        console.print(f"tasks restarted after a crash: {pub['task_restarts']}", soft_wrap=True)
     refused = [row for row in data["connections"] if row.get("auth_failed_for") is not None]
     if refused:
         longest = max(row["auth_failed_for"] for row in refused)

@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from config import Keys, Settings, SettingsError, load_settings
 from kitebus.logs import configure_logging
 from kitebus.signals import wait_for_stop_signal
-from publisher.tasks import cancel_and_wait, run_until
+from publisher.tasks import PublisherFailed, cancel_and_wait, run_until
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY
 
 if TYPE_CHECKING:
@@ -254,7 +254,11 @@ def _publish(args: argparse.Namespace) -> int:
     settings.require_credentials()
     configure_logging(settings.log_level)
 
-    _run_until_signal(lambda stop: app.run(settings, stop))
+    try:
+        _run_until_signal(lambda stop: app.run(settings, stop))
+    except PublisherFailed as exc:  # exit 1: compose or systemd restarts the process
+        print(f"kitebus publish: failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import watchfiles
 
-from publisher.tasks import cancel_and_wait
+from publisher.health import Health
+from publisher.tasks import cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.access_token")
 
@@ -82,6 +83,8 @@ class AccessTokenSource:
         self.on_change = on_change
         self.error = ""  # what is wrong with the file now ("" when it is fine)
         self.changed_at = 0.0
+        self.health = Health()  # the publisher's, once it is given one
+        self._watched = False  # the watch ran before: a new one reads the file first
         self._task: asyncio.Task[None] | None = None
         if path is not None:
             self.reload(notify=False)  # the first token is the one to start with, not a change
@@ -107,7 +110,9 @@ class AccessTokenSource:
 
     def start(self) -> None:
         if self.path is not None:
-            self._task = asyncio.create_task(self._watch(), name="access-token-watch")
+            self._task = asyncio.create_task(
+                supervised("access-token-watch", self._watch, self.health), name="access-token-watch"
+            )
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
@@ -115,6 +120,9 @@ class AccessTokenSource:
 
     async def _watch(self) -> None:
         assert self.path is not None
+        if self._watched:  # restarted: a change made while nobody watched counts too
+            self.reload()
+        self._watched = True
         name = self.path.name
         # The folder, not the file: a login script replaces the file by rename.
         async for _ in watchfiles.awatch(

@@ -9,6 +9,10 @@ Stop: control loop -> connections (close frames) -> hashes cleared, status ``sto
 -> monitor -> sink (drained for a moment) -> Redis. A publisher that lost its lease
 closes its Kite sockets first and writes nothing more.
 
+Every long-lived task runs under ``tasks.supervised``: a crash is restarted on the same
+objects (``degraded`` meanwhile); a task that keeps crashing makes ``run`` stop the
+publisher and raise ``PublisherFailed`` (``kitebus publish`` exits 1 with the reason).
+
 Redis away or saying no ends nothing: every writer waits it out with its own backoff and
 reports it (``health.py``); a lapsed lease pauses every write until it is renewed, and
 only a lease another publisher holds ends the term (``lease.py``).
@@ -42,7 +46,7 @@ from publisher.rebalance import Rebalancer
 from publisher.sink import TickSink
 from publisher.standby import Standby
 from publisher.subscriptions import SubscriptionBook
-from publisher.tasks import Backoff, cancel_and_wait, run_until
+from publisher.tasks import Backoff, PublisherFailed, cancel_and_wait, run_until
 
 log = logging.getLogger("kitebus.publisher")
 T = TypeVar("T")
@@ -60,6 +64,9 @@ class Tuning:
     max_backlog: int = 4 << 20  # bytes of unsent ticks before the connections pause
     conflate_after: float = 1.0  # seconds over that bound before ticks are conflated
     live_timeout: float = 10.0  # seconds a new token may take to tick before it is named silent
+    settle: float = 5.0  # seconds a restarted task must run to count as working again
+    max_restarts: int = 5  # crashes of one task within restart_window before the process gives up
+    restart_window: float = 60.0
 
 
 class Publisher:
@@ -82,7 +89,9 @@ class Publisher:
         self.book = SubscriptionBook(settings.total_connections, settings.tokens_per_connection)
         self.epoch = time.time_ns() // 1_000_000  # tells a consumer a restart from a gap
         self.lease = lease
-        self.health = Health()
+        self.health = Health(
+            max_restarts=tuning.max_restarts, restart_window=tuning.restart_window, settle=tuning.settle
+        )
         self.sink = TickSink(
             settings.redis_url, self.keys, encoder=encoder, epoch=self.epoch,
             max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after, fence=lease,
@@ -131,6 +140,11 @@ class Publisher:
             fence=lease, lease=lease, health=self.health, problems=self._problems,
         )  # fmt: skip
         self.handover = Handover(self.redis, self.keys, lease, self.connections) if lease else None
+        # Every long-lived task runs under tasks.supervised, which reports to this Health.
+        for part in (self.sink, self.live, self.instruments, self.control, self.handover,
+                     *self.connections, *self.access_tokens):  # fmt: skip
+            if part is not None:
+                part.health = self.health
 
     def _problems(self) -> dict[str, str]:
         """What each part of the publisher says is wrong now (for ``health``)."""
@@ -186,7 +200,7 @@ class Publisher:
         await self.live.close()
         for connection in self.connections:
             await connection.close()
-        self.monitor.state = "stopped"
+        self.monitor.state = "failed" if self.health.fatal.is_set() else "stopped"
         await self.monitor.close()
         if deposed:
             await self._close_quietly()
@@ -242,9 +256,9 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
 
 async def _lead(settings: Settings, lease: Lease, stop: asyncio.Event) -> None:
     publisher = Publisher(settings, lease=lease)
-    lease.start()
-    ended = asyncio.Event()  # stop, or the lease lost
-    watcher = asyncio.create_task(_first_of(ended, stop, lease.lost))
+    lease.start(publisher.health)
+    ended = asyncio.Event()  # stop, the lease lost, or a task that keeps crashing
+    watcher = asyncio.create_task(_first_of(ended, stop, lease.lost, publisher.health.fatal))
     started = time.monotonic()
     try:
         await run_until(publisher.start(), ended)
@@ -255,6 +269,8 @@ async def _lead(settings: Settings, lease: Lease, stop: asyncio.Event) -> None:
         await cancel_and_wait(watcher)
         await publisher.stop()
         await lease.close(release=not lease.lost.is_set())
+    if publisher.health.fatal.is_set():
+        raise PublisherFailed(publisher.health.fatal_reason)
 
 
 async def _first_of(ended: asyncio.Event, *events: asyncio.Event) -> None:

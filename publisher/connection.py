@@ -21,8 +21,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from kitewire import messages
 from kitewire.codec import MODES
+from publisher.health import Health
 from publisher.subscriptions import ConnectionChange
-from publisher.tasks import cancel_and_wait
+from publisher.tasks import cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.connection")
 # websockets logs the handshake's request line, access token included, at DEBUG: its logger
@@ -84,6 +85,7 @@ class KiteConnection:
         self.modes: dict[int, str] = {}  # what this connection holds (and tells Kite)
         self._socket: ClientConnection | None = None
         self._lock = asyncio.Lock()  # orders resubscription against live changes
+        self.health = Health()  # the publisher's, once it is given one
         self._task: asyncio.Task[None] | None = None
         # figures for status and metrics
         self.state = STOPPED
@@ -96,7 +98,8 @@ class KiteConnection:
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"kite-connection-{self.index}")
+        name = f"kite-connection-{self.index}"
+        self._task = asyncio.create_task(supervised(name, self._run, self.health), name=name)
 
     def set_access_token(self, access_token: str) -> None:
         """Use this token from the next handshake on; a connection that is down or refused

@@ -24,6 +24,7 @@ from kitewire.instruments import UnknownInstrument
 from publisher import bus
 from publisher.bus import REDIS_FAULTS
 from publisher.connection import KiteConnection
+from publisher.health import Health
 from publisher.instruments import InstrumentsLoader
 from publisher.lease import Fence, LeaseLost
 from publisher.live import LiveWatch
@@ -31,7 +32,7 @@ from publisher.moves import Moves
 from publisher.rebalance import Rebalancer
 from publisher.requests import RELEASES, Request, RequestError, parse_request
 from publisher.subscriptions import Outcome, RebalanceBusy, SubscriptionBook
-from publisher.tasks import Backoff, cancel_and_wait
+from publisher.tasks import Backoff, cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.control")
 
@@ -82,6 +83,8 @@ class ControlLoop:
         self._resend: list[dict[str, str]] = []  # such results of a batch that failed
         self._quiet = _RateLimitedLog(per_second=20)
         self._stopping = False
+        self._deposed = False  # another publisher leads: the loop has ended for good
+        self.health = Health()  # the publisher's, once it is given one
         self.last_error = ""
         self.problem = ""  # what keeps the loop from working now ("" when nothing does)
 
@@ -160,7 +163,10 @@ class ControlLoop:
     # --- the task ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="control-loop")
+        self._task = asyncio.create_task(
+            supervised("control-loop", self._run, self.health, done=lambda: self._stopping or self._deposed),
+            name="control-loop",
+        )
 
     async def close(self) -> None:
         """Stop after the request in hand. The loop is asked to stop rather than cancelled
@@ -211,6 +217,7 @@ class ControlLoop:
                 if self._fence.lapsed:
                     continue  # wait for the renewal at the top; the entries stay pending
                 log.warning("control loop stops: no longer the leader")
+                self._deposed = True
                 return
             except REDIS_FAULTS as exc:
                 self._batch_failed()
@@ -227,6 +234,9 @@ class ControlLoop:
                     log.warning("control loop waits for redis error=%s", reason)
                 self.problem = self.last_error = reason
                 await backoff.wait()
+            except Exception:  # a bug: the batch in hand stays pending, its results kept, as
+                self._batch_failed()  # after a failed write; the supervisor restarts the loop
+                raise
 
     def _batch_failed(self) -> None:
         """The batch's writes failed, some perhaps applied (a cluster writes key by key):

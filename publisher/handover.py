@@ -21,8 +21,9 @@ from config.keys import Keys
 from publisher import bus
 from publisher.bus import REDIS_FAULTS
 from publisher.connection import KiteConnection
+from publisher.health import Health
 from publisher.lease import Lease
-from publisher.tasks import cancel_and_wait
+from publisher.tasks import cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.handover")
 
@@ -41,12 +42,15 @@ class Handover:
         self._key = keys.standby
         self._lease = lease
         self._connections = connections
+        self.health = Health()  # the publisher's, once it is given one
         self.standby_seen_at = 0.0  # monotonic
         self.released = False  # the sockets are closed for a standby
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="handover")
+        self._task = asyncio.create_task(
+            supervised("handover", self._run, self.health, done=self._lease.lost.is_set), name="handover"
+        )
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)

@@ -18,11 +18,24 @@ log = logging.getLogger("kitebus.health")
 class Health:
     """Faults by component, task restarts, and the one fatal reason (if any)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        max_restarts: int = 5,
+        restart_window: float = 60.0,
+        settle: float = 5.0,
+        restart_backoff: tuple[float, float] = (0.1, 2.0),
+    ) -> None:
+        """The rest is the policy of ``tasks.supervised``: more than ``max_restarts`` crashes
+        of one task in ``restart_window`` seconds is fatal; a restarted task that has run
+        ``settle`` seconds counts as recovered; waits before a restart grow over
+        ``restart_backoff`` (first, cap)."""
         self._faults: dict[str, tuple[str, float]] = {}  # component -> (reason, since: epoch s)
         self.restarts: dict[str, int] = {}  # task name -> times restarted after a crash
         self.fatal = asyncio.Event()
         self.fatal_reason = ""
+        self.max_restarts, self.restart_window = max_restarts, restart_window
+        self.settle, self.restart_backoff = settle, restart_backoff
 
     def fault(self, component: str, reason: str) -> None:
         """``component`` is in trouble (Redis away or saying no, ...); logged when it starts."""
@@ -37,8 +50,18 @@ class Health:
         if self._faults.pop(component, None) is not None:
             log.warning("recovered component=%s", component)
 
-    def crashed(self, task: str) -> None:
+    def crashed(self, task: str, reason: str) -> None:
+        """``task`` ended unexpectedly and is being restarted: degraded until ``recovered``."""
         self.restarts[task] = self.restarts.get(task, 0) + 1
+        self.fault(f"task {task}", f"crashed ({reason}), restarting")
+
+    def recovered(self, task: str) -> None:
+        """The restarted ``task`` has run long enough to count as working again."""
+        self.clear(f"task {task}")
+
+    @property
+    def task_restarts(self) -> int:
+        return sum(self.restarts.values())
 
     def fail(self, reason: str) -> None:
         """Give up: the process must exit non-zero with ``reason``."""

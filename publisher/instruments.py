@@ -23,7 +23,8 @@ from config.keys import Keys
 from kitewire.instruments import InstrumentsError, UnknownInstrument, parse_instruments
 from publisher import bus
 from publisher.bus import REDIS_FAULTS
-from publisher.tasks import cancel_and_wait
+from publisher.health import Health
+from publisher.tasks import cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.instruments")
 
@@ -63,6 +64,7 @@ class InstrumentsLoader:
         self.loaded_at = 0.0
         self.error = ""
         self._wake = asyncio.Event()
+        self.health = Health()  # the publisher's, once it is given one
         self._task: asyncio.Task[None] | None = None
 
     async def load(self) -> bool:
@@ -121,7 +123,8 @@ class InstrumentsLoader:
 
     def start(self) -> None:
         if self.source:
-            self._task = asyncio.create_task(self._run(), name="instruments")
+            supervisor = supervised("instruments", self._run, self.health)
+            self._task = asyncio.create_task(supervisor, name="instruments")
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)

@@ -31,7 +31,8 @@ import time
 from config.keys import Keys
 from publisher import bus
 from publisher.bus import REDIS_FAULTS
-from publisher.tasks import cancel_and_wait
+from publisher.health import Health
+from publisher.tasks import cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.lease")
 
@@ -177,8 +178,11 @@ class Lease(Fence):
         self._renewed.set()
         return True
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="lease")
+    def start(self, health: Health | None = None) -> None:
+        """Renew until closed; a crash of the renewal is recorded in ``health``."""
+        self._task = asyncio.create_task(
+            supervised("lease", self._run, health or Health(), done=self.lost.is_set), name="lease"
+        )
 
     async def _run(self) -> None:
         failing = False

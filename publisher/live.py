@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from config.keys import RESULTS_MAXLEN, Keys
 from publisher import bus
 from publisher.bus import REDIS_FAULTS
+from publisher.health import Health
 from publisher.lease import Fence
 from publisher.sink import TickSink
-from publisher.tasks import Backoff, cancel_and_wait
+from publisher.tasks import Backoff, cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.live")
 
@@ -49,6 +50,7 @@ class LiveWatch:
         self._sink = sink
         self.timeout = timeout
         self._fence = fence or Fence()
+        self.health = Health()  # the publisher's, once it is given one
         self._waiters: list[_Waiter] = []
         self._unsent: list[dict[str, str]] = []  # follow-ups due, not yet written (Redis away)
         self.problem = ""
@@ -71,7 +73,7 @@ class LiveWatch:
         self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="live-watch")
+        self._task = asyncio.create_task(supervised("live-watch", self._run, self.health), name="live-watch")
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)

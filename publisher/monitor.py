@@ -24,7 +24,7 @@ from publisher.instruments import InstrumentsLoader
 from publisher.lease import Fence, Lease
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
-from publisher.tasks import cancel_and_wait
+from publisher.tasks import cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.monitor")
 
@@ -87,6 +87,9 @@ class Monitor:
             "degraded": "1" if self.health.degraded else "0",
             "degraded_reason": self.health.reason,
             "degraded_since": f"{self.health.degraded_since:.3f}",
+            "failed_reason": self.health.fatal_reason,
+            "task_restarts": str(self.health.task_restarts),
+            "heartbeat_interval": f"{self.interval:g}",
             "connections": str(len(self.connections)),
             "live_connections": str(sum(c.state == LIVE for c in self.connections)),
             "clients": str(len(self.book.claims)),
@@ -170,7 +173,7 @@ class Monitor:
             registry.register(_Metrics(self))
             self._metrics_server, _ = start_http_server(metrics_port, metrics_host, registry)
             log.info("metrics endpoint port=%d", metrics_port)
-        self._task = asyncio.create_task(self._run(), name="monitor")
+        self._task = asyncio.create_task(supervised("monitor", self._run, self.health), name="monitor")
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
@@ -209,8 +212,6 @@ class Monitor:
                     log.warning("monitor lost redis error=%s", bus.describe(exc))
                 self.health.fault("status", bus.describe(exc))
                 self.redis_up = False
-            except Exception:  # keep the heartbeat going whatever one write did
-                log.exception("status write failed unexpectedly")
             await asyncio.sleep(self.interval)
 
 
@@ -266,3 +267,13 @@ class _Metrics(Collector):
         )
         yield GaugeMetricFamily("kitebus_tokens", "Tokens subscribed", value=len(monitor.book.placement))
         yield GaugeMetricFamily("kitebus_capacity", "Tokens that fit", value=monitor.book.capacity)
+        yield GaugeMetricFamily(
+            "kitebus_degraded", "1 while a component is in trouble or a task restarts",
+            value=float(monitor.health.degraded),
+        )  # fmt: skip
+        restarts = CounterMetricFamily(
+            "kitebus_task_restarts", "Restarts of a long-lived task after it crashed", labels=["task"]
+        )
+        for task, count in sorted(monitor.health.restarts.items()):
+            restarts.add_metric([task], count)
+        yield restarts

@@ -57,10 +57,11 @@ from config.redisurl import is_sentinel_url
 from kitewire import codec
 from kitewire.encoder import Encoder, frame_encoder
 from publisher import bus
+from publisher.health import Health
 from publisher.inflight import Answers, Batch, Command, InFlight, Released, Source, tokens_of
 from publisher.lease import Fence
 from publisher.resp import RespConnection, RespError, pack_command
-from publisher.tasks import cancel_and_wait
+from publisher.tasks import cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.sink")
 
@@ -107,6 +108,7 @@ class TickSink:
         self._topology = bus.Topology.single(redis_url)
         self._lanes_of_tokens: dict[int, int] = {}  # token -> the lane of its channel
         self._fence = fence or Fence()  # asked before each batch: does this publisher lead?
+        self.health = Health()  # the publisher's, once it is given one
         self._keys = keys
         self._encoder = encoder or frame_encoder(keys.ticks("").encode(), self._command, epoch=epoch)
         self._last_key = keys.last.encode()
@@ -308,7 +310,7 @@ class TickSink:
     # --- the tasks -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="tick-sink")
+        self._task = asyncio.create_task(supervised("tick-sink", self._run, self.health), name="tick-sink")
 
     async def close(self, flush_timeout: float = 2.0) -> None:
         """Give the backlog ``flush_timeout`` seconds to reach Redis, then stop."""
@@ -358,6 +360,7 @@ class TickSink:
             self._reopen = ""
             self._requeue_lost()
             self._work.set()
+            crash: Exception | None = None
             try:
                 async with asyncio.TaskGroup() as group:
                     group.create_task(self._write(connections))
@@ -367,12 +370,14 @@ class TickSink:
                         group.create_task(self._count_replies(connection, lane))
             except* (ConnectionError, OSError, TimeoutError) as failure:
                 self._write_failed(f"redis write failed: {failure.exceptions[0].__class__.__name__}")
-            except* Exception as failure:  # a bug: log it, count it, reconnect
-                log.error("sink failed unexpectedly", exc_info=failure.exceptions[0])
-                self._write_failed(f"internal error: {failure.exceptions[0].__class__.__name__}")
+            except* Exception as failure:  # a bug: count it, then the supervisor restarts the sink
+                crash = failure.exceptions[0]
+                self._write_failed(f"internal error: {crash.__class__.__name__}")
             finally:
                 for connection in connections:
                     await connection.close()
+            if crash is not None:
+                raise crash
             if self._not_primary:  # give a failover a moment before asking again
                 self._not_primary, delay = False, 0.5
 

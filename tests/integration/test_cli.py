@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 from tests.integration.conftest import eventually
 
@@ -78,6 +79,34 @@ async def test_status_exits_1_when_the_heartbeat_is_stale(redis_url, rds, keys) 
     await rds.hset(keys.status, mapping={"state": "running", "heartbeat_at": "1000.0", "connections": "0"})
     code, out, _ = await kitebus(redis_url, "status", "--json", "--sample", "0")
     assert code == 1 and json.loads(out)["publisher"]["alive"] is False
+
+
+async def test_status_says_old_heartbeat_rather_than_running(redis_url, rds, keys) -> None:
+    """A publisher whose last word was ``running`` but which has not written for three of
+    its heartbeat intervals is shown as such, not as running."""
+    old = f"{time.time() - 12:.3f}"
+    await rds.hset(keys.status, mapping={
+        "state": "running", "heartbeat_at": old, "heartbeat_interval": "1", "connections": "0",
+    })  # fmt: skip
+    code, out, _ = await kitebus(redis_url, "status", "--sample", "0")
+    assert code == 1 and "OLD HEARTBEAT (12." in out and "alive" not in out.replace("NOT ALIVE", "")
+    code, out, _ = await kitebus(redis_url, "status", "--json", "--sample", "0")
+    assert code == 1 and json.loads(out)["publisher"]["old_heartbeat"] is True
+
+    # 12 s is less than 3 intervals of 10 s: not old yet
+    await rds.hset(keys.status, mapping={"heartbeat_interval": "10"})
+    code, out, _ = await kitebus(redis_url, "status", "--sample", "0")
+    assert code == 0 and "OLD HEARTBEAT" not in out and "alive" in out
+
+
+async def test_status_shows_why_the_publisher_is_degraded(redis_url, rds, keys) -> None:
+    await rds.hset(keys.status, mapping={
+        "state": "degraded", "heartbeat_at": f"{time.time():.3f}", "connections": "0", "task_restarts": "2",
+        "degraded_reason": "task live-watch: crashed (RuntimeError: injected), restarting",
+    })  # fmt: skip
+    code, out, _ = await kitebus(redis_url, "status", "--sample", "0")
+    assert code == 0 and "DEGRADED: task live-watch: crashed (RuntimeError: injected)" in out
+    assert "tasks restarted after a crash: 2" in out
 
 
 async def test_tail_prints_snapshot_then_live_ticks(publisher, control, redis_url, rds, keys) -> None:
