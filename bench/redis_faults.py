@@ -136,11 +136,17 @@ class Consumer:
             await cancel_and_wait(self._task)  # redis-py can swallow one cancel
 
     async def _run(self) -> None:
+        first = True
         while True:
+            if not first:  # a reconnect: what was published meanwhile is not ours to see
+                self._reconnected(None)
+            first = False
             client = bus.connect(self._url, False, socket_connect_timeout=0.5)
             try:
                 pubsub = client.pubsub()
                 await pubsub.psubscribe(f"{NS}:ticks:*")
+                # redis-py's PubSub reconnects (and subscribes again) by itself: count those too
+                pubsub.connection.register_connect_callback(self._reconnected)
                 asked = time.monotonic()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
@@ -150,14 +156,16 @@ class Consumer:
                         asked = time.monotonic()  # redis-py's PubSub keeps its connection: follow
                         connection = pubsub.connection
                         if await bus.primary_address(self._url) != (connection.host, connection.port):
-                            break
+                            break  # another primary named: reconnect to it
             except (*bus.REDIS_FAULTS, TimeoutError):
-                self.reconnects += 1
-                self._rejoined = set(self.seq)
                 await asyncio.sleep(0.05)
             finally:
                 with contextlib.suppress(Exception):
                     await client.aclose()
+
+    def _reconnected(self, _connection: object) -> None:
+        self.reconnects += 1
+        self._rejoined = set(self.seq)
 
     def _take(self, tick: dict[str, Any]) -> None:
         self.ticks += 1
