@@ -20,6 +20,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from config.masking import mask_secrets
+
 MAX_KITE_CONNECTIONS = 3
 MAX_KITE_TOKENS_PER_CONNECTION = 3000
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -215,4 +217,4 @@ def _describe(exc: ValidationError) -> str:
         message = error["msg"].removeprefix("Value error, ")
         shown = "" if secret else f" (got {error.get('input')!r})"
         problems.append(f"{name}: {message}{shown}")
-    return "invalid setting " + "; ".join(problems)
+    return mask_secrets("invalid setting " + "; ".join(problems))  # a URL's password never shows
