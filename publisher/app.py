@@ -3,8 +3,8 @@
 ``run``: stand by until this process holds the namespace's lease (``standby.py``), lead
 until stopped or the lease is lost, then stand by again.
 Start: Redis reachable -> claims restored into the book -> hashes rewritten -> tick sink
--> connections (each already knows its tokens) -> monitor -> control loop. So every
-subscription is back before a new request is taken.
+-> connections (each already knows its tokens) -> monitor -> instruments -> control loop.
+So every subscription is back, and symbols resolve, before a new request is taken.
 Stop: control loop -> connections (close frames) -> hashes cleared, status ``stopped``
 -> monitor -> sink (drained for a moment) -> Redis. A publisher that lost its lease
 closes its Kite sockets first and writes nothing more.
@@ -60,6 +60,7 @@ class Tuning:
     max_backlog: int = 4 << 20  # bytes of unsent ticks before the connections pause
     conflate_after: float = 1.0  # seconds over that bound before ticks are conflated
     live_timeout: float = 10.0  # seconds a new token may take to tick before it is named silent
+    instruments_timeout: float = 120.0  # seconds for a whole fetch of KITEBUS_INSTRUMENTS
 
 
 class Publisher:
@@ -120,7 +121,9 @@ class Publisher:
             self.redis, self.keys, self.book, self.connections, self.moves, timeout=tuning.live_timeout,
             fence=lease,
         )  # fmt: skip
-        self.instruments = InstrumentsLoader(self.redis, self.keys, settings.instruments)
+        self.instruments = InstrumentsLoader(
+            self.redis, self.keys, settings.instruments, timeout=tuning.instruments_timeout
+        )
         self.control = ControlLoop(
             self.redis, self.keys, self.book, self.connections, live=self.live,
             rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments, fence=lease,
@@ -155,7 +158,6 @@ class Publisher:
         await self._retried(lambda: self.control.drop_claims(dropped))
         await self._retried(self.control.write_all)
         await self._retried(self.control.ensure_group)
-        await self._retried(self.instruments.load)  # before any request: symbols in pending ones resolve
         log.info(
             "restored tokens=%d clients=%d capacity=%d",
             len(self.book.placement), len(self.book.claims), self.book.capacity,
@@ -168,6 +170,8 @@ class Publisher:
         self.monitor.state = "running"
         self.monitor.start(self.settings.metrics_port)
         self.live.start()
+        # Ticks flow meanwhile; a bad or slow source is reported, never the end of the start.
+        await self._retried(self.instruments.load)  # before any request: symbols in pending ones resolve
         self.instruments.start()
         self.control.start()
 
