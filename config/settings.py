@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as PydanticSettingsError
 
+from config.masking import mask_secrets
 from config.redisurl import is_sentinel_url, parse_sentinel_url
 
 MAX_KITE_CONNECTIONS = 3
@@ -213,13 +214,6 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(f"invalid setting {name}: not valid JSON") from None
 
 
-def _no_password(field: str, value: object) -> object:
-    """A URL's password masked (REDIS_URL may carry one)."""
-    if field == "redis_url" and isinstance(value, str):
-        return re.sub(r"(://[^/@]*?:)[^/@]*@", r"\1***@", value)
-    return value
-
-
 def _describe(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
@@ -230,6 +224,6 @@ def _describe(exc: ValidationError) -> str:
         if index is not None:  # inside a list of objects: which one, which key
             name += f"[{index}]" + "".join(f".{key}" for key in keys)
         message = error["msg"].removeprefix("Value error, ")
-        shown = "" if secret else f" (got {_no_password(field, error.get('input'))!r})"
+        shown = "" if secret else f" (got {error.get('input')!r})"
         problems.append(f"{name}: {message}{shown}")
-    return "invalid setting " + "; ".join(problems)
+    return mask_secrets("invalid setting " + "; ".join(problems))  # a URL's password never shows

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 
 from config import Keys, load_settings
 from config.keys import SERVING
+from config.masking import mask_url
 from consumers.control import ControlTimeout, SubscriptionRejected
 from consumers.subscriber import StreamStatus, Tick, TickSubscriber
 from publisher import bus
@@ -270,7 +271,7 @@ class KiteTicker:
             async with sub:
                 self._connected = True
                 held = dict(self.subscribed_tokens)  # on a reconnect: everything; first time: early calls
-                self._callback(self.on_connect, {"bus": _redacted(self.redis_url), "client": self.client})
+                self._callback(self.on_connect, {"bus": mask_url(self.redis_url), "client": self.client})
                 self._claim(held)
                 tasks = [
                     asyncio.create_task(self._serve_requests(sub)),
@@ -352,7 +353,3 @@ class KiteTicker:
             callback(self, *args)
         except Exception:
             log.exception("kiteticker callback %s failed", getattr(callback, "__name__", callback))
-
-
-def _redacted(url: str) -> str:
-    return re.sub(r"//[^@/]*@", "//***@", url)

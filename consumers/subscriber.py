@@ -386,17 +386,31 @@ class BlockingTickSubscriber:
         sub.subscribe([408065], mode="full")
         for tick in sub:          # or sub.run(callback)
             ...
+
+    Ticks wait for the strategy in a queue of at most ``max_queue``; a tick that finds it
+    full is given up and reported as ``TickSubscriber`` reports a gap: counted in
+    ``gaps[token]`` and ``missed`` (and ``dropped``, these alone), with a warning logged
+    at most every ``DROP_WARNING_EVERY`` seconds. Never silently.
     """
 
-    def __init__(self, source: Settings | str, client: str = "default", **options: Any) -> None:
+    DROP_WARNING_EVERY = 10.0  # seconds between warnings while ticks are given up
+
+    def __init__(
+        self, source: Settings | str, client: str = "default", *, max_queue: int = 100_000, **options: Any
+    ) -> None:
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
         self._args = (source, client)
         self._options = options
-        self._ticks: queue.Queue[Tick] = queue.Queue(maxsize=100_000)
+        self.max_queue = max_queue
+        self._ticks: queue.Queue[Tick] = queue.Queue(maxsize=max_queue)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kitebus-subscriber", daemon=True)
         self._subscriber: TickSubscriber | None = None
         self._pump: asyncio.Task[None] | None = None
         self.dropped = 0  # ticks the strategy was too slow to take (the queue was full)
+        self._warned_at = 0.0  # monotonic time of the last warning about dropped ticks
+        self._warned_dropped = 0  # ``dropped`` at that warning
 
     def _call(self, coroutine: Any, timeout: float | None = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -424,13 +438,44 @@ class BlockingTickSubscriber:
             self._thread.join(5)
             self._loop.close()
 
+    @property
+    def missed(self) -> int:
+        """Ticks this strategy never got: gaps on the bus plus ticks given up at a full queue."""
+        return self._subscriber.missed if self._subscriber is not None else 0
+
+    @property
+    def gaps(self) -> dict[int, int]:
+        """Per instrument, ticks this strategy never got (a copy)."""
+        return dict(self._subscriber.gaps) if self._subscriber is not None else {}
+
+    @property
+    def reconnects(self) -> int:
+        return self._subscriber.reconnects if self._subscriber is not None else 0
+
     async def _forward(self) -> None:
-        assert self._subscriber is not None
-        async for tick in self._subscriber:
+        subscriber = self._subscriber
+        assert subscriber is not None
+        async for tick in subscriber:
             try:
                 self._ticks.put_nowait(tick)
             except queue.Full:
-                self.dropped += 1
+                self._drop(subscriber, tick)
+
+    def _drop(self, subscriber: TickSubscriber, tick: Tick) -> None:
+        """The queue is full: give the tick up as a gap, as the subscriber counts one."""
+        token = tick["instrument_token"]
+        subscriber.gaps[token] = subscriber.gaps.get(token, 0) + 1
+        subscriber.missed += 1
+        self.dropped += 1
+        now = time.monotonic()
+        if self._warned_dropped == 0 or now - self._warned_at >= self.DROP_WARNING_EVERY:
+            log.warning(
+                "subscriber %s: the strategy is too slow, its queue of %d ticks is full; "
+                "ticks given up dropped=%d (since the last warning %d) missed=%d",
+                subscriber.client, self.max_queue, self.dropped, self.dropped - self._warned_dropped,
+                subscriber.missed,
+            )  # fmt: skip
+            self._warned_at, self._warned_dropped = now, self.dropped
 
     def subscribe(self, tokens: Iterable[int | str], mode: str = "quote") -> ControlResult:
         return self._call(self._subscriber.subscribe(tokens, mode))  # type: ignore[union-attr]

@@ -26,6 +26,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from config import Keys, Settings
+from config.masking import mask_url
 from consumers.control import ControlClient
 from consumers.display import watchlist_table
 from consumers.status import connections_table, read_status
@@ -97,9 +98,11 @@ def _live_rates(data: dict[str, Any], publisher: Publisher, rates: Samples) -> N
 def _help(url: str, namespace: str, port: int | None, instruments: Path, cluster: bool) -> Panel:
     cli = f"{Path(os.sys.executable).parent}/kitebus"
     cluster_flag = " KITEBUS_REDIS_CLUSTER=1" if cluster else ""
+    shown_url = mask_url(url)
+    masked_note = "  # password masked: put yours in" if shown_url != url else ""
     lines = [
         f"# symbols: the publisher loaded KITEBUS_INSTRUMENTS={instruments} into {namespace}:instruments",
-        f"export REDIS_URL={url} KITEBUS_NAMESPACE={namespace}" + cluster_flag,
+        f"export REDIS_URL={shown_url} KITEBUS_NAMESPACE={namespace}" + cluster_flag + masked_note,
         f"{cli} status",
         f"{cli} ctl subscribe NSE:LT NSE:AXISBANK --mode full",
         f"{cli} tail NSE:INFY",

@@ -71,7 +71,11 @@ def parse_instruments(text: str, source: str = "instruments") -> tuple[dict[str,
     for row in reader:
         token_text = (row["instrument_token"] or "").strip()
         try:
+            if row["exchange"] is None or row["tradingsymbol"] is None:
+                raise ValueError  # a short row: a dump cut off in its middle
             symbol = normal_symbol(f"{row['exchange']}:{row['tradingsymbol']}")
+            if not symbol.isprintable():
+                raise ValueError
             token = int(token_text)
             if not (token_text.isascii() and token_text.isdigit() and 0 < token < 2**32):
                 raise ValueError

@@ -3,8 +3,8 @@
 ``run``: stand by until this process holds the namespace's lease (``standby.py``), lead
 until stopped or the lease is lost, then stand by again.
 Start: Redis reachable -> claims restored into the book -> hashes rewritten -> tick sink
--> connections (each already knows its tokens) -> monitor -> control loop. So every
-subscription is back before a new request is taken.
+-> connections (each already knows its tokens) -> monitor -> instruments -> control loop.
+So every subscription is back, and symbols resolve, before a new request is taken.
 Stop: control loop -> connections (close frames) -> hashes cleared, status ``stopped``
 -> monitor -> sink (drained for a moment) -> Redis. A publisher that lost its lease
 closes its Kite sockets first and writes nothing more.
@@ -67,6 +67,7 @@ class Tuning:
     settle: float = 5.0  # seconds a restarted task must run to count as working again
     max_restarts: int = 5  # crashes of one task within restart_window before the process gives up
     restart_window: float = 60.0
+    instruments_timeout: float = 120.0  # seconds for a whole fetch of KITEBUS_INSTRUMENTS
 
 
 class Publisher:
@@ -129,7 +130,9 @@ class Publisher:
             self.redis, self.keys, self.book, self.connections, self.moves, timeout=tuning.live_timeout,
             fence=lease,
         )  # fmt: skip
-        self.instruments = InstrumentsLoader(self.redis, self.keys, settings.instruments)
+        self.instruments = InstrumentsLoader(
+            self.redis, self.keys, settings.instruments, timeout=tuning.instruments_timeout
+        )
         self.control = ControlLoop(
             self.redis, self.keys, self.book, self.connections, live=self.live,
             rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments, fence=lease,
@@ -169,7 +172,6 @@ class Publisher:
         await self._retried(lambda: self.control.drop_claims(dropped))
         await self._retried(self.control.write_all)
         await self._retried(self.control.ensure_group)
-        await self._retried(self.instruments.load)  # before any request: symbols in pending ones resolve
         log.info(
             "restored tokens=%d clients=%d capacity=%d",
             len(self.book.placement), len(self.book.claims), self.book.capacity,
@@ -182,6 +184,8 @@ class Publisher:
         self.monitor.state = "running"
         self.monitor.start(self.settings.metrics_port)
         self.live.start()
+        # Ticks flow meanwhile; a bad or slow source is reported, never the end of the start.
+        await self._retried(self.instruments.load)  # before any request: symbols in pending ones resolve
         self.instruments.start()
         self.control.start()
 

@@ -39,6 +39,7 @@ log = logging.getLogger("kitebus.control")
 CONSUMER = "kitebus"
 
 CLOCK_SKEW_MS = 60_000  # a result's id comes from its own node's clock on a cluster
+RESULTS_PAGE = 500  # results read per XRANGE when looking for ones already written
 
 def _tokens_text(tokens: Sequence[int]) -> str:
     return ",".join(map(str, tokens))
@@ -288,8 +289,15 @@ class ControlLoop:
             return set()
         oldest = min(_id_order(entry_id) for entry_id, _ in entries)[0] - CLOCK_SKEW_MS
         ids = {entry_id for entry_id, _ in entries}
-        results = await self._redis.xrange(self._keys.control_results, min=f"{max(oldest, 0)}-0")
-        return {request for _, fields in results if (request := fields.get(b"request")) in ids}
+        answered: set[bytes] = set()
+        start = f"{max(oldest, 0)}-0"
+        while True:  # page by page (the stream holds up to RESULTS_MAXLEN), until all are found
+            page = await self._redis.xrange(self._keys.control_results, min=start, count=RESULTS_PAGE)
+            answered.update(request for _, fields in page if (request := fields.get(b"request")) in ids)
+            if len(page) < RESULTS_PAGE or answered == ids:
+                return answered
+            milliseconds, sequence = _id_order(page[-1][0])
+            start = f"{milliseconds}-{sequence + 1}"  # just after the last one read
 
     async def handle(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
         """Apply one entry, then persist + answer + acknowledge in one transaction."""

@@ -14,12 +14,16 @@ and the last good hash stays in use.
 from __future__ import annotations
 
 import asyncio
+import csv
 import logging
 import time
 import urllib.request
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from config.keys import Keys
+from config.masking import mask_secrets
 from kitewire.instruments import InstrumentsError, UnknownInstrument, parse_instruments
 from publisher import bus
 from publisher.bus import REDIS_FAULTS
@@ -28,38 +32,96 @@ from publisher.tasks import cancel_and_wait, supervised
 
 log = logging.getLogger("kitebus.instruments")
 
-MAX_BYTES = 256 << 20  # Kite's full dump is a few tens of MB
+MAX_BYTES = 256 << 20  # Kite's full dump is a few tens of MB (the cap holds after gunzip too)
+TIMEOUT = 120.0  # seconds for a whole fetch and parse, however the source trickles
+READ = 1 << 16  # bytes per read
 CHUNK = 10_000  # fields per HSET
 RETRY = 60.0  # seconds before a failed load is tried again
 
 
-def _read(source: str) -> str:
-    """The dump's text (blocking: run it in a thread)."""
+def _read(source: str, deadline: float, max_bytes: int = MAX_BYTES) -> str:
+    """The dump's text (blocking: run it in a thread). Gives up once ``time.monotonic()``
+    passes ``deadline`` or the text passes ``max_bytes``; a gzip file is unpacked."""
+    parts: list[bytes] = []
+    size = 0
+
+    def take(read: Callable[[int], bytes]) -> None:
+        nonlocal size
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise InstrumentsError(f"{source}: not read within the time allowed")
+            part = read(READ)
+            if not part:
+                return
+            size += len(part)
+            if size > max_bytes:
+                raise InstrumentsError(f"{source}: larger than {max_bytes:,} bytes")
+            parts.append(part)
+
+    left = max(0.1, deadline - time.monotonic())
     if source.startswith(("http://", "https://")):
         request = urllib.request.Request(source, headers={"User-Agent": "kitebus"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            data = response.read(MAX_BYTES + 1)
+        # The socket's timeout bounds each wait for a byte; ``take`` bounds the whole.
+        with urllib.request.urlopen(request, timeout=min(left, 30.0)) as response:
+            take(response.read1)  # what has arrived: a trickle cannot hold one read for long
+            if response.length:  # read1 takes an early end quietly, read() would not
+                raise InstrumentsError(f"{source}: truncated ({response.length:,} bytes missing)")
     else:
-        with Path(source).open("rb") as handle:
-            data = handle.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
-        raise InstrumentsError(f"{source}: larger than {MAX_BYTES >> 20} MB")
+        with Path(source).open("rb", buffering=0) as handle:
+            take(handle.read)
+    data = b"".join(parts)
+    if data[:2] == b"\x1f\x8b":
+        data = _gunzip(source, data, max_bytes)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise InstrumentsError(f"{source}: not UTF-8 text") from None
 
 
+def _gunzip(source: str, data: bytes, max_bytes: int) -> bytes:
+    unpacker = zlib.decompressobj(wbits=31)
+    try:
+        text = unpacker.decompress(data, max_bytes + 1)
+    except zlib.error as exc:
+        raise InstrumentsError(f"{source}: broken gzip ({exc})") from None
+    if len(text) > max_bytes:
+        raise InstrumentsError(f"{source}: larger than {max_bytes:,} bytes unpacked")
+    if not unpacker.eof:
+        raise InstrumentsError(f"{source}: truncated gzip")
+    return text
+
+
+def _fetch(source: str, deadline: float, max_bytes: int) -> tuple[dict[str, int], int]:
+    """Read and parse (blocking: in a thread, so a big dump does not stall the event loop
+    and Kite's connections with it)."""
+    text = _read(source, deadline, max_bytes)
+    if time.monotonic() > deadline:
+        raise InstrumentsError(f"{source}: not read within the time allowed")
+    try:
+        return parse_instruments(text, source)
+    except csv.Error as exc:  # a line over csv's field limit (an error page), a NUL byte, …
+        raise InstrumentsError(f"{source}: not a Kite instruments dump (csv: {exc})") from None
+
+
 class InstrumentsLoader:
-    """Owns the refresh task; ``resolve`` turns symbols into tokens for control requests."""
+    """Owns the refresh task; ``resolve`` turns symbols into tokens for control requests.
+
+    A load never raises for its source: whatever is wrong with it (missing, refused,
+    malformed, truncated, over ``max_bytes``, slower than ``timeout`` seconds in all) is
+    logged and kept in ``error`` (``instruments_error`` in ``{ns}:status``, masked), and
+    the last good hash stays. Only Redis errors are raised."""
 
     def __init__(
-        self, client: bus.Client, keys: Keys, source: str | None, *, refresh: float = 86_400.0
-    ) -> None:
+        self, client: bus.Client, keys: Keys, source: str | None, *, refresh: float = 86_400.0,
+        timeout: float = TIMEOUT, max_bytes: int = MAX_BYTES,
+    ) -> None:  # fmt: skip
         self._redis = client
         self._keys = keys
         self.source = source
         self.refresh = refresh
+        self.timeout = timeout
+        self.max_bytes = max_bytes
         self.count = 0  # symbols in the last good load
         self.loaded_at = 0.0
         self.error = ""
@@ -72,20 +134,31 @@ class InstrumentsLoader:
         failed. Redis errors are raised."""
         if not self.source:
             return False
+        source = self.source
+        # The thread gives up by itself at the deadline; the wait here is bounded too,
+        # should the thread be stuck where it cannot look at the clock (a FIFO's open).
+        timer = asyncio.timeout(self.timeout + 1.0)
         try:
-            text = await asyncio.to_thread(_read, self.source)
-            by_symbol, skipped = parse_instruments(text, self.source)
+            async with timer:
+                by_symbol, skipped = await asyncio.to_thread(
+                    _fetch, source, time.monotonic() + self.timeout, self.max_bytes
+                )
         except InstrumentsError as exc:
-            return self._failed(str(exc))
+            return self._failed(str(exc).replace("the time allowed", f"{self.timeout:g}s"))
         except (OSError, ValueError) as exc:  # a missing file, a refused URL, a bad URL
-            return self._failed(f"{self.source}: {exc}")
+            if timer.expired():
+                return self._failed(f"{source}: not read within {self.timeout:g}s")
+            return self._failed(f"{source}: {exc}")
+        except Exception as exc:  # whatever else a source can do: never the publisher's end
+            log.exception("instruments: unexpected failure reading the source")
+            return self._failed(f"{source}: {exc.__class__.__name__}: {exc}")
         await self._write(by_symbol)
         self.count, self.loaded_at, self.error = len(by_symbol), time.time(), ""
         log.info("instruments loaded symbols=%d skipped_rows=%d", len(by_symbol), skipped)
         return True
 
     def _failed(self, error: str) -> bool:
-        self.error = error[:300]
+        self.error = mask_secrets(error)[:300]  # a URL's password or access_token never shows
         log.error("instruments not loaded (the last good ones stay in use) error=%r", self.error)
         return False
 
@@ -143,3 +216,6 @@ class InstrumentsLoader:
                 await self.load()
             except REDIS_FAULTS as exc:  # loaded again when Redis is back (``reload``), or in a minute
                 self._failed(bus.describe(exc))
+            except Exception as exc:  # a bug: reported, and tried again in a minute
+                log.exception("instruments: the refresh failed unexpectedly")
+                self._failed(f"internal error: {exc.__class__.__name__}")

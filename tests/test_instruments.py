@@ -64,3 +64,9 @@ def test_a_request_carries_symbols_for_the_publisher_to_resolve() -> None:
     assert request.resolved((256265, 408065)) == Request("subscribe", (408065, 256265), "default", "ltp")
     with pytest.raises(RequestError, match="bad symbol"):
         parse_request({"op": "subscribe", "tokens": "NSE:"})
+
+
+def test_a_dump_cut_off_in_a_row_does_not_make_up_a_symbol() -> None:
+    text = HEADER + '408065,1,INFY,,NSE\n5,1,"TC'  # the last row ends before its exchange
+    assert parse_instruments(text) == ({"NSE:INFY": 408065}, 1)
+    assert parse_instruments(HEADER + "408065,1,INFY,,NSE\n7,1,IN\x00FY,,NSE\n") == ({"NSE:INFY": 408065}, 1)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 
+import msgpack
 import pytest
 
 from consumers.control import SubscriptionRejected
@@ -106,3 +108,32 @@ async def test_blocking_get_times_out_cleanly(publisher, redis_url) -> None:
         return False
 
     assert await asyncio.to_thread(idle)
+
+
+async def test_a_slow_blocking_strategy_is_told_what_it_missed(redis_url, rds, keys, caplog) -> None:
+    """Ticks past a full queue are given up, but counted as gaps (``missed``) and warned
+    about once per interval, not dropped silently."""
+    caplog.set_level(logging.WARNING, logger="kitebus.subscriber")
+    sub = BlockingTickSubscriber(redis_url, client="slow", max_queue=5)
+    await asyncio.to_thread(sub.__enter__)
+    try:
+        await asyncio.to_thread(sub.listen, [INFY])  # no claim, no publisher: the test is the bus
+
+        async def publish(seq: int) -> None:
+            tick = {"instrument_token": INFY, "mode": "ltp", "tradable": True, "last_price": 1.0 + seq,
+                    "received_at_ns": seq, "seq": seq, "epoch": 7}  # fmt: skip
+            await rds.publish(keys.ticks(INFY), msgpack.packb(tick))
+
+        for seq in range(1, 21):  # nobody reads: 5 fit in the queue, 15 are given up
+            await publish(seq)
+        await eventually(lambda: sub.dropped == 15)
+        assert sub.missed == 15 and sub.gaps == {INFY: 15}
+        warnings = [r for r in caplog.records if "too slow" in r.getMessage()]
+        assert len(warnings) == 1 and "queue of 5 ticks is full" in warnings[0].getMessage()
+        taken = [await asyncio.to_thread(sub.get, 5) for _ in range(5)]
+        assert [t["seq"] for t in taken] == [1, 2, 3, 4, 5]
+        await publish(21)  # the next tick follows the last one given up: no new gap
+        assert (await asyncio.to_thread(sub.get, 5))["seq"] == 21
+        assert sub.missed == 15
+    finally:
+        await asyncio.to_thread(sub.__exit__, None, None, None)

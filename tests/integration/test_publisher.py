@@ -319,3 +319,37 @@ async def test_a_request_whose_write_failed_gets_the_result_of_its_one_applicati
     assert publisher.book.in_force == {EQUITY: "ltp"}
     results = await rds.xrange(keys.control_results)
     assert [f[b"request"] for _, f in results].count(result.request.encode()) == 1
+
+
+async def test_results_already_written_are_looked_up_page_by_page(settings, rds, keys, monkeypatch) -> None:
+    """Pending requests are checked against ``{ns}:control:results`` (up to its cap of
+    thousands) with bounded reads, and one written late in it is still found."""
+    from publisher import control as control_module
+
+    running = Publisher(settings, FAST)  # not started: only its control loop's lookup is used
+    try:
+        pending = [b"1000-1", b"1000-2", b"1000-3"]
+        answered_at = {10: pending[0], 1100: pending[1]}  # pending[2] has no result
+        async with rds.pipeline(transaction=False) as pipe:
+            for n in range(1200):
+                request = answered_at.get(n, f"2000-{n}".encode())
+                pipe.xadd(keys.control_results, {"request": request, "op": "subscribe"})
+            await pipe.execute()
+        counts: list[int | None] = []
+        xrange = running.redis.xrange
+
+        async def spy(name, min="-", max="+", count=None):
+            counts.append(count)
+            return await xrange(name, min=min, max=max, count=count)
+
+        monkeypatch.setattr(running.redis, "xrange", spy)
+        entries = [(entry_id, {b"op": b"subscribe"}) for entry_id in pending]
+        assert await running.control._answered(entries) == {pending[0], pending[1]}
+        assert counts and all(c is not None and c <= control_module.RESULTS_PAGE for c in counts)
+        assert len(counts) == 1200 // control_module.RESULTS_PAGE + 1  # every page once, no re-read
+        counts.clear()
+        assert await running.control._answered(entries[:1]) == {pending[0]}
+        assert len(counts) == 1  # found on the first page: no further read
+    finally:
+        await running.redis.aclose()
+        await running.sink.close()
