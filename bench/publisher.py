@@ -150,6 +150,17 @@ class NullEncoder:
             chunk = self._chunks[(count, start)] = (publishes, fields)
         return chunk[0], chunk[1], count, 0
 
+    unclaimed = 0  # the benchmark's ticks are all published, claimed or not
+
+    def set_claimed(self, claimed: object) -> None:
+        pass
+
+    def release(self, tokens: object) -> None:
+        pass
+
+    def tracked(self) -> int:
+        return 0
+
 
 def null_publisher_main(payload_size: int, tokens: int) -> None:
     from config import load_settings

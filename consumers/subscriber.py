@@ -115,7 +115,8 @@ class TickSubscriber:
         self._url = ""
         self._unread: deque[Message] = deque()  # read from Redis, not yet looked at
         self._pending: deque[Tick] = deque()  # snapshot ticks not yet yielded
-        self._last: dict[int, tuple[int, int]] = {}  # token -> (epoch, seq) of the newest tick taken
+        # token -> (epoch, seq, received_at_ns) of the newest tick taken
+        self._last: dict[int, tuple[int, int, int]] = {}
         self._seen_ns: dict[int, int] = {}  # token -> received_at_ns, for ticks without seq
         # conflation, keyed by channel: the newest payload not yet delivered; when a recently
         # delivered channel may go again, and those in the order they went; those that may go now
@@ -246,14 +247,16 @@ class TickSubscriber:
             self._seen_ns[token] = tick["received_at_ns"]
             return True
         last = self._last.get(token)
-        if last is not None and last[0] == epoch:
+        received = tick["received_at_ns"]
+        # seq 1 of a newer tick: the token was released and claimed again, its seq starts anew
+        if last is not None and last[0] == epoch and not (seq == 1 and received > last[2]):
             if seq <= last[1]:
                 return False  # the same tick came as the snapshot, or an older one after it
             if seq > last[1] + 1 and not self.conflate_ns:
                 gap = seq - last[1] - 1
                 self.gaps[token] = self.gaps.get(token, 0) + gap
                 self.missed += gap
-        self._last[token] = (epoch, seq)
+        self._last[token] = (epoch, seq, received)
         return True
 
     async def ticks(self) -> AsyncIterator[Tick]:

@@ -8,6 +8,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -39,8 +40,12 @@ typedef struct {
     size_t mask, used;
 } SeqTable;
 
-static int seq_grow(SeqTable *t) {
-    size_t size = t->tokens ? (t->mask + 1) * 2 : 1024;
+static inline size_t seq_home(uint32_t token, size_t mask) {
+    return (token * 2654435761u) & mask;
+}
+
+/* Rehash into ``size`` slots (a power of two, at least twice the tokens held). */
+static int seq_resize(SeqTable *t, size_t size) {
     uint32_t *tokens = PyMem_Calloc(size, sizeof(uint32_t));
     uint64_t *seqs = PyMem_Calloc(size, sizeof(uint64_t));
     if (tokens == NULL || seqs == NULL) {
@@ -51,7 +56,7 @@ static int seq_grow(SeqTable *t) {
     }
     for (size_t i = 0; t->tokens && i <= t->mask; i++) {
         if (t->seqs[i] == 0) continue;
-        size_t j = (t->tokens[i] * 2654435761u) & (size - 1);
+        size_t j = seq_home(t->tokens[i], size - 1);
         while (seqs[j] != 0) j = (j + 1) & (size - 1);
         tokens[j] = t->tokens[i];
         seqs[j] = t->seqs[i];
@@ -64,12 +69,38 @@ static int seq_grow(SeqTable *t) {
     return 0;
 }
 
+static int seq_grow(SeqTable *t) {
+    return seq_resize(t, t->tokens ? (t->mask + 1) * 2 : 1024);
+}
+
+/* Forget ``token`` (backward-shift deletion: no tombstones, lookups stay as short). */
+static void seq_remove(SeqTable *t, uint32_t token) {
+    if (t->tokens == NULL) return;
+    size_t i = seq_home(token, t->mask);
+    while (t->seqs[i] != 0 && t->tokens[i] != token) i = (i + 1) & t->mask;
+    if (t->seqs[i] == 0) return;
+    t->used--;
+    for (size_t j = i;;) {
+        j = (j + 1) & t->mask;
+        if (t->seqs[j] == 0) break;
+        size_t home = seq_home(t->tokens[j], t->mask);
+        /* the entry at j may move to the hole at i unless its home lies in (i, j] */
+        int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+        if (stays) continue;
+        t->tokens[i] = t->tokens[j];
+        t->seqs[i] = t->seqs[j];
+        i = j;
+    }
+    t->tokens[i] = 0;
+    t->seqs[i] = 0;
+}
+
 /* The next sequence number of ``token`` (1 the first time); 0 on a memory error. */
 static uint64_t seq_next(SeqTable *t, uint32_t token) {
     if ((t->used + 1) * 2 > t->mask + 1 || t->tokens == NULL) {
         if (seq_grow(t) < 0) return 0;
     }
-    size_t i = (token * 2654435761u) & t->mask;
+    size_t i = seq_home(token, t->mask);
     while (t->seqs[i] != 0 && t->tokens[i] != token) i = (i + 1) & t->mask;
     if (t->seqs[i] == 0) {
         t->tokens[i] = token;
@@ -82,6 +113,8 @@ typedef struct {
     PyObject_HEAD
     Layout *layouts[MAX_LENGTH];
     SeqTable seqs;
+    PyObject *claimed; /* tokens whose packets are published; NULL: all */
+    Py_ssize_t unclaimed; /* packets skipped: their token was not in ``claimed`` */
     uint64_t epoch;
     char command[64]; /* "*3\r\n$7\r\nPUBLISH\r\n" */
     int command_len;
@@ -185,6 +218,7 @@ static void Encoder_dealloc(Encoder *self) {
     for (int i = 0; i < MAX_LENGTH; i++) PyMem_Free(self->layouts[i]);
     PyMem_Free(self->seqs.tokens);
     PyMem_Free(self->seqs.seqs);
+    Py_CLEAR(self->claimed);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -284,18 +318,32 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     uint32_t raw[MAX_FIELDS];
     double prices[MAX_FIELDS];
     pos = 2;
-    for (Py_ssize_t done_ticks = 0; done_ticks < ticks;) {
+    Py_ssize_t known = ticks;
+    ticks = 0;
+    for (Py_ssize_t done_known = 0; done_known < known;) {
         unsigned length = (unsigned)frame[pos] << 8 | frame[pos + 1];
         const unsigned char *body = frame + pos + 2;
         pos += 2 + length;
         Layout *l = length < MAX_LENGTH ? self->layouts[length] : NULL;
         if (l == NULL) continue;
-        done_ticks++;
+        done_known++;
         for (int i = 0; i < l->nfields; i++) {
             const unsigned char *p = body + l->offsets[i];
             raw[i] = l->widths[i] == 4 ? be32(p) : ((uint32_t)p[0] << 8 | p[1]);
         }
         uint32_t token = raw[0];
+        PyObject *key = PyLong_FromUnsignedLong(token);
+        if (key == NULL) goto done;
+        if (self->claimed != NULL) {
+            int claimed = PySequence_Contains(self->claimed, key);
+            if (claimed <= 0) {
+                Py_DECREF(key);
+                if (claimed < 0) goto done;
+                self->unclaimed++;
+                continue;
+            }
+        }
+        ticks++;
         double div = divisor_of(token);
         for (int k = 0; k < l->nprices; k++) prices[k] = (double)raw[l->prices[k]] / div;
         double change = 0.0;
@@ -305,7 +353,10 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         }
         int tradable_src = l->nfields + l->nprices;
         uint64_t seq = 0;
-        if (l->has_seq && (seq = seq_next(&self->seqs, token)) == 0) goto done;
+        if (l->has_seq && (seq = seq_next(&self->seqs, token)) == 0) {
+            Py_DECREF(key);
+            goto done;
+        }
 
         /* *3 $7 PUBLISH $<n> <prefix><token> $<len> <payload> */
         memcpy(out, self->command, self->command_len);
@@ -357,10 +408,9 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         fout += l->payload_len;
         *fout++ = '\r'; *fout++ = '\n';
 
-        PyObject *key = PyLong_FromUnsignedLong(token);
         PyObject *value = PyBytes_FromStringAndSize((const char *)payload, l->payload_len);
-        int failed = key == NULL || value == NULL || PyDict_SetItem(latest, key, value) < 0;
-        Py_XDECREF(key);
+        int failed = value == NULL || PyDict_SetItem(latest, key, value) < 0;
+        Py_DECREF(key);
         Py_XDECREF(value);
         if (failed) goto done;
     }
@@ -374,9 +424,62 @@ done:
     return result;
 }
 
+static PyObject *Encoder_set_claimed(Encoder *self, PyObject *claimed) {
+    PyObject *old = self->claimed;
+    if (claimed == Py_None) {
+        self->claimed = NULL;
+    } else {
+        Py_INCREF(claimed);
+        self->claimed = claimed;
+    }
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Encoder_release(Encoder *self, PyObject *tokens) {
+    PyObject *it = PyObject_GetIter(tokens);
+    if (it == NULL) return NULL;
+    PyObject *item;
+    while ((item = PyIter_Next(it)) != NULL) {
+        unsigned long token = PyLong_AsUnsignedLong(item);
+        Py_DECREF(item);
+        if (token == (unsigned long)-1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) break;
+            PyErr_Clear(); /* no such token can be in the table */
+            continue;
+        }
+        if (token <= 0xFFFFFFFFul) seq_remove(&self->seqs, (uint32_t)token);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred()) return NULL;
+    SeqTable *t = &self->seqs;
+    /* give memory back once the table is mostly empty (never below the first size) */
+    size_t size = t->tokens ? t->mask + 1 : 0;
+    if (size > 1024 && t->used * 8 < size) {
+        size_t smaller = 1024;
+        while (smaller < t->used * 4) smaller *= 2;
+        if (seq_resize(t, smaller) < 0) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Encoder_tracked(Encoder *self, PyObject *Py_UNUSED(ignored)) {
+    return PyLong_FromSize_t(self->seqs.used);
+}
+
 static PyMethodDef Encoder_methods[] = {
     {"encode", (PyCFunction)(void (*)(void))Encoder_encode, METH_FASTCALL,
      "encode(frame, received_at_ns, latest) -> (publishes, fields, ticks, malformed)"},
+    {"set_claimed", (PyCFunction)Encoder_set_claimed, METH_O,
+     "set_claimed(container or None): publish only packets of these tokens"},
+    {"release", (PyCFunction)Encoder_release, METH_O, "release(tokens): forget their sequence numbers"},
+    {"tracked", (PyCFunction)Encoder_tracked, METH_NOARGS, "tracked() -> tokens in the sequence table"},
+    {NULL},
+};
+
+static PyMemberDef Encoder_members[] = {
+    {"unclaimed", T_PYSSIZET, offsetof(Encoder, unclaimed), READONLY,
+     "packets skipped: their token was not claimed"},
     {NULL},
 };
 
@@ -390,6 +493,7 @@ static PyTypeObject EncoderType = {
     .tp_init = (initproc)Encoder_init,
     .tp_dealloc = (destructor)Encoder_dealloc,
     .tp_methods = Encoder_methods,
+    .tp_members = Encoder_members,
 };
 
 static struct PyModuleDef speedups_module = {

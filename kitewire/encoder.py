@@ -6,8 +6,14 @@
 ticks as ``<token> <payload>`` bulk-string pairs, to follow an ``HSET {ns}:last`` header;
 ``latest`` (a dict the caller owns) gets each token's newest payload (the last-value
 cache). Payloads are ``codec.frame_payloads``' msgpack maps plus ``seq``, the token's
-sequence number (1, 2, 3, … for the life of the encoder), and ``epoch``, the publisher's
-epoch id, so a consumer can tell a gap (seq jumps) from a restart (epoch changes).
+sequence number (1, 2, 3, …), and ``epoch``, the publisher's epoch id, so a consumer can
+tell a gap (seq jumps) from a restart (epoch changes).
+
+State is bounded by the tokens claimed. ``set_claimed(container)`` names the tokens whose
+packets are published (``None``: all); a packet of any other token is skipped and counted
+in ``unclaimed`` (one membership test per packet). ``release(tokens)`` forgets released
+tokens' sequence numbers, so a token claimed again starts at ``seq`` 1; ``tracked()`` is
+how many tokens the sequence table holds.
 
 Two implementations with identical output, chosen at import: the C speed-up
 ``kitewire._speedups`` (built by ``pip install`` where a compiler is present) and the
@@ -19,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from collections.abc import Container, Iterable
 from typing import Protocol
 
 from kitewire.codec import SEQUENCED_WRITERS, scan_frame
@@ -34,6 +41,20 @@ class Encoder(Protocol):
         self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
     ) -> tuple[bytes, bytes, int, int]:
         """One frame -> (its PUBLISHes, its HSET fields, ticks, malformed packets)."""
+        ...
+
+    unclaimed: int  # packets skipped since the encoder was made: their token was not claimed
+
+    def set_claimed(self, claimed: Container[int] | None) -> None:
+        """Publish only packets of tokens in ``claimed`` (kept by reference); None: all."""
+        ...
+
+    def release(self, tokens: Iterable[int]) -> None:
+        """Forget the tokens' sequence numbers (and cached channel names)."""
+        ...
+
+    def tracked(self) -> int:
+        """Tokens in the sequence table."""
         ...
 
 
@@ -52,18 +73,36 @@ class PyFrameEncoder:
         self._prefix = channel_prefix
         self._heads: dict[int, tuple[bytes, bytes]] = {}  # token -> (PUBLISH head, HSET field name)
         self._bulk = {length: b"$%d\r\n" % w.payload_length for length, w in SEQUENCED_WRITERS.items()}
+        self._claimed: Container[int] | None = None
+        self.unclaimed = 0
+
+    def set_claimed(self, claimed: Container[int] | None) -> None:
+        self._claimed = claimed
+
+    def release(self, tokens: Iterable[int]) -> None:
+        for token in tokens:
+            self._seqs.pop(token, None)
+            self._heads.pop(token, None)
+
+    def tracked(self) -> int:
+        return len(self._seqs)
 
     def encode(
         self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
     ) -> tuple[bytes, bytes, int, int]:
         packets, malformed = scan_frame(frame)
         heads, writers, bulk = self._heads, SEQUENCED_WRITERS, self._bulk
-        seqs, epoch = self._seqs, self._epoch
+        seqs, epoch, claimed = self._seqs, self._epoch, self._claimed
         publishes: list[bytes] = []
         fields: list[bytes] = []
+        ticks = 0
         for layout, offset in packets:
             length = layout.length
             token = _token_at(frame, offset)
+            if claimed is not None and token not in claimed:
+                self.unclaimed += 1
+                continue
+            ticks += 1
             seq = seqs[token] = seqs.get(token, 0) + 1
             _, payload = writers[length].write(frame, offset, received_at_ns, seq, epoch)
             head = heads.get(token)
@@ -79,7 +118,7 @@ class PyFrameEncoder:
             publishes += (head[0], bulk[length], payload, b"\r\n")
             fields += (head[1], bulk[length], payload, b"\r\n")
             latest[token] = payload
-        return b"".join(publishes), b"".join(fields), len(packets), malformed
+        return b"".join(publishes), b"".join(fields), ticks, malformed
 
 
 def _token_at(frame: bytes, offset: int) -> int:

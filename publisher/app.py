@@ -96,7 +96,7 @@ class Publisher:
         self.sink = TickSink(
             settings.redis_url, self.keys, encoder=encoder, epoch=self.epoch,
             max_backlog=tuning.max_backlog, conflate_after=tuning.conflate_after, fence=lease,
-            cluster=settings.redis_cluster,
+            cluster=settings.redis_cluster, claimed=self.book.placement,
         )  # fmt: skip
         publish = self.sink.publish_frame
         self.moves = Moves()  # tokens moving between connections in a rebalance

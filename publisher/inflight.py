@@ -43,6 +43,9 @@ class Batch:
     commands: list[list[Command]]
     open: int = 0  # lanes that still owe replies
     expected: list[int] = field(default_factory=list)
+    positions: list[list[int]] = field(default_factory=list)  # per lane, per command: the sink's mark
+    # (lane, reply index) of each refused command; index -1: the lane's socket failed
+    failed: set[tuple[int, int]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.open = sum(1 for count in self.replies if count)
@@ -79,6 +82,8 @@ class InFlight:
     """Batches sent and not yet answered, and each lane's share of them."""
 
     def __init__(self, lanes: int = 1) -> None:
+        self.track = False  # keep the batches done with in ``completed`` (for the live follow-ups)
+        self.completed: list[Batch] = []
         self.reset(lanes)
 
     def reset(self, lanes: int) -> None:
@@ -143,6 +148,7 @@ class InFlight:
             what, index = head.command_at(lane, head.expected[lane] - head.replies[lane])
             error = line.startswith(b"-")
             if error:
+                head.failed.add((lane, head.expected[lane] - head.replies[lane]))
                 answers.errors += 1
                 answers.last_error = f"redis answered {line[:80].decode('utf-8', 'replace').strip()}"
                 answers.redirected |= line[1:].startswith(REDIRECTS)
@@ -172,6 +178,7 @@ class InFlight:
         """The lane's socket failed: what it holds may or may not have gone out."""
         answers = Answers()
         for batch in self._owing[lane]:
+            batch.failed.add((lane, -1))
             answers.failed += batch.ticks[lane]
             batch.ticks[lane] = 0
             _settle(batch.commands[lane], answers)
@@ -198,6 +205,8 @@ class InFlight:
             head = batches.popleft()
             self.bytes -= head.size
             done += head.total
+            if self.track:
+                self.completed.append(head)
         return done
 
 

@@ -1,8 +1,9 @@
 """Results that mean "live": a follow-up entry once each newly subscribed token has ticked.
 
 A subscribe (or set) result says the request was applied. For its newly subscribed
-tokens the publisher then watches the tick flow: when each has had its first tick
-published (or ``timeout`` seconds passed), it writes a second entry to
+tokens the publisher then watches the tick flow: when each has had a tick published on
+its channel (a PUBLISH Redis acknowledged, noted by the sink: ticks conflated, dropped or
+refused do not count), or ``timeout`` seconds passed, it writes a second entry to
 ``{ns}:control:results`` for the same request: op ``live``, ``applied`` the tokens that
 ticked, ``rejected`` the silent ones, named in ``error`` too. Tokens that were already
 subscribed count as live at once.
@@ -33,9 +34,9 @@ class _Waiter:
     request: str
     client: str
     deadline: float
-    waiting: dict[int, bytes | None]  # token -> its payload in the cache when the request came
+    waiting: set[int]  # tokens watched, not yet published
+    watched: list[int]  # what to unwatch in the sink once done
     live: list[int] = field(default_factory=list)
-    marks: dict[int, int] = field(default_factory=dict)  # token -> queued count when it ticked
 
 
 class LiveWatch:
@@ -57,17 +58,16 @@ class LiveWatch:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def before(self, new: list[int]) -> dict[int, bytes | None]:
-        """What the cache holds for tokens about to be subscribed: call before telling Kite,
-        whose first tick can come at once."""
-        cache = self._sink.cache
-        return {t: cache.get(t) for t in new}
+    def before(self, new: list[int]) -> dict[int, None]:
+        """Start noting which of the tokens about to be subscribed go out: call before
+        telling Kite, whose first tick can come at once."""
+        self._sink.watch(new)
+        return dict.fromkeys(new)
 
-    def watch(
-        self, request: str, client: str, before: dict[int, bytes | None], already_live: list[int]
-    ) -> None:
+    def watch(self, request: str, client: str, before: dict[int, None], already_live: list[int]) -> None:
         """Start watching a request's newly subscribed tokens (``before``: from ``before()``)."""
-        waiter = _Waiter(request, client, time.monotonic() + self.timeout, dict(before))
+        watched = list(before)
+        waiter = _Waiter(request, client, time.monotonic() + self.timeout, set(watched), watched)
         waiter.live.extend(already_live)
         self._waiters.append(waiter)
         self._wake.set()
@@ -78,6 +78,9 @@ class LiveWatch:
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        for waiter in self._waiters:
+            self._sink.unwatch(waiter.watched)
+        self._waiters.clear()
 
     async def _run(self) -> None:
         backoff = Backoff()
@@ -90,6 +93,7 @@ class LiveWatch:
             for waiter in list(self._waiters):
                 if self._progress(waiter) or now >= waiter.deadline:
                     self._waiters.remove(waiter)
+                    self._sink.unwatch(waiter.watched)
                     self._unsent.append(self._result(waiter))
             if not self._unsent:
                 continue
@@ -109,15 +113,11 @@ class LiveWatch:
                 await backoff.wait()
 
     def _progress(self, waiter: _Waiter) -> bool:
-        """Note tokens that ticked; True once every one's tick has reached Redis."""
-        sink = self._sink
-        for token, before in list(waiter.waiting.items()):
-            if token not in waiter.marks and sink.cache.get(token) is not before:
-                waiter.marks[token] = sink.queued  # its tick is at or before this place in the queue
-        for token, mark in list(waiter.marks.items()):
-            if sink.acknowledged >= mark:
-                del waiter.waiting[token], waiter.marks[token]
-                waiter.live.append(token)
+        """Note tokens published since the watch; True once every one was."""
+        went_out = self._sink.went_out
+        for token in [t for t in waiter.waiting if t in went_out]:
+            waiter.waiting.discard(token)
+            waiter.live.append(token)
         return not waiter.waiting
 
     def _result(self, waiter: _Waiter) -> dict[str, str]:

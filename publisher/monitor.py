@@ -97,6 +97,7 @@ class Monitor:
             "conflated": str(sink.conflated),
             "dropped": str(sink.dropped),
             "malformed": str(sink.malformed),
+            "unclaimed": str(sink.unclaimed),
             "write_errors": str(sink.write_errors),
             "buffered": str(sink.buffered),
             "backpressure": "1" if not sink.writable.is_set() else "0",
@@ -254,6 +255,10 @@ class _Metrics(Collector):
         yield CounterMetricFamily(
             "kitebus_malformed_packets", "Packets skipped as malformed", value=sink.malformed
         )
+        yield CounterMetricFamily(
+            "kitebus_unclaimed_packets", "Packets of tokens no client claims, not published",
+            value=sink.unclaimed,
+        )  # fmt: skip
         yield CounterMetricFamily(
             "kitebus_redis_write_errors", "Error replies to tick writes", value=sink.write_errors
         )

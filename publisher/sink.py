@@ -76,6 +76,7 @@ class _Queued:
     source: Source  # what to tell their tokens from, should they be given up
     other: int = 0  # commands in ``publishes`` that are not ticks (stream status)
     route: bytes = b""  # on a cluster: a channel or key whose node all of ``publishes`` goes to
+    upto: int = 0  # ``queued`` once these ticks were handed in: ticks after a watch's mark are newer
 
     @property
     def size(self) -> int:
@@ -99,8 +100,11 @@ class TickSink:
         write_timeout: float = 5.0,
         fence: Fence | None = None,
         cluster: bool = False,
+        claimed: Container[int] | None = None,
     ) -> None:
-        """``cluster``: ``redis_url`` names a node of a Redis Cluster (SPUBLISH, a lane per master)."""
+        """``cluster``: ``redis_url`` names a node of a Redis Cluster (SPUBLISH, a lane per master).
+        ``claimed``: the tokens clients claim (kept by reference; None: all); packets of any
+        other token are counted in ``unclaimed`` and not published."""
         self._url = redis_url
         self._cluster = cluster
         self._sentinel = is_sentinel_url(redis_url)
@@ -111,6 +115,8 @@ class TickSink:
         self.health = Health()  # the publisher's, once it is given one
         self._keys = keys
         self._encoder = encoder or frame_encoder(keys.ticks("").encode(), self._command, epoch=epoch)
+        self._claimed = claimed
+        self._encoder.set_claimed(claimed)
         self._last_key = keys.last.encode()
         self.max_backlog = max_backlog
         self.max_in_flight = max_in_flight
@@ -140,6 +146,7 @@ class TickSink:
         self.conflated = 0
         self.dropped = 0
         self.malformed = 0
+        self.unclaimed = 0  # packets of tokens no client claims: not published
         self.write_errors = 0
         self.pauses = 0
         self.redis_up = False
@@ -151,6 +158,10 @@ class TickSink:
         self._not_primary = False  # the reopen under way is for a server that is no primary
         self.last_error = ""
         self.error_at = 0.0  # monotonic: the last error reply or failed write
+        # the live follow-ups: watched tokens, and those with a tick Redis took since the watch
+        self._watchers: dict[int, int] = {}  # token -> watches of it
+        self._marks: dict[int, int] = {}  # token -> ``queued`` when its watch began
+        self.went_out: set[int] = set()
 
     # --- the hot side: called by connections for every frame -----------------------------
 
@@ -168,16 +179,23 @@ class TickSink:
         return ticks
 
     def _publish(self, frame: bytes, received_at_ns: int, route: bytes = b"") -> int:
-        publishes, fields, ticks, malformed = self._encoder.encode(frame, received_at_ns, self.cache)
+        encoder = self._encoder
+        skipped = encoder.unclaimed
+        publishes, fields, ticks, malformed = encoder.encode(frame, received_at_ns, self.cache)
+        source: Source = frame
         if malformed:
             self.malformed += malformed
+        if encoder.unclaimed != skipped:  # rare: Kite still sending a released token, say
+            self.unclaimed += encoder.unclaimed - skipped
+            claimed = self._claimed if self._claimed is not None else ()
+            source = tuple(t for t in codec.frame_tokens(frame) if t in claimed)
         if not ticks:
             return 0
         self.queued += ticks
         if self.conflating:
-            self._give_up(ticks, frame)
+            self._give_up(ticks, source)
         else:
-            self._queue(_Queued(publishes, fields, ticks, ticks, frame, route=route))
+            self._queue(_Queued(publishes, fields, ticks, ticks, source, route=route, upto=self.queued))
             if self.backlog_bytes > self.max_backlog and self.writable.is_set():
                 self._pause()
         self._work.set()
@@ -197,7 +215,7 @@ class TickSink:
         channel, key = self._keys.stream_status.encode(), self._keys.token_status.encode()
         for route, command in ((channel, pack_command(self._command, channel, event)),
                                (key, pack_command(b"HSET", key, *hset))):  # fmt: skip
-            self._queue(_Queued(command, b"", 0, 0, (), other=1, route=route))
+            self._queue(_Queued(command, b"", 0, 0, (), other=1, route=route, upto=self.queued))
         self._work.set()
 
     @property
@@ -221,15 +239,55 @@ class TickSink:
         return self._pending_bytes + self._flight.bytes
 
     def prune(self, subscribed: Container[int]) -> None:
-        """Forget tokens no longer subscribed: out of the cache, ``{ns}:last`` and
+        """Forget tokens no longer subscribed: out of the cache, the encoder's sequence
+        numbers (claimed again, a token starts at ``seq`` 1), ``{ns}:last`` and
         ``{ns}:token_status``."""
         gone = [t for t in self.cache if t not in subscribed]
         for token in gone:
             del self.cache[token]
             self._republish.discard(token)
         if gone:
+            self._encoder.release(gone)
             self._released.update(gone)
             self._work.set()
+
+    # --- what went out: for the live follow-ups -------------------------------------------
+
+    def watch(self, tokens: list[int]) -> None:
+        """Note in ``went_out`` each of ``tokens`` once Redis acknowledged a PUBLISH of a tick
+        of it handed in from now on (ticks conflated, dropped or refused do not count)."""
+        for token in tokens:
+            self._watchers[token] = self._watchers.get(token, 0) + 1
+            self._marks[token] = self.queued
+            self.went_out.discard(token)
+        self._flight.track = bool(self._watchers)
+
+    def unwatch(self, tokens: list[int]) -> None:
+        for token in tokens:
+            left = self._watchers.get(token, 0) - 1
+            if left > 0:
+                self._watchers[token] = left
+            else:
+                self._watchers.pop(token, None)
+                self._marks.pop(token, None)
+                self.went_out.discard(token)
+        self._flight.track = bool(self._watchers)
+
+    def _note_went_out(self, batches: list[Batch]) -> None:
+        """Watched tokens with a tick in these acknowledged batches that Redis took."""
+        marks, went_out = self._marks, self.went_out
+        for batch in batches:
+            for lane, commands in enumerate(batch.commands):
+                if (lane, -1) in batch.failed or lane >= len(batch.positions):
+                    continue
+                index = 0
+                for (count, what), upto in zip(commands, batch.positions[lane], strict=True):
+                    if what is not None and not isinstance(what, Released):
+                        for i, token in enumerate(tokens_of(what)):
+                            mark = marks.get(token)
+                            if mark is not None and upto > mark and (lane, index + i) not in batch.failed:
+                                went_out.add(token)
+                    index += count
 
     # --- overload ------------------------------------------------------------------------
 
@@ -304,7 +362,9 @@ class TickSink:
         for items in lanes.values():
             publishes = b"".join(self._republish_command(token, payload) for token, payload in items.items())
             route = self._keys.ticks(next(iter(items))).encode()
-            queued = _Queued(publishes, _fields(items), len(items), len(items), tuple(items), route=route)
+            queued = _Queued(
+                publishes, _fields(items), len(items), len(items), tuple(items), route=route, upto=self.queued
+            )
             self._queue(queued, front=True)
 
     # --- the tasks -----------------------------------------------------------------------
@@ -478,6 +538,7 @@ class TickSink:
         replies, ticks = [0] * lanes, [0] * lanes
         fields: list[bytes] = []
         commands: list[list[Command]] = [[] for _ in range(lanes)]
+        positions: list[list[int]] = [[] for _ in range(lanes)]
         size = nfields = 0
         while self._pending and size < self.batch_bytes:
             item = self._pending.popleft()
@@ -486,6 +547,7 @@ class TickSink:
             replies[lane] += item.ticks + item.other
             ticks[lane] += item.ticks
             commands[lane].append((item.ticks + item.other, item.source if item.ticks else None))
+            positions[lane].append(item.upto)
             fields.append(item.fields)
             size += item.size
             nfields += item.nfields
@@ -498,6 +560,7 @@ class TickSink:
             parts[lane] += fields
             replies[lane] += 1
             commands[lane].append((1, None))
+            positions[lane].append(0)
         if self._released and not self._pending:
             # Only behind every queued tick: an older HSET of a released token, sent after
             # its HDEL, would leave its snapshot in {ns}:last for good. A token back in the
@@ -511,8 +574,9 @@ class TickSink:
                     parts[lane].append(pack_command(b"HDEL", key, *names))
                     replies[lane] += 1
                     commands[lane].append((1, released))
+                    positions[lane].append(0)
         data = [b"".join(part) for part in parts]
-        return Batch(sum(map(len, data)), replies, ticks, commands), data
+        return Batch(sum(map(len, data)), replies, ticks, commands, positions=positions), data
 
     def _lane(self, name: bytes) -> int:
         """The lane of a channel or key (once per queued part; tokens are cached below)."""
@@ -556,6 +620,9 @@ class TickSink:
                 self._retry_soon()  # the reopen covers these
         self._lost |= answers.lost
         self._released |= answers.released
+        if self._flight.completed:
+            self._note_went_out(self._flight.completed)
+            self._flight.completed = []
         if answers.redirected:
             self.redirects += 1
             reopen = reopen or "a slot moved or is not served"

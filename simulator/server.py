@@ -334,6 +334,17 @@ class TickerServer:
                     sent += len(packets)
         return sent
 
+    async def send_unsubscribed(self, ticks: list[dict], session: int | None = None) -> int:
+        """Send these ticks whether or not the connection subscribed their tokens (as Kite
+        may for a moment after an unsubscribe), one frame per connection; returns the packets."""
+        sent = 0
+        frame = codec.encode_frame(codec.encode_packet(tick) for tick in ticks)
+        for target in self._pick(session):
+            with contextlib.suppress(ConnectionClosed):
+                await target.websocket.send(frame)
+                sent += len(ticks)
+        return sent
+
     async def rotate_access_token(self, access_token: str) -> int:
         """Kite's daily logout: from now on only ``access_token`` is valid, and every
         connection opened with another one is closed. Returns how many were closed."""

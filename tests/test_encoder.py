@@ -145,3 +145,69 @@ def test_the_environment_switch_forces_the_python_path() -> None:
     env = {**os.environ, "KITEBUS_NO_SPEEDUPS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "PyFrameEncoder"]
+
+
+def _ltp(*tokens: int) -> bytes:
+    return codec.encode_frame(
+        codec.encode_packet({"instrument_token": t, "mode": "ltp", "last_price": 1.0}) for t in tokens
+    )
+
+
+def _seqs(resp: bytes) -> list[tuple[int, int]]:
+    return [(m["instrument_token"], m["seq"]) for m in (msgpack.unpackb(c[2]) for c in parse_commands(resp))]
+
+
+@both_paths
+def test_packets_of_unclaimed_tokens_are_counted_and_not_encoded(path: str) -> None:
+    enc, latest = _fresh(path), {}
+    claimed = {1, 3}
+    enc.set_claimed(claimed)
+    resp, _, count, malformed = enc.encode(_ltp(1, 2, 3, 2), 5, latest)
+    assert (count, malformed, enc.unclaimed) == (2, 0, 2)
+    assert _seqs(resp) == [(1, 1), (3, 1)] and set(latest) == {1, 3}
+    assert enc.tracked() == 2  # no sequence number was given to 2
+    claimed.add(2)  # the container is kept by reference: a claim counts at once
+    assert _seqs(enc.encode(_ltp(2), 6, latest)[0]) == [(2, 1)] and enc.unclaimed == 2
+    enc.set_claimed(None)  # all tokens again
+    assert enc.encode(_ltp(9), 7, latest)[2] == 1 and enc.unclaimed == 2
+
+
+@both_paths
+def test_release_prunes_the_sequence_table_and_a_token_claimed_again_starts_at_one(path: str) -> None:
+    enc = _fresh(path)
+    tokens = list(range(1, 5001))  # past the C table's first size: it grows, then shrinks
+    for start in range(0, len(tokens), 500):
+        enc.encode(_ltp(*tokens[start : start + 500]), 1, {})
+    enc.encode(_ltp(7, 4000), 1, {})
+    assert enc.tracked() == 5000
+    enc.release(t for t in tokens if t not in (7, 4000))
+    assert enc.tracked() == 2
+    enc.release([123456789, 2**40])  # unknown and impossible tokens: nothing happens
+    assert enc.tracked() == 2
+    # the ones kept go on; a released one starts again at 1
+    assert _seqs(enc.encode(_ltp(7, 4000, 8), 1, {})[0]) == [(7, 3), (4000, 3), (8, 1)]
+    enc.release(tokens)
+    assert enc.tracked() == 0
+
+
+_COLLIDING = [*range(1, 17), *(k << 10 for k in range(1, 17))]  # multiples of 1024 share a home slot
+
+
+@needs_compiled
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.booleans(), st.lists(st.sampled_from(_COLLIDING), max_size=12)), max_size=30))
+def test_compiled_and_python_agree_across_releases_and_claims(steps) -> None:
+    """Deletion from the C table's open addressing keeps every other token's place."""
+    python, compiled = _fresh("python"), _fresh("compiled")
+    claimed: set[int] = set(_COLLIDING[::2])
+    for enc in (python, compiled):
+        enc.set_claimed(claimed)
+    for release, tokens in steps:
+        if release:
+            for enc in (python, compiled):
+                enc.release(tokens)
+            claimed.symmetric_difference_update(tokens[:2])
+        else:
+            frame = _ltp(*tokens)
+            assert python.encode(frame, 3, {}) == compiled.encode(frame, 3, {})
+        assert (python.tracked(), python.unclaimed) == (compiled.tracked(), compiled.unclaimed)

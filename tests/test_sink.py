@@ -80,3 +80,75 @@ async def test_a_released_tokens_hdel_waits_behind_every_queued_hset_of_it() -> 
     hdel = next(i for i, c in enumerate(commands) if c[:2] == [b"HDEL", b"paper:last"])
     assert commands[hdel][2:] == [b"%d" % A]
     assert all(c[0] != b"HSET" for c in commands[hdel:])  # nothing re-creates A's snapshot
+
+
+def _send(sink: TickSink) -> None:
+    """What the writer does with the next batch, without a socket."""
+    batch, data = sink._take_batch()
+    sink._flight.add(batch, data)
+
+
+def _live(sink: TickSink, *tokens: int):
+    from publisher.live import LiveWatch
+
+    live = LiveWatch(None, Keys("paper"), sink)  # type: ignore[arg-type]
+    live.watch("1-0", "c", live.before(list(tokens)), [])
+    return live, live._waiters[0]
+
+
+async def test_live_means_redis_took_a_publish_of_the_token_not_that_it_was_refused() -> None:
+    sink = _sink()
+    live, waiter = _live(sink, A, B)
+    sink.publish_frame(_frame((A, 1.0), (B, 2.0)), 1)
+    _send(sink)
+    sink._settle(sink._flight.read(0, b"-NOPERM no publish\r\n:1\r\n:2\r\n", careful=True))  # A refused
+    assert sink.acknowledged == 2 and sink.went_out == {B}
+    assert not live._progress(waiter) and waiter.live == [B]
+    sink.publish_frame(_frame((A, 3.0)), 2)
+    _send(sink)
+    sink._settle(sink._flight.read(0, b":1\r\n:1\r\n", careful=True))
+    assert live._progress(waiter) and waiter.live == [B, A]
+
+
+async def test_live_does_not_count_ticks_conflated_or_lost_in_a_failed_write() -> None:
+    sink = _sink(max_backlog=10)
+    live, waiter = _live(sink, A)
+    sink.publish_frame(_frame((A, 1.0)), 1)
+    sink._conflate()  # given up
+    assert sink.acknowledged == 1 and not live._progress(waiter)
+    sink._end_conflation()  # A's newest republished ...
+    _send(sink)
+    sink._settle(sink._flight.fail_all())  # ... and lost with the socket
+    assert sink.acknowledged == 2 and not live._progress(waiter)
+    sink._requeue_lost()
+    _send(sink)
+    sink._settle(sink._flight.read(0, b":1\r\n:1\r\n", careful=False))
+    assert live._progress(waiter) and waiter.live == [A]
+
+
+async def test_ticks_handed_in_before_the_watch_do_not_count() -> None:
+    sink = _sink()
+    sink.publish_frame(_frame((A, 1.0)), 1)  # queued before the subscribe (an older claim of A)
+    live, waiter = _live(sink, A)
+    _send(sink)
+    sink._settle(sink._flight.read(0, b":1\r\n:1\r\n", careful=False))
+    assert not live._progress(waiter)
+    sink.unwatch([A])
+    assert not sink._watchers and not sink._flight.track
+
+
+async def test_packets_of_unclaimed_tokens_are_counted_not_published_and_release_prunes_seq() -> None:
+    claimed = {A}
+    sink = _sink(claimed=claimed)
+    assert sink.publish_frame(_frame((B, 1.0), (A, 2.0), (B, 3.0)), 1) == 1
+    assert sink.unclaimed == 2 and set(sink.cache) == {A}
+    batch, (data,) = sink._take_batch()
+    commands = [c[:2] for c in parse_commands(data)]
+    assert commands == [[b"PUBLISH", b"paper:ticks:%d" % A], [b"HSET", b"paper:last"]]
+    assert batch.commands[0][0][1] == (A,)  # what to republish should it fail: A alone
+    claimed.add(B)
+    sink.publish_frame(_frame((B, 4.0)), 2)
+    assert sink.unclaimed == 2 and sink._encoder.tracked() == 2
+    claimed.discard(A)
+    sink.prune(claimed)
+    assert sink._encoder.tracked() == 1 and set(sink.cache) == {B}

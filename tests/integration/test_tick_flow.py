@@ -173,3 +173,41 @@ async def test_released_tokens_leave_the_cache_and_the_snapshot(simulator, setti
             return set(await rds.hkeys(KEYS.last)) == {str(kept).encode()}
 
         await eventually(snapshot_only_kept)
+
+
+async def test_ticks_of_tokens_no_one_claims_are_counted_and_not_published(
+    simulator, settings, rds, control
+) -> None:
+    claimed, unclaimed = 408065, 884737
+    async with _publisher(settings, FAST) as publisher:
+        await control.subscribe([claimed], mode="ltp", client="c")
+        await eventually(lambda: claimed in publisher.sink.cache)
+        pubsub = rds.pubsub()
+        await pubsub.psubscribe(KEYS.ticks("*"))
+        try:
+            stray = {"instrument_token": unclaimed, "mode": "ltp", "last_price": 12.5}
+            sent = await simulator.send_unsubscribed([stray, stray])  # on every connection
+            assert sent >= 2
+            await eventually(lambda: publisher.sink.unclaimed >= sent)
+            # A claimed tick sent after the strays, on the connection holding it: once it is
+            # on the bus, the strays would be too had they been published.
+            marker = {"instrument_token": claimed, "mode": "ltp", "last_price": 99.5}
+            await simulator.send_ticks([marker])
+            channels: list[bytes] = []
+
+            async def marker_arrived() -> bool:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.1)
+                if message is not None:
+                    channels.append(message["channel"])
+                return KEYS.ticks(claimed).encode() in channels and publisher.sink.unclaimed == sent
+
+            await eventually(marker_arrived)
+            assert KEYS.ticks(unclaimed).encode() not in channels
+            assert unclaimed not in publisher.sink.cache and await rds.hget(KEYS.last, str(unclaimed)) is None
+
+            async def status_counts() -> bool:
+                return await rds.hget(KEYS.status, "unclaimed") == str(sent).encode()
+
+            await eventually(status_counts)
+        finally:
+            await pubsub.aclose()
