@@ -589,8 +589,16 @@ class Soak:
             )
         else:
             await self.check_hashes(client)
+        deadline = time.monotonic() + 40
         while True:  # every request answered: nothing pending or unread in the control group
-            group = (await client.xinfo_groups(self.keys.control))[0]
+            groups = await client.xinfo_groups(self.keys.control)
+            if not groups:  # Redis restarted empty a moment ago: the publisher creates it again
+                if time.monotonic() > deadline:
+                    self.failures.append("the control stream's consumer group was not created again")
+                    break
+                await asyncio.sleep(0.05)
+                continue
+            group = groups[0]
             # ``lag`` is off after a replica's promotion (its count of entries read is not
             # replicated exactly): the last delivered id tells what is unread.
             newest = await client.xrevrange(self.keys.control, count=1)
