@@ -80,6 +80,9 @@ class ControlLoop:
         # away): sent as they are when the entries come back pending, never applied twice.
         self._unwritten: dict[str, dict[str, str]] = {}
         self._dirty = False  # a batch failed part way (on a cluster): rewrite Redis from the book
+        # Held from applying a batch of requests to writing it, and by a rewrite of everything:
+        # a rewrite built before a release and sent after it would bring the claim back.
+        self._writing = asyncio.Lock()
         self._orphans: list[dict[str, str]] = []  # this batch's results of no entry (expiries)
         self._resend: list[dict[str, str]] = []  # such results of a batch that failed
         self._quiet = _RateLimitedLog(per_second=20)
@@ -126,6 +129,10 @@ class ControlLoop:
         after a batch failed part way), and drop the snapshots in ``{ns}:last`` of tokens
         no longer subscribed (released while no publisher ran, or just before one was
         killed)."""
+        async with self._writing:
+            await self._write_all()
+
+    async def _write_all(self) -> None:
         book, keys = self._book, self._keys
         held = book.placement
         stale = [k for k in await self._redis.hkeys(keys.last) if not k.isdigit() or int(k) not in held]
@@ -259,21 +266,22 @@ class ControlLoop:
             )  # fmt: skip
             entries = reply[0][1] if reply else []
             answered = await self._answered(entries) if pending else set()
-            for entry_id, fields in entries:
-                if entry_id in answered:  # its result is in (a cluster's XACK was not): only ack it
-                    self._acks.append(entry_id.decode())
-                    continue
-                if (result := self._unwritten.get(entry_id.decode())) is not None:
-                    self._send(entry_id.decode(), result)  # applied before its batch failed
-                    continue
-                try:
-                    await self._handle(entry_id.decode(), fields)
-                except REDIS_FAULTS:
-                    raise
-                except Exception:  # a bug must not stall every request behind this one
-                    log.exception("request id=%s failed unexpectedly", entry_id.decode())
-                    self._answer_internal_error(entry_id.decode(), fields)
-            await self._commit()
+            async with self._writing:
+                for entry_id, fields in entries:
+                    if entry_id in answered:  # its result is in (a cluster's XACK was not): only ack it
+                        self._acks.append(entry_id.decode())
+                        continue
+                    if (result := self._unwritten.get(entry_id.decode())) is not None:
+                        self._send(entry_id.decode(), result)  # applied before its batch failed
+                        continue
+                    try:
+                        await self._handle(entry_id.decode(), fields)
+                    except REDIS_FAULTS:
+                        raise
+                    except Exception:  # a bug must not stall every request behind this one
+                        log.exception("request id=%s failed unexpectedly", entry_id.decode())
+                        self._answer_internal_error(entry_id.decode(), fields)
+                await self._commit()
             if entries:  # every entry up to the last is answered and acknowledged: keep the stream short
                 await self._redis.xtrim(self._keys.control, minid=entries[-1][0], approximate=True)
             if pending and not entries:  # every pending entry is done: the rest were lost with Redis
@@ -298,11 +306,6 @@ class ControlLoop:
                 return answered
             milliseconds, sequence = _id_order(page[-1][0])
             start = f"{milliseconds}-{sequence + 1}"  # just after the last one read
-
-    async def handle(self, entry_id: str, fields: Mapping[bytes, bytes] | None) -> None:
-        """Apply one entry, then persist + answer + acknowledge in one transaction."""
-        await self._handle(entry_id, fields)
-        await self._commit()
 
     async def _commit(self) -> None:
         """Write the batch (state, results, XACK), then run what waited for its results.
@@ -378,12 +381,13 @@ class ControlLoop:
 
     async def _expire_due(self) -> None:
         """Claims whose ttl ran out lapse: a normal release, recorded as op ``expire``."""
-        for client, tokens in self._book.due(time.time()).items():
-            request = Request("unsubscribe", tokens, client)
-            outcome = self._book.apply(request)
-            await self._execute(outcome)
-            self._answer(None, None, "", request, outcome)
-        await self._commit()
+        async with self._writing:
+            for client, tokens in self._book.due(time.time()).items():
+                request = Request("unsubscribe", tokens, client)
+                outcome = self._book.apply(request)
+                await self._execute(outcome)
+                self._answer(None, None, "", request, outcome)
+            await self._commit()
 
     def _answer(
         self,

@@ -12,6 +12,7 @@ import websockets
 
 from config import Keys
 from consumers.control import ControlClient
+from publisher import bus
 from publisher.app import Publisher, Tuning
 from simulator.server import TickerServer, subscribed
 from tests.integration.conftest import FAST, eventually
@@ -282,9 +283,11 @@ async def test_refused_for_the_api_keys_socket_limit_it_retries_at_a_steady_pace
     try:
         await asyncio.sleep(8)  # refused again and again meanwhile
         assert publisher.connections[0].state != "live" and "429" in publisher.connections[0].last_error
+        held = list(simulator.sessions)  # the holders': the publisher may take one the moment it frees
+        assert len(held) == 3
         for holder in holders:
             holder.transport.abort()  # as a process that died
-        await eventually(lambda: not simulator.sessions, timeout=5)
+        await eventually(lambda: not any(s in simulator.sessions for s in held), timeout=5)
         freed = time.monotonic()
         await eventually(lambda: publisher.connections[0].state == "live", timeout=5)
         assert time.monotonic() - freed < 2.0
@@ -353,3 +356,48 @@ async def test_results_already_written_are_looked_up_page_by_page(settings, rds,
     finally:
         await running.redis.aclose()
         await running.sink.close()
+
+
+async def test_a_rewrite_from_the_book_never_brings_back_a_claim_released_meanwhile(
+    publisher, control, rds, keys, monkeypatch
+) -> None:
+    """Redis came back empty: the monitor rewrites every claim from the book while the
+    control loop releases one. A rewrite built before the release and sent after it would
+    put the claim back in Redis, where the next publisher would restore it."""
+    assert (await control.subscribe([EQUITY, INDEX], client="a")).ok
+    built, go = asyncio.Event(), asyncio.Event()
+    real_pipeline = bus.pipeline
+
+    def held_pipeline(client):  # the rewrite's pipeline, held between being built and sent
+        pipe = real_pipeline(client)
+        execute = pipe.execute
+
+        async def execute_later(*args, **kwargs):
+            built.set()
+            await go.wait()
+            return await execute(*args, **kwargs)
+
+        pipe.execute = execute_later
+        return pipe
+
+    lock = publisher.control._writing  # the control loop waits for it, or (the bug) goes on
+    waited = asyncio.Event()
+    acquire = lock.acquire
+
+    async def noted_acquire():
+        if lock.locked():
+            waited.set()
+        return await acquire()
+
+    monkeypatch.setattr(lock, "acquire", noted_acquire)
+    monkeypatch.setattr(bus, "pipeline", held_pipeline)
+    rewrite = asyncio.create_task(publisher.control.write_all())
+    await asyncio.wait_for(built.wait(), 5)
+    monkeypatch.setattr(bus, "pipeline", real_pipeline)
+    release = asyncio.create_task(control.unsubscribe([INDEX], client="a"))
+    await eventually(lambda: waited.is_set() or release.done())
+    go.set()
+    await rewrite
+    assert (await release).applied == (INDEX,)
+    assert await rds.hgetall(keys.claims("a")) == {str(EQUITY).encode(): b"quote"}
+    assert publisher.book.claims["a"] == {EQUITY: "quote"}
