@@ -200,14 +200,16 @@ def run_consumer(ports: list[int] | str, out: Path, universe: int) -> None:
         at = tick["received_at_ns"] / 1e9  # when the publisher got it from Kite
         stats["received"] += 1
         before = last.get(token)
-        if before is not None and before[0] == epoch:
+        # seq 1 of a newer tick: the token was released and claimed again, its seq starts anew
+        restarted = before is not None and seq == 1 and at > before[2]
+        if before is not None and before[0] == epoch and not restarted:
             if seq <= before[1]:
                 stats["duplicates"] += 1
             elif seq > before[1] + 1:  # lost: ticks the publisher got between these two
                 stats["gap_ticks"] += seq - before[1] - 1
                 if len(stats["gaps"]) < 5000:
                     stats["gaps"].append([before[2], at, token, seq - before[1] - 1])
-        if before is None or before[0] != epoch or seq > before[1]:
+        if before is None or before[0] != epoch or seq > before[1] or restarted:
             last[token] = (epoch, seq, at)
 
     signal.signal(signal.SIGTERM, finish)
