@@ -216,6 +216,5 @@ class InstrumentsLoader:
                 await self.load()
             except REDIS_FAULTS as exc:  # loaded again when Redis is back (``reload``), or in a minute
                 self._failed(bus.describe(exc))
-            except Exception as exc:  # a bug: reported, and tried again in a minute
-                log.exception("instruments: the refresh failed unexpectedly")
-                self._failed(f"internal error: {exc.__class__.__name__}")
+            # anything else is a bug here (a source's failures are load's to report): the
+            # supervisor restarts the task and shows it, as for every task
