@@ -1,12 +1,20 @@
-"""Read the publisher's health from Redis and show it (``kitebus status``, the demo)."""
+"""Read the publisher's health from Redis and show it (``kitebus status``, the demo).
+
+Every key is read leniently: missing, written by another version, half written (on a
+cluster the hashes are separate writes) or of another type, it still gives an answer.
+What could not be read is listed in ``unreadable``, never raised: the image's
+healthcheck runs this."""
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis.asyncio as redis
+from redis.exceptions import ResponseError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -18,92 +26,187 @@ from publisher import bus
 
 STALE_AFTER = 5.0  # seconds without a publisher heartbeat (at least; 3 heartbeat intervals if longer)
 HEARTBEATS_MISSED = 3
+MAX_CONNECTIONS = 64  # hashes read at most, whatever {ns}:status says (3 per account)
+RELEASED = "released"  # {ns}:leader for a moment after a clean stop (publisher/lease.py)
+
+T = TypeVar("T")
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
 
 
 def _decode(mapping: dict[bytes, bytes]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in mapping.items()}
+    return {_text(k): _text(v) for k, v in mapping.items()}
 
 
-async def _snapshot(client: redis.Redis, keys: Keys) -> tuple[dict[str, str], list[dict[str, str]]]:
-    status = _decode(await client.hgetall(keys.status))
-    count = int(status.get("connections", 0))
-    conns = [_decode(await client.hgetall(keys.conn(i))) for i in range(count)]
+class _Notes:
+    """What could not be read, each said once."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        if line not in self.lines:
+            self.lines.append(line)
+
+    async def read(self, key: str, call: Awaitable[T], default: T) -> T:
+        try:
+            return await call
+        except ResponseError as exc:  # WRONGTYPE (something else wrote the key), NOPERM
+            self.add(f"{key}: {exc}")
+            return default
+
+
+class _Hash:
+    """One hash's fields; a value that is not a number counts as missing and is noted."""
+
+    def __init__(self, key: str, fields: dict[str, str], notes: _Notes) -> None:
+        self.key, self.fields, self._notes = key, fields, notes
+
+    def text(self, name: str, default: str = "") -> str:
+        return self.fields.get(name, default)
+
+    def number(self, name: str) -> float | None:
+        """A finite number, or None (missing, empty, or not a number)."""
+        raw = self.fields.get(name, "")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if math.isfinite(value):
+            return value
+        if raw.strip():
+            self._notes.add(f"{self.key} {name}={raw[:40]!r} is not a number")
+        return None
+
+    def count(self, name: str) -> int:
+        value = self.number(name)
+        return int(value) if value is not None else 0
+
+
+async def _hash(client: redis.Redis, key: str, notes: _Notes) -> _Hash:
+    return _Hash(key, _decode(await notes.read(key, client.hgetall(key), {})), notes)
+
+
+async def _snapshot(client: redis.Redis, keys: Keys, notes: _Notes) -> tuple[_Hash, list[_Hash]]:
+    status = await _hash(client, keys.status, notes)
+    count = status.count("connections")
+    if count > MAX_CONNECTIONS or count < 0:
+        notes.add(f"{keys.status} connections={count}: {MAX_CONNECTIONS} at most are read")
+        count = max(0, min(count, MAX_CONNECTIONS))
+    conns = [await _hash(client, keys.conn(i), notes) for i in range(count)]
     return status, conns
 
 
+def parse_leader(raw: str | None) -> tuple[str | None, int | None]:
+    """(holder, fence) of a ``{ns}:leader`` value ``<fence>:<host>:<pid>``: (None, None) when
+    there is none or it says ``released``; a value of another format is its own holder."""
+    if raw is None or raw == RELEASED:
+        return None, None
+    fence, colon, identity = raw.partition(":")
+    if colon and identity and fence.isdigit():
+        return identity, int(fence)
+    return raw, None
+
+
+async def _leadership(
+    client: redis.Redis, keys: Keys, status: _Hash, notes: _Notes, now: float
+) -> dict[str, Any]:
+    raw = await notes.read(keys.leader, client.get(keys.leader), None)
+    value = None if raw is None else _text(raw)
+    holder, fence = parse_leader(value)
+    if holder is not None and fence is None:
+        notes.add(f"{keys.leader}={value[:60]!r} is not <fence>:<host>:<pid>")
+    standby = await _hash(client, keys.standby, notes)
+    since = status.number("leader_since")
+    present = bool(standby.fields)
+    return {
+        "leader": holder,
+        "fence": fence,
+        "released": value == RELEASED,  # a clean stop, a moment ago: a standby may take over at once
+        "since_age": round(now - since, 1) if since else None,
+        "standby": f"{standby.text('host', '?')}:{standby.text('pid', '?')}" if present else None,
+        "standby_refusing": standby.text("refusing"),
+    }
+
+
+async def _clients(client: redis.Redis, keys: Keys, notes: _Notes) -> dict[str, int]:
+    members = await notes.read(keys.clients, client.smembers(keys.clients), set())
+    counts = {}
+    for raw in sorted(members):
+        key = keys.claims("").encode() + raw  # the name as stored, even if it is not UTF-8
+        counts[_text(raw)] = await notes.read(_text(key), client.hlen(key), 0)
+    return counts
+
+
 async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> dict[str, Any]:
-    """Status, per-connection health with ticks/s over ``sample`` seconds, and clients."""
-    _, before = await _snapshot(client, keys)
+    """Status, per-connection health with ticks/s over ``sample`` seconds, clients, and what
+    could not be read."""
+    _, before = await _snapshot(client, keys, _Notes())
     started = time.monotonic()
     if sample > 0:
         await asyncio.sleep(sample)
-    status, conns = await _snapshot(client, keys)
+    notes = _Notes()
+    status, conns = await _snapshot(client, keys, notes)
     elapsed = max(time.monotonic() - started, 1e-9)
     now = time.time()
     connections = len(conns)
-    capacity = int(status.get("capacity", 0))
+    capacity = status.count("capacity")
     limit = capacity // connections if connections else 0
     rows = []
     for index, conn in enumerate(conns):
-        previous = before[index] if index < len(before) else {}
-        refused_at = float(conn.get("auth_failed_at") or 0)
-        ticks, last = int(conn.get("ticks", 0)), float(conn.get("last_message_at", 0) or 0)
+        previous = before[index].count("ticks") if index < len(before) else None
+        refused_at = conn.number("auth_failed_at")
+        ticks, last = conn.count("ticks"), conn.number("last_message_at")
         rows.append({
             "index": index,
-            "account": conn.get("account", "default"),
-            "state": conn.get("state", "?"),
-            "tokens": int(conn.get("tokens", 0)),
+            "account": conn.text("account", "default"),
+            "state": conn.text("state", "?"),
+            "tokens": conn.count("tokens"),
             "limit": limit,
             "ticks": ticks,
-            "ticks_per_s": round(max(0, ticks - int(previous.get("ticks", ticks))) / elapsed, 1),
+            "ticks_per_s": round(max(0, ticks - (ticks if previous is None else previous)) / elapsed, 1),
             "last_message_age": round(now - last, 3) if last else None,
-            "reconnects": int(conn.get("reconnects", 0)),
-            "last_error": conn.get("last_error", ""),
+            "reconnects": conn.count("reconnects"),
+            "last_error": conn.text("last_error"),
             "auth_failed_for": round(now - refused_at, 1) if refused_at else None,
         })  # fmt: skip
-    leader = await client.get(keys.leader)
-    standby = {k.decode(): v.decode() for k, v in (await client.hgetall(keys.standby)).items()}
-    leadership = {
-        "leader": leader.decode().split(":", 1)[1] if leader else None,
-        "fence": int(leader.decode().split(":", 1)[0]) if leader else None,
-        "since_age": round(now - float(status["leader_since"]), 1) if status.get("leader_since") else None,
-        "standby": f"{standby['host']}:{standby['pid']}" if standby else None,
-        "standby_refusing": standby.get("refusing", ""),
-    }
-    clients = {}
-    for raw in sorted(await client.smembers(keys.clients)):
-        clients[raw.decode()] = await client.hlen(keys.claims(raw.decode()))
-    heartbeat = float(status.get("heartbeat_at", 0) or 0)
+    leadership = await _leadership(client, keys, status, notes, now)
+    clients = await _clients(client, keys, notes)
+    heartbeat = status.number("heartbeat_at")
     age = round(now - heartbeat, 3) if heartbeat else None
-    stale_after = max(STALE_AFTER, HEARTBEATS_MISSED * float(status.get("heartbeat_interval") or 0))
-    state = status.get("state", "absent")
-    tokens = int(status.get("tokens", 0))
+    stale_after = max(STALE_AFTER, HEARTBEATS_MISSED * (status.number("heartbeat_interval") or 0))
+    state = status.text("state", "absent")
+    tokens = status.count("tokens")
+    pid = status.number("pid")
     return {
         "namespace": keys.ns,
         "redis": await bus.describe_server(client),
         "publisher": {
             "state": state,
-            "pid": int(status["pid"]) if "pid" in status else None,
+            "pid": int(pid) if pid is not None else None,
             "heartbeat_age": age,
             "alive": age is not None and age < stale_after and state in SERVING,
             # it says it serves, but has not said so for a while: dead, stuck, or cut off from Redis
             "old_heartbeat": state in SERVING and (age is None or age >= stale_after),
-            "degraded_reason": status.get("degraded_reason", ""),
-            "failed_reason": status.get("failed_reason", ""),
-            "task_restarts": int(status.get("task_restarts", 0)),
-            "published": int(status.get("published", 0)),
-            "conflated": int(status.get("conflated", 0)),
-            "dropped": int(status.get("dropped", 0)),
-            "malformed": int(status.get("malformed", 0)),
-            "backpressure": status.get("backpressure") == "1",
-            "access_token_error": status.get("access_token_error", ""),
-            "instruments": int(status.get("instruments", 0)),
-            "instruments_error": status.get("instruments_error", ""),
+            "degraded_reason": status.text("degraded_reason"),
+            "failed_reason": status.text("failed_reason"),
+            "task_restarts": status.count("task_restarts"),
+            "published": status.count("published"),
+            "conflated": status.count("conflated"),
+            "dropped": status.count("dropped"),
+            "malformed": status.count("malformed"),
+            "backpressure": status.text("backpressure") == "1",
+            "access_token_error": status.text("access_token_error"),
+            "instruments": status.count("instruments"),
+            "instruments_error": status.text("instruments_error"),
         },
         "connections": rows,
         "totals": {"tokens": tokens, "capacity": capacity, "remaining": capacity - tokens},
         "clients": clients,
         "leadership": leadership,
+        "unreadable": notes.lines,
     }
 
 
@@ -121,7 +224,7 @@ def connections_table(data: dict[str, Any]) -> Table:
         state = row["state"]
         style = "green" if state == "live" else "red" if state in ("auth_failed", "backoff") else "yellow"
         table.add_row(
-            f"{row['index']} {row['account']}" if several else str(row["index"]),
+            Text(f"{row['index']} {row['account']}" if several else str(row["index"])),
             Text(state, style=style), f"{row['tokens']}/{row['limit']}",
             f"{row['ticks_per_s']:.1f}",
             _age(row["last_message_age"]), str(row["reconnects"]), Text(row["last_error"]),
@@ -138,7 +241,7 @@ def render_status(data: dict[str, Any], console: Console) -> None:
     else:
         health = "[green]alive[/]" if pub["alive"] else "[red]NOT ALIVE[/]"
     console.print(
-        f"publisher {escape('[' + data['namespace'] + ']')}: {pub['state']} {health}, "
+        f"publisher {escape('[' + data['namespace'] + ']')}: {escape(pub['state'])} {health}, "
         f"heartbeat {_age(pub['heartbeat_age'])} ago, "
         f"pid {pub['pid'] or '-'}; published {pub['published']:,}, conflated {pub['conflated']:,}, "
         f"dropped {pub['dropped']:,}, malformed {pub['malformed']:,}"
@@ -174,10 +277,11 @@ def render_status(data: dict[str, Any], console: Console) -> None:
     if data.get("redis"):
         console.print(f"redis: {escape(data['redis'])}", soft_wrap=True)
     lead = data["leadership"]
-    if lead["leader"] or lead["standby"]:
+    if lead["leader"] or lead["standby"] or lead["released"]:
         since = f" for {_age(lead['since_age'])}" if lead["since_age"] is not None else ""
-        term = f" (fence {lead['fence']}){since}" if lead["leader"] else ""
-        line = f"leader {lead['leader'] or 'none'}{term}; standby {lead['standby'] or 'none'}"
+        term = f" (fence {lead['fence']}){since}" if lead["fence"] is not None else ""
+        who = lead["leader"] or ("none (released by a clean stop)" if lead["released"] else "none")
+        line = f"leader {who}{term}; standby {lead['standby'] or 'none'}"
         console.print(escape(line), soft_wrap=True)
         if lead["standby_refusing"]:
             refusing = escape(lead["standby_refusing"])
@@ -186,6 +290,9 @@ def render_status(data: dict[str, Any], console: Console) -> None:
     console.print(f"tokens {totals['tokens']:,} of {totals['capacity']:,} ({totals['remaining']:,} free)")
     clients = data["clients"]
     if clients:
-        console.print("clients: " + ", ".join(f"{name} ({count})" for name, count in clients.items()))
+        names = ", ".join(f"{name} ({count})" for name, count in clients.items())
+        console.print(Text("clients: " + names), soft_wrap=True)
     else:
         console.print("clients: none")
+    for line in data.get("unreadable", []):
+        console.print(Text(f"UNREADABLE: {line}", style="yellow"), soft_wrap=True)
