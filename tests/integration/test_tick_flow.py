@@ -50,18 +50,24 @@ async def _publisher(settings: Settings, tuning: Tuning) -> AsyncIterator[Publis
         await publisher.stop()
 
 
+MARK = KEYS.ticks(0)  # no instrument's channel: the test's own markers in the flow
+
+
 @asynccontextmanager
 async def _channel_reader(url: str) -> AsyncIterator[dict]:
-    """The newest payload seen on each ``kite:ticks:*`` channel, and a count of them all."""
+    """The newest payload seen on each ``kite:ticks:*`` channel, a count of them all, and
+    that count at each marker published on ``MARK``."""
     client = redis.from_url(url)
     pubsub = client.pubsub()
     await pubsub.psubscribe(KEYS.ticks_pattern)
-    seen: dict = {"count": 0, "last": {}}
+    seen: dict = {"count": 0, "last": {}, "marks": []}
 
     async def read() -> None:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message and message["type"] == "pmessage":
+            if message and message["type"] == "pmessage" and message["channel"] == MARK.encode():
+                seen["marks"].append(seen["count"])
+            elif message and message["type"] == "pmessage":
                 seen["count"] += 1
                 seen["last"][int(message["channel"].rsplit(b":", 1)[1])] = message["data"]
 
@@ -75,18 +81,31 @@ async def _channel_reader(url: str) -> AsyncIterator[dict]:
         await client.aclose()
 
 
+async def _mark(rds: redis.Redis, seen: dict) -> int:
+    """The reader's count of ticks when it hears a marker published now: every tick Redis
+    took before it, none it took after."""
+    marks = len(seen["marks"])
+    await rds.publish(MARK, b"mark")
+    await eventually(lambda: len(seen["marks"]) > marks)
+    return seen["marks"][marks]
+
+
 async def test_a_burst_far_larger_than_the_backlog_bound_loses_nothing(simulator, settings, rds) -> None:
     tuning = Tuning(**{**FAST.__dict__, "max_backlog": 64 << 10})  # one full frame is ~10 times this
     tokens = _tokens(300)
     async with _publisher(settings, tuning) as publisher, _channel_reader(settings.redis_url) as seen:
+        sink = publisher.sink
         await ControlClient(rds).subscribe(tokens, mode="full", client="burst")
         await eventually(lambda: sum(len(s.modes) for s in simulator.sessions) == len(tokens))
-        await eventually(lambda: len(publisher.sink.cache) == len(tokens))  # the market's own ticks came
-        before = seen["count"]
+        await eventually(lambda: len(sink.cache) == len(tokens))  # the market's own ticks came
+        simulator.paused = True  # from here the flood's ticks only
+        # every tick the market sent is out (or skipped, sent before its claim)
+        await eventually(lambda: sink.acknowledged + sink.unclaimed == simulator.sent)
+        start, before = sink.acknowledged, await _mark(rds, seen)
         sent = await simulator.flood(10_000)
         assert sent == 30_000
-        await eventually(lambda: seen["count"] - before >= sent, timeout=30)
-        sink = publisher.sink
+        await eventually(lambda: sink.acknowledged - start == sent, timeout=30)
+        assert await _mark(rds, seen) - before == sent  # exactly the flood's, each heard once
         assert sink.pauses > 0  # the connections did wait for Redis
         assert (sink.dropped, sink.conflated) == (0, 0)
         assert all(c.reconnects == 0 for c in publisher.connections)
