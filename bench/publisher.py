@@ -58,7 +58,7 @@ from config import Keys
 from consumers.control import ControlClient
 from kitebus.localredis import LocalCluster, LocalRedis
 from kitewire import codec
-from kitewire.encoder import SPEEDUPS
+from kitewire.encoder import SPEEDUPS, frame_encoder
 from publisher import bus
 from publisher.resp import pack_command
 
@@ -126,11 +126,11 @@ async def steady(server, rate: int, seconds: float) -> int:
 
 class NullEncoder:
     """Prebuilt RESP per frame: as many PUBLISHes and HSET fields as the frame has packets,
-    on the benchmark's own channels and fields in turn (so Redis does the same work as for
-    kitebus), and no per-tick work."""
+    on the benchmark's own channels and fields in turn, each with the publisher's payload
+    (so Redis does the same work as for kitebus), and no per-tick work."""
 
-    def __init__(self, payload_size: int, tokens: int) -> None:
-        self._payload = b"x" * payload_size
+    def __init__(self, payload: bytes, tokens: int) -> None:
+        self._payload = payload
         self._tokens = tokens
         self._next = 0
         self._chunks: dict[tuple[int, int], tuple[bytes, bytes]] = {}
@@ -162,13 +162,13 @@ class NullEncoder:
         return 0
 
 
-def null_publisher_main(payload_size: int, tokens: int) -> None:
+def null_publisher_main(mode: str, tokens: int) -> None:
     from config import load_settings
     from kitebus.signals import wait_for_stop_signal
     from publisher.app import Publisher
 
     async def run() -> None:
-        publisher = Publisher(load_settings(), encoder=NullEncoder(payload_size, tokens))
+        publisher = Publisher(load_settings(), encoder=NullEncoder(payload(mode), tokens))
         await publisher.start()
         await wait_for_stop_signal()
         await publisher.stop()
@@ -305,8 +305,9 @@ async def ask(feed: asyncio.subprocess.Process, line: str) -> str:
 
 
 async def bus_limit(run: Run, payload_size: int, cluster: LocalCluster | None) -> tuple[float, float]:
-    """redis-benchmark PUBLISH/s and what the consumer counted, payloads of the same size. On a
-    cluster: one redis-benchmark per master at once, SPUBLISHing to a channel it serves."""
+    """redis-benchmark PUBLISH/s and what the consumer counted, payloads of the publisher's size
+    (redis-benchmark takes text only). On a cluster: one redis-benchmark per master at once,
+    SPUBLISHing to a channel it serves."""
     n = 1_000_000
     if cluster is None:
         runs = [(run.port, ["PUBLISH", f"{NS}:ticks:__rand_int__"], n)]
@@ -353,9 +354,9 @@ async def burst(
 
 
 async def start_publisher(
-    kind: str, env: dict[str, str], payload_size: int, tokens: int
+    kind: str, env: dict[str, str], mode: str, tokens: int
 ) -> asyncio.subprocess.Process:
-    null = [HERE, "--null-publisher", str(payload_size), "--tokens", str(tokens)]
+    null = [HERE, "--null-publisher", mode, "--tokens", str(tokens)]
     args = ["-m", "publisher"] if kind == "kitebus" else null
     return await asyncio.create_subprocess_exec(sys.executable, *args, env=env)
 
@@ -386,7 +387,7 @@ async def bench(args: argparse.Namespace) -> None:
     }  # fmt: skip
     control = ControlClient(rds, NS)
     modes = args.modes.split(",")
-    sizes = {m: len(codec.frame_payloads(codec.encode_frame([_packet(m)]), 0)[0][0][1]) for m in modes}
+    sizes = {m: len(payload(m)) for m in modes}
     per_connection = args.ticks // 3
     version = (await rds.info("server"))["redis_version"]
     if isinstance(version, dict):  # a cluster answers for each node
@@ -405,12 +406,12 @@ async def bench(args: argparse.Namespace) -> None:
         kinds = ["kitebus"] + ([] if args.skip_null or cluster else ["null"])
         rss = 0.0
         for kind in kinds:
-            publisher = await start_publisher(kind, env, sizes[modes[0]], args.tokens)
+            publisher = await start_publisher(kind, env, modes[0], args.tokens)
             for mode in modes:
-                if kind == "null":  # the prebuilt chunk has the mode's payload size
+                if kind == "null":  # the prebuilt chunk has the mode's payload
                     publisher.terminate()
                     await publisher.wait()
-                    publisher = await start_publisher(kind, env, sizes[mode], args.tokens)
+                    publisher = await start_publisher(kind, env, mode, args.tokens)
                 result = await control.subscribe(tokens, mode=mode, client="bench", timeout=60)
                 assert result.ok, result.error
                 assert (await control.set_mode(tokens, mode, client="bench", timeout=60)).ok
@@ -496,6 +497,15 @@ def _packet(mode: str) -> bytes:
     return codec.encode_packet(Market(0).tick(408065, mode, int(time.time())))
 
 
+def payload(mode: str) -> bytes:
+    """A payload of ``mode`` as the publisher sends it, from its own encoder (``seq`` and
+    ``epoch`` included): the null publisher sends it, the bus limit its size."""
+    latest: dict[int, bytes] = {}
+    epoch = time.time_ns() // 1_000_000  # as the publisher's (publisher/app.py)
+    frame_encoder(b"", epoch=epoch).encode(codec.encode_frame([_packet(mode)]), time.time_ns(), latest)
+    return latest[408065]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=300_000, help="ticks per burst, over 3 connections")
@@ -511,7 +521,7 @@ def main() -> None:
     parser.add_argument("--consume", nargs=2, type=int, metavar=("PORT", "EXPECTED"), help=argparse.SUPPRESS)
     parser.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--feed", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--null-publisher", type=int, metavar="PAYLOAD_SIZE", help=argparse.SUPPRESS)
+    parser.add_argument("--null-publisher", metavar="MODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.consume:
         channels = open(args.channels_file).read().split() if args.channels_file else []
