@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from datetime import datetime
 
 import msgpack
@@ -23,6 +25,14 @@ EPOCH = 1764330000123
 COMPILED = encoder.compiled_encoder(PREFIX, epoch=EPOCH)
 ENCODERS = {"python": encoder.PyFrameEncoder(PREFIX, epoch=EPOCH), "compiled": COMPILED}
 needs_compiled = pytest.mark.skipif(COMPILED is None, reason="the C speed-up is not built here")
+SWITCHED_OFF = os.environ.get("KITEBUS_NO_SPEEDUPS", "") not in ("", "0")  # as kitewire/encoder.py reads it
+ON_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _compiler() -> str | None:
+    """The C compiler pip would build the speed-up with, if there is one."""
+    command = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return shutil.which(command.split()[0])
 
 
 def _fresh(path: str) -> encoder.Encoder:
@@ -138,6 +148,23 @@ def test_the_channel_prefix_and_command_are_the_callers() -> None:
             ((command, channel, payload),) = parse_commands(built.encode(frame, 1, {})[0])
             assert (command, channel) == (b"SPUBLISH", b"paper:t:7")
             assert msgpack.unpackb(payload)["last_price"] == 1.0
+
+
+def test_the_compiled_path_is_built_and_taken_wherever_it_can_be() -> None:
+    """Where a compiler is, and on CI, a speed-up that failed to build fails the run: its
+    tests would only skip. ``KITEBUS_NO_SPEEDUPS=1`` (scripts/test-no-speedups) is the way
+    to run without it."""
+    if SWITCHED_OFF:
+        pytest.skip("KITEBUS_NO_SPEEDUPS=1: the pure-Python run")
+    if _compiler() is None and not ON_CI:
+        pytest.skip("no C compiler here: the pure-Python path is the one there is")
+    assert COMPILED is not None, (
+        "kitewire._speedups is not importable although it could be built "
+        f"(compiler {_compiler()}, CI={os.environ.get('CI', '')!r}): see pip's warning in "
+        "`.venv/bin/python -m pip install -e .` or set KITEBUS_NO_SPEEDUPS=1 to run without it"
+    )
+    assert encoder.SPEEDUPS
+    assert type(encoder.frame_encoder(PREFIX)).__module__ == "kitewire._speedups"  # the publisher's
 
 
 def test_the_environment_switch_forces_the_python_path() -> None:
