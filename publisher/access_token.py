@@ -84,7 +84,7 @@ class AccessTokenSource:
         self.error = ""  # what is wrong with the file now ("" when it is fine)
         self.changed_at = 0.0
         self.health = Health()  # the publisher's, once it is given one
-        self._watched = False  # the watch ran before: a new one reads the file first
+        self.watching = asyncio.Event()  # the watch is in place: no change from now on is missed
         self._task: asyncio.Task[None] | None = None
         if path is not None:
             self.reload(notify=False)  # the first token is the one to start with, not a change
@@ -120,13 +120,26 @@ class AccessTokenSource:
 
     async def _watch(self) -> None:
         assert self.path is not None
-        if self._watched:  # restarted: a change made while nobody watched counts too
-            self.reload()
-        self._watched = True
         name = self.path.name
         # The folder, not the file: a login script replaces the file by rename.
-        async for _ in watchfiles.awatch(
+        changes = watchfiles.awatch(
             self.path.parent, watch_filter=lambda _, changed: Path(changed).name == name,
             debounce=200, step=50, recursive=False,
-        ):  # fmt: skip
+        )  # fmt: skip
+        pending = asyncio.ensure_future(anext(changes))
+        try:
+            await asyncio.sleep(0)  # the generator's first step makes the watcher, then waits
+            if pending.done():
+                await pending  # the watch could not be made: raise
+            # A change made before the watch was in place (since the first read, or while a
+            # crashed watch was restarted) counts too.
             self.reload()
+            self.watching.set()
+            while True:
+                await pending
+                self.reload()
+                pending = asyncio.ensure_future(anext(changes))
+        finally:
+            self.watching.clear()
+            await cancel_and_wait(pending)
+            await changes.aclose()
