@@ -11,9 +11,10 @@ from tests.integration.conftest import eventually
 
 
 async def test_a_swallowed_cancel_is_repeated() -> None:
-    swallowed = asyncio.Event()
+    swallowed, started = asyncio.Event(), asyncio.Event()
 
     async def stubborn() -> None:
+        started.set()
         while True:
             try:
                 await asyncio.sleep(10)
@@ -23,7 +24,7 @@ async def test_a_swallowed_cancel_is_repeated() -> None:
                 swallowed.set()  # as a library that loses the CancelledError would
 
     task = asyncio.create_task(stubborn())
-    await asyncio.sleep(0)
+    await started.wait()  # a task cancelled before it ran has nothing to swallow
     await asyncio.wait_for(cancel_and_wait(task, retry=0.05), 5)
     assert swallowed.is_set() and task.cancelled()
 
@@ -41,11 +42,11 @@ async def test_run_until_stops_work_when_asked_and_raises_its_errors() -> None:
 
     async def forever() -> None:
         try:
+            stop.set()  # running: now ask for the stop
             await asyncio.sleep(60)
         finally:
             finished.set()
 
-    asyncio.get_running_loop().call_later(0.05, stop.set)
     await asyncio.wait_for(run_until(forever(), stop), 5)
     assert finished.is_set()
 

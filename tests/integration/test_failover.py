@@ -37,6 +37,13 @@ async def _leader_pid(rds) -> int | None:
     return int(value.rsplit(":", 1)[1]) if value.count(":") == 2 else None  # not "released"
 
 
+async def _standby_tried_after(rds, moment: float) -> bool:
+    """The standby wrote its presence after ``moment`` (epoch seconds): it writes it right
+    after each try of the lease (every 0.5 s), so it tried the lease then."""
+    beat = await rds.hget("kite:standby", "heartbeat_at")
+    return beat is not None and float(beat) > moment
+
+
 def _at_kite(simulator) -> dict[int, str]:
     return {t: m for s in simulator.sessions for t, m in s.modes.items()}
 
@@ -68,7 +75,7 @@ async def test_kill_9_of_the_leader_hands_over_to_the_standby(simulator, redis_u
     first, second, wanted = await _two_publishers(simulator, redis_url, rds, control, tmp_path)
     try:
         standby_started = time.time()
-        await asyncio.sleep(2)  # the standby tries the lease four times meanwhile
+        await eventually(lambda: _standby_tried_after(rds, standby_started + 1.5), timeout=15)  # 4 tries
         attempts_before = [t for t in simulator.handshakes if t >= standby_started]
         assert attempts_before == []  # the standby never knocked at Kite while the leader lived
 
@@ -138,7 +145,9 @@ async def test_a_standby_with_other_settings_refuses_to_take_over(simulator, red
         assert "the leader runs 3 connections for 9000 tokens, this publisher 3 for 300" in refusing
         first.kill()
         await first.wait()
-        await asyncio.sleep(5)  # well past the lease: still no takeover with the wrong capacity
+        expired = time.time() + 3.0  # the lease's ttl at most
+        # tried twice on a lease gone: still no takeover with the wrong capacity
+        await eventually(lambda: _standby_tried_after(rds, expired + 1.0), timeout=15)
         assert await rds.get("kite:leader") is None
         assert "will not take over" in other_log.read_text()
         env = {**os.environ, "REDIS_URL": redis_url, "KITEBUS_NAMESPACE": "kite"}
@@ -179,7 +188,9 @@ async def test_redis_losing_its_data_hands_nothing_over(simulator, tmp_path) -> 
         await rds.aclose()
         rds = redis.from_url(server.url)
         await eventually(lambda: _leader_pid_is(rds, first.pid), timeout=10)
-        await asyncio.sleep(5)  # past the standby's wait: it must not have taken over
+        waited = time.time() + 3.0  # the standby's wait: a ttl after Redis answered it again
+        # past it, tried twice more: it must not have taken over
+        await eventually(lambda: _standby_tried_after(rds, waited + 1.0), timeout=15)
         assert await _leader_pid(rds) == first.pid
         assert {s.id for s in simulator.sessions} == sessions  # the same sockets throughout
         assert [t for t in simulator.handshakes if t >= restarted] == []

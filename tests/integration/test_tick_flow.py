@@ -128,7 +128,8 @@ async def test_redis_stopped_mid_stream_conflates_and_every_token_gets_its_newes
                 os.kill(server.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
                 await eventually(lambda: sink.conflating)
                 simulator.stall(4.0)  # no new ticks from here: the cache holds each token's newest
-                await asyncio.sleep(0.3)  # frames already on the wire arrive
+                # frames already on the wire arrive
+                await eventually(lambda: sink.queued + sink.unclaimed == simulator.sent)
                 os.kill(server.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
 
                 await eventually(lambda: not sink.conflating and sink.conflated > 0)
