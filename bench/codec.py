@@ -22,6 +22,7 @@ import msgpack
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from bench.stack import measured_on
 from kitewire import codec, encoder
 
 PACKETS_PER_FRAME = 100
@@ -101,7 +102,7 @@ def main() -> None:
         unsequenced = _speedups.Encoder(encoder._programs(codec._WRITERS), b"PUBLISH", b"kite:ticks:")
         paths["encoder C"] = lambda frame: compiled.encode(frame, time.time_ns(), {})
         paths["C without seq"] = lambda frame: unsequenced.encode(frame, time.time_ns(), {})
-    print(f"# {platform.python_implementation()} {platform.python_version()}, "
+    print(f"# {measured_on()}; {platform.python_implementation()} {platform.python_version()}, "
           f"{platform.machine()}, {os.cpu_count()} cpus; packets/s, best of 3")  # fmt: skip
     print(f"{'mode':6} " + " ".join(f"{name:>16}" for name in paths) + f" {'payloads/official':>18}")
     for mode in ("full", "quote", "ltp"):

@@ -54,6 +54,7 @@ import redis as sync_redis
 import redis.asyncio as redis
 from redis.crc import key_slot
 
+from bench.stack import measured_on
 from config import Keys
 from consumers.control import ControlClient
 from kitebus.localredis import LocalCluster, LocalRedis
@@ -393,7 +394,7 @@ async def bench(args: argparse.Namespace) -> None:
     if isinstance(version, dict):  # a cluster answers for each node
         version = next(iter(version.values()))
     where = "a private 3-master Redis Cluster, SPUBLISH/SSUBSCRIBE" if cluster else "a private Redis"
-    print(f"# {platform.node()}: {os.cpu_count()} cpus, {platform.machine()}, "
+    print(f"# {measured_on()}; {platform.node()}: {os.cpu_count()} cpus, {platform.machine()}, "
           f"Python {platform.python_version()}, redis {version}; speedups={'C' if SPEEDUPS else 'off'}")
     print(f"# {args.tokens} tokens over 3 connections; bursts of {per_connection * 3:,} ticks "
           f"(500 packets a frame); {where}, the pub/sub output-buffer limit lifted")

@@ -4,7 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def measured_on() -> str:
+    """``commit <short sha>`` of the code measured (``+ changes`` when the tracked files
+    differ from it), for the header of a benchmark's report."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True)
+        return run.stdout.strip() if run.returncode == 0 else ""
+
+    sha = git("rev-parse", "--short=12", "HEAD")
+    if not sha:
+        return "commit unknown (not a git checkout)"
+    return f"commit {sha}" + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 async def start_simulator(rate: float) -> tuple[asyncio.subprocess.Process, str]:
