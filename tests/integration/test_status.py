@@ -22,7 +22,7 @@ from tests.integration.conftest import eventually
 from tests.integration.test_cli import kitebus
 
 Setup = Callable[[redis.Redis], Awaitable[Any]]
-NOW = f"{time.time():.3f}"  # fresh enough for every case: each runs within seconds
+NOW = "<now>"  # written as the time of the write
 RUNNING = {
     "pid": "4242", "started_at": NOW, "heartbeat_at": NOW, "heartbeat_interval": "1", "state": "running",
     "tokens": "2", "capacity": "9000", "connections": "1", "published": "10", "leader_since": NOW,
@@ -34,8 +34,8 @@ def running(**changes: str) -> Setup:
     """A running publisher's status and one connection, with these fields changed."""
 
     async def setup(rds: redis.Redis) -> None:
-        await rds.hset("kite:status", mapping={**RUNNING, **changes})
-        await rds.hset("kite:conn:0", mapping=CONN)
+        await rds.hset("kite:status", mapping=_now({**RUNNING, **changes}))
+        await rds.hset("kite:conn:0", mapping=_now(CONN))
         await rds.set("kite:leader", "7:host:4242")
 
     return setup
@@ -49,8 +49,16 @@ def then(*steps: Setup) -> Setup:
     return setup
 
 
-def write(method: str, key: str, *args: Any, **kwargs: Any) -> Setup:
-    return lambda rds: getattr(rds, method)(key, *args, **kwargs)
+def write(method: str, key: str, *args: Any, mapping: dict | None = None) -> Setup:
+    extra = {} if mapping is None else {"mapping": _now(mapping)}
+    return lambda rds: getattr(rds, method)(key, *(_now(a) for a in args), **extra)
+
+
+def _now(value: Any) -> Any:
+    """``value`` with NOW as the time of the write."""
+    if isinstance(value, dict):
+        return {k: _now(v) for k, v in value.items()}
+    return f"{time.time():.3f}" if value == NOW else value
 
 
 # (id, what Redis holds, what the JSON answer says (dotted path -> value), text shown)
