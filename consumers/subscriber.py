@@ -248,12 +248,14 @@ class TickSubscriber:
             return True
         last = self._last.get(token)
         received = tick["received_at_ns"]
-        # seq 1 of a newer tick: the token was released and claimed again, its seq starts anew
-        if last is not None and last[0] == epoch and not (seq == 1 and received > last[2]):
-            if seq <= last[1]:
-                return False  # the same tick came as the snapshot, or an older one after it
-            if seq > last[1] + 1 and not self.conflate_ns:
+        if last is not None and last[0] == epoch:
+            if seq > last[1]:
                 gap = seq - last[1] - 1
+            elif received > last[2]:  # a newer tick with a lower seq: released, claimed again, seq anew
+                gap = seq - 1  # those of the new claim before this one never came
+            else:
+                return False  # the same tick came as the snapshot or republished, or an older one
+            if gap and not self.conflate_ns:
                 self.gaps[token] = self.gaps.get(token, 0) + gap
                 self.missed += gap
         self._last[token] = (epoch, seq, received)

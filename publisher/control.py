@@ -213,10 +213,12 @@ class ControlLoop:
                 backoff.reset()
                 while not self._stopping:
                     if bus.primary_moves(self._redis) != moves:
-                        # a failover: XACKs (and results) sent to the old primary in its last
-                        # moments may be missing on the new one. Read the pending again:
+                        # a failover: writes the old primary took in its last moments (XACKs,
+                        # results, claims, a released token's HDEL) may be missing on the new
+                        # one. Rewrite the state from the book and read the pending again:
                         # those answered are only acknowledged, the others applied.
-                        log.warning("redis primary moved: reading pending requests again")
+                        log.warning("redis primary moved: state written again, pending requests read again")
+                        self._dirty = True
                         break
                     await self._drain(pending=False)
                     await self._expire_due()

@@ -401,3 +401,20 @@ async def test_a_rewrite_from_the_book_never_brings_back_a_claim_released_meanwh
     assert (await release).applied == (INDEX,)
     assert await rds.hgetall(keys.claims("a")) == {str(EQUITY).encode(): b"quote"}
     assert publisher.book.claims["a"] == {EQUITY: "quote"}
+
+
+async def test_after_the_primary_moved_the_state_is_written_again_from_the_book(
+    publisher, control, rds, keys, monkeypatch
+) -> None:
+    """A failover: what the old primary took in its last moments (a claim, a released
+    token's HDEL) may be missing on the new one. The control loop writes it all again."""
+    assert (await control.subscribe([EQUITY], client="a")).ok
+    moves = [0]
+    monkeypatch.setattr(bus, "primary_moves", lambda client: moves[0])
+    await rds.delete(keys.claims("a"), keys.token_conn)  # lost with the old primary
+    await rds.hset(keys.last, "999", b"stale")  # a released token's snapshot, its HDEL lost
+    moves[0] += 1
+    await eventually(lambda: rds.hgetall(keys.claims("a")))
+    assert await rds.hgetall(keys.claims("a")) == {str(EQUITY).encode(): b"quote"}
+    assert await rds.hget(keys.token_conn, str(EQUITY)) is not None
+    assert not await rds.hexists(keys.last, "999")
