@@ -681,7 +681,7 @@ class TickSink:
 
     def _channel(self, frame: bytes) -> bytes:
         """The channel of the first packet of a frame part (``split_frame`` puts a known one first)."""
-        return self._keys.ticks(int.from_bytes(frame[4:8], "big")).encode()
+        return self._keys.ticks(codec.first_token(frame)).encode()
 
     def _mark_down(self, error: str) -> None:
         if self.redis_up:
