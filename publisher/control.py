@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 from redis.exceptions import ResponseError
 
@@ -137,26 +138,30 @@ class ControlLoop:
         held = book.placement
         stale = [k for k in await self._redis.hkeys(keys.last) if not k.isdigit() or int(k) not in held]
         gone = [c.decode() for c in await self._redis.smembers(keys.clients) if c.decode() not in book.claims]
-        async with bus.pipeline(self._redis) as pipe:
-            for client in gone:  # released everything while the last write of it failed
-                pipe.delete(keys.claims(client))
-                pipe.delete(keys.deadlines(client))
-            for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients):
-                pipe.delete(key)
-            if stale:
-                pipe.hdel(keys.last, *stale)
-            if book.placement:
-                pipe.hset(keys.token_conn, mapping={str(t): str(book.serving(t)) for t in book.placement})
-                pipe.hset(keys.token_mode, mapping={str(t): m for t, m in book.in_force.items()})
-                streams = {str(t): c.stream for c in self._connections for t in c.modes}
-                if streams:
-                    pipe.hset(keys.token_status, mapping=streams)
-            for client, held in book.claims.items():
-                pipe.delete(keys.claims(client))
-                pipe.hset(keys.claims(client), mapping={str(t): m for t, m in held.items()})
-                pipe.sadd(keys.clients, client)
-                self._persist_deadlines(pipe, client)
-            await pipe.execute()
+        writes = bus.OrderedWrites(self._redis, 1, self._fence)
+        pipe = writes.stages[0]
+        # on a cluster: every slot the leader writes to is claimed by its fence from now on
+        pipe.stamp(keys.control, keys.control_results, keys.client_activity, keys.status,
+                   *(keys.conn(c.index) for c in self._connections))  # fmt: skip
+        for client in gone:  # released everything while the last write of it failed
+            pipe.delete(keys.claims(client))
+            pipe.delete(keys.deadlines(client))
+        for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients):
+            pipe.delete(key)
+        if stale:
+            pipe.hdel(keys.last, *stale)
+        if book.placement:
+            pipe.hset(keys.token_conn, mapping={str(t): str(book.serving(t)) for t in book.placement})
+            pipe.hset(keys.token_mode, mapping={str(t): m for t, m in book.in_force.items()})
+            streams = {str(t): c.stream for c in self._connections for t in c.modes}
+            if streams:
+                pipe.hset(keys.token_status, mapping=streams)
+        for client, held in book.claims.items():
+            pipe.delete(keys.claims(client))
+            pipe.hset(keys.claims(client), mapping={str(t): m for t, m in held.items()})
+            pipe.sadd(keys.clients, client)
+            self._persist_deadlines(pipe, client)
+        await writes.execute()
 
     async def drop_claims(self, dropped: Mapping[str, Sequence[int]]) -> None:
         """Remove claims that no longer fit (after a capacity cut) from Redis."""
@@ -164,9 +169,12 @@ class ControlLoop:
             log.error(
                 "claims no longer fit and were dropped client=%s tokens=%s", client, _tokens_text(tokens)
             )
-            await self._redis.hdel(self._keys.claims(client), *map(str, tokens))
-            if client not in self._book.claims:
-                await self._redis.srem(self._keys.clients, client)
+            await bus.write(self._redis, self._fence, partial(self._drop, client, tokens))
+
+    def _drop(self, client: str, tokens: Sequence[int], writes: bus.Writes) -> None:
+        writes.hdel(self._keys.claims(client), *map(str, tokens))
+        if client not in self._book.claims:
+            writes.srem(self._keys.clients, client)
 
     # --- the task ------------------------------------------------------------------------
 
@@ -220,7 +228,7 @@ class ControlLoop:
                         break
                     await self._drain(pending=False)
                     await self._expire_due()
-            except LeaseLost:
+            except (LeaseLost, bus.Deposed):  # Deposed: Redis refused a write, another leads
                 self._batch_failed()
                 if self._fence.lapsed:
                     continue  # wait for the renewal at the top; the entries stay pending
@@ -311,7 +319,7 @@ class ControlLoop:
         """Write the batch (state, results, XACK), then run what waited for its results.
         If the write fails, what waited and the results stay for the retry."""
         if self._acks and self._batch is None:  # entries answered before (only acknowledged now)
-            self._batch = bus.OrderedWrites(self._redis, 3)
+            self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
         batch, acks = self._batch, self._acks
         if batch is not None:
             if not self._fence.valid():
@@ -411,7 +419,7 @@ class ControlLoop:
         if outcome is not None and outcome.released:
             result["released"] = _tokens_text(outcome.released)
         if self._batch is None:
-            self._batch = bus.OrderedWrites(self._redis, 3)
+            self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
         if request is not None and outcome is not None:
             self._persist(self._batch.stages[0], request, outcome)
         self._send(entry_id, result)
@@ -427,7 +435,7 @@ class ControlLoop:
     def _send(self, entry_id: str | None, result: dict[str, str]) -> None:
         """Queue a result, and the entry's XACK, on the batch."""
         if self._batch is None:
-            self._batch = bus.OrderedWrites(self._redis, 3)
+            self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
         results = self._batch.stages[1]
         results.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
         if entry_id is not None:
@@ -436,7 +444,7 @@ class ControlLoop:
         else:
             self._orphans.append(result)
 
-    def _persist(self, pipe: bus.Pipeline, request: Request, outcome: Outcome) -> None:
+    def _persist(self, pipe: bus.Writes, request: Request, outcome: Outcome) -> None:
         keys, book = self._keys, self._book
         claims_key = keys.claims(request.client)
         released = outcome.applied if request.op in RELEASES else outcome.released
@@ -463,7 +471,7 @@ class ControlLoop:
                 pipe.hset(keys.token_mode, mapping={str(t): m for t, m in modes.items()})
 
 
-    def _persist_deadlines(self, pipe: bus.Pipeline, client: str) -> None:
+    def _persist_deadlines(self, pipe: bus.Writes, client: str) -> None:
         """The client's claim deadlines, rewritten from the book (a handful of fields)."""
         pipe.delete(self._keys.deadlines(client))
         deadlines = self._book.deadlines.get(client)

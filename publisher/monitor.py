@@ -147,11 +147,12 @@ class Monitor:
 
     async def write(self) -> None:
         """Write the status and connection hashes now."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(self._keys.status, mapping=self.status_fields())
-            for connection in self.connections:
-                pipe.hset(self._keys.conn(connection.index), mapping=self.connection_fields(connection))
-            await pipe.execute()
+        await bus.write(self._redis, self._fence, self._queue_status)
+
+    def _queue_status(self, writes: bus.Writes) -> None:
+        writes.hset(self._keys.status, mapping=self.status_fields())
+        for connection in self.connections:
+            writes.hset(self._keys.conn(connection.index), mapping=self.connection_fields(connection))
 
     async def check_redis(self) -> None:
         """Notice a Redis that restarted (new run_id) or came back, and have it rewritten."""

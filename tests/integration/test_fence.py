@@ -1,13 +1,21 @@
 """The leader's state writes carry its lease, and Redis refuses them from a deposed leader:
-the scripts of ``publisher.bus.OrderedWrites`` on a real redis-server."""
+the scripts of ``publisher.bus.OrderedWrites`` on a real redis-server, and a leader frozen
+between its own check of the lease and its write."""
 
 from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
 
 import pytest
 import redis.asyncio as redis
 
 from config import Keys
-from publisher import bus
+from config.keys import CONTROL_GROUP
+from publisher import app, bus
+from publisher.app import Publisher, Tuning
+from publisher.lease import Lease
+from tests.integration.conftest import eventually
 
 KEYS = Keys("kite")
 OURS = "5:here:1"
@@ -131,3 +139,74 @@ def test_every_slot_has_a_tag() -> None:
 
 
 
+
+EQUITY = 408065
+
+
+class FrozenLease(Lease):
+    """Once ``frozen``, trusts itself and asks Redis nothing more: a leader frozen between
+    its own check of the lease and its write (or whose clock stopped while its host slept).
+    It learns of a loss only from a write Redis refused."""
+
+    made: list[FrozenLease] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.frozen = False
+        FrozenLease.made.append(self)
+
+    def valid(self) -> bool:
+        return not self.lost.is_set() if self.frozen else super().valid()
+
+    async def renew(self) -> bool:
+        return True if self.frozen else await super().renew()
+
+
+class NotedPublisher(Publisher):
+    made: list[NotedPublisher] = []
+
+    def __init__(self, settings, tuning: Tuning | None = None, encoder=None, lease=None) -> None:
+        # status written at start only: the control loop's writes are the ones to refuse
+        super().__init__(settings, replace(tuning or Tuning(), status_interval=3600), encoder, lease)
+        NotedPublisher.made.append(self)
+
+
+async def test_a_leader_frozen_past_a_takeover_has_its_writes_refused_and_steps_down(
+    settings, simulator, rds, control, keys, monkeypatch
+) -> None:
+    monkeypatch.setattr(FrozenLease, "made", [])
+    monkeypatch.setattr(NotedPublisher, "made", [])
+    monkeypatch.setattr(app, "Lease", FrozenLease)
+    monkeypatch.setattr(app, "Publisher", NotedPublisher)
+    stop = asyncio.Event()
+    running = asyncio.create_task(app.run(settings, stop))
+    try:
+        await eventually(lambda: NotedPublisher.made and NotedPublisher.made[0].control._task, timeout=15)
+        leader, lease = NotedPublisher.made[0], FrozenLease.made[0]
+        assert (await control.subscribe([EQUITY], mode="ltp", client="a", timeout=10)).ok
+        lease.frozen = True
+        fence = await rds.incr("kite:leader_fence")  # another publisher takes the lease
+        await rds.set(keys.leader, f"{fence}:elsewhere:1")
+        await rds.delete(keys.status)
+        entry = {"op": "subscribe", "tokens": "256265", "client": "b"}
+        request = (await rds.xadd(keys.control, entry)).decode()  # type: ignore[arg-type]
+
+        # the request is read, and its batch refused (or, without the fence, written)
+        await eventually(lambda: lease.lost.is_set() or rds.exists(keys.claims("b")), timeout=10)
+        pending = await rds.xpending_range(keys.control, CONTROL_GROUP, "-", "+", 10)
+        assert [p["message_id"].decode() for p in pending] == [request]  # read, never acknowledged
+        assert await rds.exists(keys.claims("b")) == 0  # no claim
+        assert await rds.hget(keys.token_conn, "256265") is None
+        assert await rds.sismember(keys.clients, "b") == 0
+        results = await rds.xrange(keys.control_results)
+        assert request.encode() not in [fields[b"request"] for _, fields in results]  # no result
+        assert lease.lost.is_set()  # told by Redis, not by its clock
+        # it steps down: its Kite sockets closed, nothing written on the way, standing by
+        await eventually(lambda: not simulator.sessions, timeout=10)
+        await eventually(lambda: rds.hget(keys.standby, "pid"), timeout=10)
+        assert leader.control._deposed and not running.done()
+        assert await rds.exists(keys.status) == 0
+        assert await rds.hget(keys.token_conn, str(EQUITY)) == b"0"  # the clean stop's DEL was not sent
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 15)

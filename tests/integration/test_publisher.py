@@ -366,19 +366,12 @@ async def test_a_rewrite_from_the_book_never_brings_back_a_claim_released_meanwh
     put the claim back in Redis, where the next publisher would restore it."""
     assert (await control.subscribe([EQUITY, INDEX], client="a")).ok
     built, go = asyncio.Event(), asyncio.Event()
-    real_pipeline = bus.pipeline
+    real_execute = bus.OrderedWrites.execute
 
-    def held_pipeline(client):  # the rewrite's pipeline, held between being built and sent
-        pipe = real_pipeline(client)
-        execute = pipe.execute
-
-        async def execute_later(*args, **kwargs):
-            built.set()
-            await go.wait()
-            return await execute(*args, **kwargs)
-
-        pipe.execute = execute_later
-        return pipe
+    async def execute_later(writes):  # the rewrite's writes, held between being built and sent
+        built.set()
+        await go.wait()
+        return await real_execute(writes)
 
     lock = publisher.control._writing  # the control loop waits for it, or (the bug) goes on
     waited = asyncio.Event()
@@ -390,10 +383,10 @@ async def test_a_rewrite_from_the_book_never_brings_back_a_claim_released_meanwh
         return await acquire()
 
     monkeypatch.setattr(lock, "acquire", noted_acquire)
-    monkeypatch.setattr(bus, "pipeline", held_pipeline)
+    monkeypatch.setattr(bus.OrderedWrites, "execute", execute_later)
     rewrite = asyncio.create_task(publisher.control.write_all())
     await asyncio.wait_for(built.wait(), 5)
-    monkeypatch.setattr(bus, "pipeline", real_pipeline)
+    monkeypatch.setattr(bus.OrderedWrites, "execute", real_execute)
     release = asyncio.create_task(control.unsubscribe([INDEX], client="a"))
     await eventually(lambda: waited.is_set() or release.done())
     go.set()
