@@ -1,13 +1,15 @@
 """The control flow: read ``{ns}:control``, apply, persist, answer, acknowledge.
 
 Entries are read through consumer group ``publisher``: first this consumer's pending
-entries (in flight when a previous run stopped), then new ones, in stream order, up to
-100 at a time. Each batch is applied entry by entry, then acknowledged in one MULTI/EXEC
+entries (in flight when a previous run stopped, or read by a deposed leader: read again
+every ``PENDING_AGAIN`` seconds), then new ones, in stream order, up to 100 at a time.
+Each batch is applied entry by entry, then acknowledged in one MULTI/EXEC (under a
+lease, one script that Redis runs only while the lease is ours: ``bus.OrderedWrites``)
 that also persists the effects and writes the results, so a crash at any point means
 those entries are applied again, which changes nothing; and a flood of garbage costs one
-round trip per batch, not per entry. Entries
-older than the last one answered are trimmed away (approximately, a macro node at a
-time): the results stream, capped too, is the record.
+round trip per batch, not per entry. Entries older than the last one answered are
+trimmed away (approximately, a macro node at a time): the results stream, capped too, is
+the record.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ CONSUMER = "kitebus"
 
 CLOCK_SKEW_MS = 60_000  # a result's id comes from its own node's clock on a cluster
 RESULTS_PAGE = 500  # results read per XRANGE when looking for ones already written
+# Seconds between reads of the pending entries: a deposed leader (same consumer name) may
+# have read some that it could then not answer, its writes refused.
+PENDING_AGAIN = 5.0
 
 def _tokens_text(tokens: Sequence[int]) -> str:
     return ",".join(map(str, tokens))
@@ -219,7 +224,8 @@ class ControlLoop:
                 await self._drain(pending=True)
                 self.problem = ""
                 backoff.reset()
-                while not self._stopping:
+                pending_at = time.monotonic() + PENDING_AGAIN
+                while not self._stopping and time.monotonic() < pending_at:
                     if bus.primary_moves(self._redis) != moves:
                         # a failover: XACKs (and results) sent to the old primary in its last
                         # moments may be missing on the new one. Read the pending again:
