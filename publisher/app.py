@@ -211,16 +211,19 @@ class Publisher:
             return
         try:
             async with asyncio.timeout(3):
-                await bus.write(self.redis, self.lease, self._queue_stopped)
+                async with bus.fenced(self.redis, self.lease) as pipe:
+                    pipe.delete(self.keys.token_conn)
+                    pipe.delete(self.keys.token_mode)
+                    pipe.hset(self.keys.status, mapping=self.monitor.status_fields())
+                    for connection in self.connections:
+                        pipe.hset(
+                            self.keys.conn(connection.index),
+                            mapping=self.monitor.connection_fields(connection),
+                        )
+                    await pipe.execute()
         except (*REDIS_FAULTS, TimeoutError) as exc:
             log.warning("could not mark status stopped error=%s", bus.describe(exc))
         await self._close_quietly()
-
-    def _queue_stopped(self, writes: bus.Writes) -> None:
-        writes.delete(self.keys.token_conn, self.keys.token_mode)
-        writes.hset(self.keys.status, mapping=self.monitor.status_fields())
-        for connection in self.connections:
-            writes.hset(self.keys.conn(connection.index), mapping=self.monitor.connection_fields(connection))
 
     async def _close_quietly(self) -> None:
         await self.sink.close()

@@ -526,11 +526,36 @@ class OrderedWrites:
                 raise reply
 
 
+class FencedPipeline(Writes):
+    """One stage of ``OrderedWrites`` in the shape of redis-py's pipeline: ``async with
+    fenced(client, fence) as pipe:``, queue, ``await pipe.execute()``."""
+
+    def __init__(self, client: Client, fence: Fenced | None) -> None:
+        super().__init__()
+        self._writes = OrderedWrites(client, 1, fence)
+        self._writes.stages[0] = self
+
+    async def execute(self) -> None:
+        await self._writes.execute()
+
+    async def __aenter__(self) -> FencedPipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.reset()
+
+
+def fenced(client: Client, fence: Fenced | None) -> FencedPipeline:
+    """Writes sent together, fenced by ``fence`` as ``OrderedWrites`` does (without a
+    lease: one MULTI/EXEC on a server, a pipeline on a cluster)."""
+    return FencedPipeline(client, fence)
+
+
 async def write(client: Client, fence: Fenced | None, queue: Callable[[Writes], object]) -> None:
-    """The writes ``queue`` puts on one stage of ``OrderedWrites``, applied as it does."""
-    writes = OrderedWrites(client, 1, fence)
-    queue(writes.stages[0])
-    await writes.execute()
+    """The writes ``queue`` puts on a ``fenced`` pipeline, sent."""
+    async with fenced(client, fence) as pipe:
+        queue(pipe)
+        await pipe.execute()
 
 
 async def _evalsha(client: Client, script: _Script, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 
 from redis.exceptions import ResponseError
 
@@ -143,30 +142,29 @@ class ControlLoop:
         held = book.placement
         stale = [k for k in await self._redis.hkeys(keys.last) if not k.isdigit() or int(k) not in held]
         gone = [c.decode() for c in await self._redis.smembers(keys.clients) if c.decode() not in book.claims]
-        writes = bus.OrderedWrites(self._redis, 1, self._fence)
-        pipe = writes.stages[0]
-        # on a cluster: every slot the leader writes to is claimed by its fence from now on
-        pipe.stamp(keys.control, keys.control_results, keys.client_activity, keys.status,
-                   *(keys.conn(c.index) for c in self._connections))  # fmt: skip
-        for client in gone:  # released everything while the last write of it failed
-            pipe.delete(keys.claims(client))
-            pipe.delete(keys.deadlines(client))
-        for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients):
-            pipe.delete(key)
-        if stale:
-            pipe.hdel(keys.last, *stale)
-        if book.placement:
-            pipe.hset(keys.token_conn, mapping={str(t): str(book.serving(t)) for t in book.placement})
-            pipe.hset(keys.token_mode, mapping={str(t): m for t, m in book.in_force.items()})
-            streams = {str(t): c.stream for c in self._connections for t in c.modes}
-            if streams:
-                pipe.hset(keys.token_status, mapping=streams)
-        for client, held in book.claims.items():
-            pipe.delete(keys.claims(client))
-            pipe.hset(keys.claims(client), mapping={str(t): m for t, m in held.items()})
-            pipe.sadd(keys.clients, client)
-            self._persist_deadlines(pipe, client)
-        await writes.execute()
+        async with bus.fenced(self._redis, self._fence) as pipe:
+            # on a cluster: every slot this leader writes to is claimed by its fence from now on
+            pipe.stamp(keys.control, keys.control_results, keys.client_activity, keys.status,
+                       *(keys.conn(c.index) for c in self._connections))  # fmt: skip
+            for client in gone:  # released everything while the last write of it failed
+                pipe.delete(keys.claims(client))
+                pipe.delete(keys.deadlines(client))
+            for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients):
+                pipe.delete(key)
+            if stale:
+                pipe.hdel(keys.last, *stale)
+            if book.placement:
+                pipe.hset(keys.token_conn, mapping={str(t): str(book.serving(t)) for t in book.placement})
+                pipe.hset(keys.token_mode, mapping={str(t): m for t, m in book.in_force.items()})
+                streams = {str(t): c.stream for c in self._connections for t in c.modes}
+                if streams:
+                    pipe.hset(keys.token_status, mapping=streams)
+            for client, held in book.claims.items():
+                pipe.delete(keys.claims(client))
+                pipe.hset(keys.claims(client), mapping={str(t): m for t, m in held.items()})
+                pipe.sadd(keys.clients, client)
+                self._persist_deadlines(pipe, client)
+            await pipe.execute()
 
     async def drop_claims(self, dropped: Mapping[str, Sequence[int]]) -> None:
         """Remove claims that no longer fit (after a capacity cut) from Redis."""
@@ -174,12 +172,11 @@ class ControlLoop:
             log.error(
                 "claims no longer fit and were dropped client=%s tokens=%s", client, _tokens_text(tokens)
             )
-            await bus.write(self._redis, self._fence, partial(self._drop, client, tokens))
-
-    def _drop(self, client: str, tokens: Sequence[int], writes: bus.Writes) -> None:
-        writes.hdel(self._keys.claims(client), *map(str, tokens))
-        if client not in self._book.claims:
-            writes.srem(self._keys.clients, client)
+            async with bus.fenced(self._redis, self._fence) as pipe:
+                pipe.hdel(self._keys.claims(client), *map(str, tokens))
+                if client not in self._book.claims:
+                    pipe.srem(self._keys.clients, client)
+                await pipe.execute()
 
     # --- the task ------------------------------------------------------------------------
 

@@ -132,12 +132,11 @@ class LiveWatch:
 
     async def _write(self) -> None:
         """The follow-ups due, in order, in one transaction: all written or none."""
-        await bus.write(self._redis, self._fence, self._queue_results)
+        async with bus.fenced(self._redis, self._fence) as pipe:
+            for result in self._unsent:
+                pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+            await pipe.execute()
         self._unsent.clear()
-
-    def _queue_results(self, writes: bus.Writes) -> None:
-        for result in self._unsent:
-            writes.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
 
 
 def _text(tokens: list[int]) -> str:

@@ -147,12 +147,11 @@ class Monitor:
 
     async def write(self) -> None:
         """Write the status and connection hashes now."""
-        await bus.write(self._redis, self._fence, self._queue_status)
-
-    def _queue_status(self, writes: bus.Writes) -> None:
-        writes.hset(self._keys.status, mapping=self.status_fields())
-        for connection in self.connections:
-            writes.hset(self._keys.conn(connection.index), mapping=self.connection_fields(connection))
+        async with bus.fenced(self._redis, self._fence) as pipe:
+            pipe.hset(self._keys.status, mapping=self.status_fields())
+            for connection in self.connections:
+                pipe.hset(self._keys.conn(connection.index), mapping=self.connection_fields(connection))
+            await pipe.execute()
 
     async def check_redis(self) -> None:
         """Notice a Redis that restarted (new run_id) or came back, and have it rewritten."""

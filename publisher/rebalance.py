@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from config.keys import RESULTS_MAXLEN, Keys
 from publisher import bus
@@ -116,7 +116,10 @@ class Rebalancer:
         for src, change in breaks.items():
             await self._connections[src].apply(change)
         moved = {str(t): str(ready[t][1]) for change in breaks.values() for t in change.unsubscribe}
-        if moved and not await self._retried(lambda w: w.hset(self._keys.token_conn, mapping=moved)):
+        token_conn = self._keys.token_conn
+        if moved and not await self._retried(
+            lambda: bus.write(self._redis, self._fence, lambda pipe: pipe.hset(token_conn, mapping=moved))
+        ):
             log.warning("token_conn not updated: another publisher leads")
 
     async def _report(self, request: str, client: str, moved: list[int]) -> None:
@@ -126,14 +129,16 @@ class Rebalancer:
             "applied": ",".join(map(str, moved)), "rejected": "", "loads": loads,
         }  # fmt: skip
         results = self._keys.control_results
-        if not await self._retried(
-            lambda writes: writes.xadd(results, result, maxlen=RESULTS_MAXLEN, approximate=True)
-        ):
+
+        def follow_up(pipe: bus.Writes) -> None:
+            pipe.xadd(results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+
+        if not await self._retried(lambda: bus.write(self._redis, self._fence, follow_up)):
             log.warning("rebalance follow-up not written request=%s", request)
         log.info("rebalanced request=%s moved=%d loads=%s", request, len(moved), loads)
 
-    async def _retried(self, queue: Callable[[bus.Writes], object]) -> bool:
-        """Writes (fenced) retried while Redis is away or says no (a restart, a failover, a full
+    async def _retried(self, write: Callable[[], Awaitable[object]]) -> bool:
+        """A write retried while Redis is away or says no (a restart, a failover, a full
         server, a resharding) and while the lease is lapsed; False only once another
         publisher leads (the write is then its to make)."""
         backoff = Backoff(0.1, 1.0)
@@ -144,7 +149,7 @@ class Rebalancer:
                 if not self._fence.valid():
                     return False
             try:
-                await bus.write(self._redis, self._fence, queue)
+                await write()
                 return True
             except REDIS_FAULTS as exc:
                 if not failed:
