@@ -87,6 +87,11 @@ class Keys:
     def claims(self, client: str) -> str:
         return f"{self.ns}:claims:{client}"
 
+    def slot_fence(self, tag: str) -> str:
+        """On a cluster: string, the highest lease fence that wrote to the slot of ``tag``
+        (a hash tag), so that a deposed leader's writes to that slot are refused."""
+        return f"{self.ns}:fence:{{{tag}}}"
+
     def deadlines(self, client: str) -> str:
         """Hash: token -> epoch seconds when that claim of the client lapses (ttl claims only)."""
         return f"{self.ns}:deadlines:{client}"

@@ -211,7 +211,7 @@ class Publisher:
             return
         try:
             async with asyncio.timeout(3):
-                async with bus.pipeline(self.redis) as pipe:
+                async with bus.fenced(self.redis, self.lease) as pipe:
                     pipe.delete(self.keys.token_conn)
                     pipe.delete(self.keys.token_mode)
                     pipe.hset(self.keys.status, mapping=self.monitor.status_fields())

@@ -1,13 +1,15 @@
 """The control flow: read ``{ns}:control``, apply, persist, answer, acknowledge.
 
 Entries are read through consumer group ``publisher``: first this consumer's pending
-entries (in flight when a previous run stopped), then new ones, in stream order, up to
-100 at a time. Each batch is applied entry by entry, then acknowledged in one MULTI/EXEC
+entries (in flight when a previous run stopped, or read by a deposed leader: read again
+every ``PENDING_AGAIN`` seconds), then new ones, in stream order, up to 100 at a time.
+Each batch is applied entry by entry, then acknowledged in one MULTI/EXEC (under a
+lease, one script that Redis runs only while the lease is ours: ``bus.OrderedWrites``)
 that also persists the effects and writes the results, so a crash at any point means
 those entries are applied again, which changes nothing; and a flood of garbage costs one
-round trip per batch, not per entry. Entries
-older than the last one answered are trimmed away (approximately, a macro node at a
-time): the results stream, capped too, is the record.
+round trip per batch, not per entry. Entries older than the last one answered are
+trimmed away (approximately, a macro node at a time): the results stream, capped too, is
+the record.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ CONSUMER = "kitebus"
 
 CLOCK_SKEW_MS = 60_000  # a result's id comes from its own node's clock on a cluster
 RESULTS_PAGE = 500  # results read per XRANGE when looking for ones already written
+# Seconds between reads of the pending entries: a deposed leader (same consumer name) may
+# have read some that it could then not answer, its writes refused.
+PENDING_AGAIN = 5.0
 
 def _tokens_text(tokens: Sequence[int]) -> str:
     return ",".join(map(str, tokens))
@@ -137,7 +142,10 @@ class ControlLoop:
         held = book.placement
         stale = [k for k in await self._redis.hkeys(keys.last) if not k.isdigit() or int(k) not in held]
         gone = [c.decode() for c in await self._redis.smembers(keys.clients) if c.decode() not in book.claims]
-        async with bus.pipeline(self._redis) as pipe:
+        async with bus.fenced(self._redis, self._fence) as pipe:
+            # on a cluster: every slot this leader writes to is claimed by its fence from now on
+            pipe.stamp(keys.control, keys.control_results, keys.client_activity, keys.status,
+                       *(keys.conn(c.index) for c in self._connections))  # fmt: skip
             for client in gone:  # released everything while the last write of it failed
                 pipe.delete(keys.claims(client))
                 pipe.delete(keys.deadlines(client))
@@ -164,9 +172,11 @@ class ControlLoop:
             log.error(
                 "claims no longer fit and were dropped client=%s tokens=%s", client, _tokens_text(tokens)
             )
-            await self._redis.hdel(self._keys.claims(client), *map(str, tokens))
-            if client not in self._book.claims:
-                await self._redis.srem(self._keys.clients, client)
+            async with bus.fenced(self._redis, self._fence) as pipe:
+                pipe.hdel(self._keys.claims(client), *map(str, tokens))
+                if client not in self._book.claims:
+                    pipe.srem(self._keys.clients, client)
+                await pipe.execute()
 
     # --- the task ------------------------------------------------------------------------
 
@@ -211,7 +221,8 @@ class ControlLoop:
                 await self._drain(pending=True)
                 self.problem = ""
                 backoff.reset()
-                while not self._stopping:
+                pending_at = time.monotonic() + PENDING_AGAIN
+                while not self._stopping and time.monotonic() < pending_at:
                     if bus.primary_moves(self._redis) != moves:
                         # a failover: writes the old primary took in its last moments (XACKs,
                         # results, claims, a released token's HDEL) may be missing on the new
@@ -222,7 +233,7 @@ class ControlLoop:
                         break
                     await self._drain(pending=False)
                     await self._expire_due()
-            except LeaseLost:
+            except (LeaseLost, bus.Deposed):  # Deposed: Redis refused a write, another leads
                 self._batch_failed()
                 if self._fence.lapsed:
                     continue  # wait for the renewal at the top; the entries stay pending
@@ -313,7 +324,7 @@ class ControlLoop:
         """Write the batch (state, results, XACK), then run what waited for its results.
         If the write fails, what waited and the results stay for the retry."""
         if self._acks and self._batch is None:  # entries answered before (only acknowledged now)
-            self._batch = bus.OrderedWrites(self._redis, 3)
+            self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
         batch, acks = self._batch, self._acks
         if batch is not None:
             if not self._fence.valid():
@@ -413,7 +424,7 @@ class ControlLoop:
         if outcome is not None and outcome.released:
             result["released"] = _tokens_text(outcome.released)
         if self._batch is None:
-            self._batch = bus.OrderedWrites(self._redis, 3)
+            self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
         if request is not None and outcome is not None:
             self._persist(self._batch.stages[0], request, outcome)
         self._send(entry_id, result)
@@ -429,7 +440,7 @@ class ControlLoop:
     def _send(self, entry_id: str | None, result: dict[str, str]) -> None:
         """Queue a result, and the entry's XACK, on the batch."""
         if self._batch is None:
-            self._batch = bus.OrderedWrites(self._redis, 3)
+            self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
         results = self._batch.stages[1]
         results.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
         if entry_id is not None:
@@ -438,7 +449,7 @@ class ControlLoop:
         else:
             self._orphans.append(result)
 
-    def _persist(self, pipe: bus.Pipeline, request: Request, outcome: Outcome) -> None:
+    def _persist(self, pipe: bus.Writes, request: Request, outcome: Outcome) -> None:
         keys, book = self._keys, self._book
         claims_key = keys.claims(request.client)
         released = outcome.applied if request.op in RELEASES else outcome.released
@@ -465,7 +476,7 @@ class ControlLoop:
                 pipe.hset(keys.token_mode, mapping={str(t): m for t, m in modes.items()})
 
 
-    def _persist_deadlines(self, pipe: bus.Pipeline, client: str) -> None:
+    def _persist_deadlines(self, pipe: bus.Writes, client: str) -> None:
         """The client's claim deadlines, rewritten from the book (a handful of fields)."""
         pipe.delete(self._keys.deadlines(client))
         deadlines = self._book.deadlines.get(client)
