@@ -75,6 +75,16 @@ class Keys:
         return f"{self.ns}:clients"
 
     @property
+    def session_clients(self) -> str:
+        """Hash: session client -> its timeout in seconds (its claims live while it heartbeats)."""
+        return f"{self.ns}:session_clients"
+
+    @property
+    def client_heartbeat(self) -> str:
+        """Hash: client -> epoch seconds of its last heartbeat (written by the library)."""
+        return f"{self.ns}:client_heartbeat"
+
+    @property
     def ticks_pattern(self) -> str:
         return f"{self.ns}:ticks:*"
 

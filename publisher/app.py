@@ -136,6 +136,7 @@ class Publisher:
         self.control = ControlLoop(
             self.redis, self.keys, self.book, self.connections, live=self.live,
             rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments, fence=lease,
+            client_timeout=settings.client_timeout,
         )  # fmt: skip
         self.monitor = Monitor(
             self.redis, self.keys, self.book, self.connections, self.sink, self._redis_reset, self.epoch,

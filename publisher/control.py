@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from redis.exceptions import ResponseError
 
 from config.keys import CONTROL_GROUP, RESULTS_MAXLEN, Keys
+from config.settings import DEFAULT_CLIENT_TIMEOUT
 from kitewire.instruments import UnknownInstrument
 from publisher import bus
 from publisher.bus import REDIS_FAULTS
@@ -33,6 +35,7 @@ from publisher.live import LiveWatch
 from publisher.moves import Moves
 from publisher.rebalance import Rebalancer
 from publisher.requests import RELEASES, Request, RequestError, parse_request
+from publisher.sessions import HeartbeatWatch
 from publisher.subscriptions import Outcome, RebalanceBusy, SubscriptionBook
 from publisher.tasks import Backoff, cancel_and_wait, supervised
 
@@ -45,6 +48,7 @@ RESULTS_PAGE = 500  # results read per XRANGE when looking for ones already writ
 # Seconds between reads of the pending entries: a deposed leader (same consumer name) may
 # have read some that it could then not answer, its writes refused.
 PENDING_AGAIN = 5.0
+HEARTBEAT_CHECK = 0.25  # seconds between reads of {ns}:client_heartbeat
 
 def _tokens_text(tokens: Sequence[int]) -> str:
     return ",".join(map(str, tokens))
@@ -66,7 +70,11 @@ class ControlLoop:
         moves: Moves | None = None,
         instruments: InstrumentsLoader | None = None,
         fence: Fence | None = None,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
     ) -> None:
+        """``client_timeout``: this publisher's KITEBUS_CLIENT_TIMEOUT. A session client's
+        own timeout comes with its requests; this one only tells when the heartbeat of a
+        client that holds no claim is old enough to delete."""
         self._redis = client
         self._keys = keys
         self._book = book
@@ -91,6 +99,9 @@ class ControlLoop:
         self._orphans: list[dict[str, str]] = []  # this batch's results of no entry (expiries)
         self._resend: list[dict[str, str]] = []  # such results of a batch that failed
         self._quiet = _RateLimitedLog(per_second=20)
+        self._client_timeout = client_timeout
+        self._heartbeats = HeartbeatWatch(time.monotonic())
+        self._heartbeat_check_at = 0.0  # monotonic time of the next read of the heartbeats
         self._stopping = False
         self._deposed = False  # another publisher leads: the loop has ended for good
         self.health = Health()  # the publisher's, once it is given one
@@ -108,9 +119,11 @@ class ControlLoop:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def load_claims(self) -> tuple[dict[str, dict[int, str]], dict[str, dict[int, float]]]:
-        """Every client's persisted claims and their deadlines, skipping (and logging)
-        entries that are not valid."""
+    async def load_claims(
+        self,
+    ) -> tuple[dict[str, dict[int, str]], dict[str, dict[int, float]], dict[str, float]]:
+        """Every client's persisted claims, their deadlines and the session clients'
+        timeouts, skipping (and logging) entries that are not valid."""
         claims: dict[str, dict[int, str]] = {}
         deadlines: dict[str, dict[int, float]] = {}
         for raw_client in await self._redis.smembers(self._keys.clients):
@@ -127,7 +140,13 @@ class ControlLoop:
                     deadlines.setdefault(client, {})[int(raw_token)] = float(raw_deadline)
                 except ValueError:
                     log.warning("ignoring bad claim deadline client=%s token=%r", client, raw_token[:20])
-        return claims, deadlines
+        sessions: dict[str, float] = {}
+        for raw_client, raw_timeout in (await self._redis.hgetall(self._keys.session_clients)).items():
+            try:
+                sessions[raw_client.decode()] = float(raw_timeout)
+            except ValueError:
+                log.warning("ignoring bad session client=%r timeout=%r", raw_client[:64], raw_timeout[:20])
+        return claims, deadlines, sessions
 
     async def write_all(self) -> None:
         """Rewrite every hash and claim from the book (at start, after Redis lost data and
@@ -144,12 +163,13 @@ class ControlLoop:
         gone = [c.decode() for c in await self._redis.smembers(keys.clients) if c.decode() not in book.claims]
         async with bus.fenced(self._redis, self._fence) as pipe:
             # on a cluster: every slot this leader writes to is claimed by its fence from now on
-            pipe.stamp(keys.control, keys.control_results, keys.client_activity, keys.status,
-                       *(keys.conn(c.index) for c in self._connections))  # fmt: skip
+            pipe.stamp(keys.control, keys.control_results, keys.client_activity, keys.client_heartbeat,
+                       keys.status, *(keys.conn(c.index) for c in self._connections))  # fmt: skip
             for client in gone:  # released everything while the last write of it failed
                 pipe.delete(keys.claims(client))
                 pipe.delete(keys.deadlines(client))
-            for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients):
+            for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients,
+                        keys.session_clients):  # fmt: skip
                 pipe.delete(key)
             if stale:
                 pipe.hdel(keys.last, *stale)
@@ -159,6 +179,8 @@ class ControlLoop:
                 streams = {str(t): c.stream for c in self._connections for t in c.modes}
                 if streams:
                     pipe.hset(keys.token_status, mapping=streams)
+            if book.sessions:
+                pipe.hset(keys.session_clients, mapping={c: f"{t:g}" for c, t in book.sessions.items()})
             for client, held in book.claims.items():
                 pipe.delete(keys.claims(client))
                 pipe.hset(keys.claims(client), mapping={str(t): m for t, m in held.items()})
@@ -181,6 +203,7 @@ class ControlLoop:
     # --- the task ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._heartbeats.restart(time.monotonic())  # every session client gets a whole timeout
         self._task = asyncio.create_task(
             supervised("control-loop", self._run, self.health, done=lambda: self._stopping or self._deposed),
             name="control-loop",
@@ -230,11 +253,14 @@ class ControlLoop:
                         # those answered are only acknowledged, the others applied.
                         log.warning("redis primary moved: state written again, pending requests read again")
                         self._dirty = True
+                        self._heartbeats.restart(time.monotonic())  # beats may be lost with the old one
                         break
                     await self._drain(pending=False)
                     await self._expire_due()
+                    await self._expire_silent()
             except (LeaseLost, bus.Deposed):  # Deposed: Redis refused a write, another leads
                 self._batch_failed()
+                self._heartbeats.restart(time.monotonic())
                 if self._fence.lapsed:
                     continue  # wait for the renewal at the top; the entries stay pending
                 log.warning("control loop stops: no longer the leader")
@@ -242,6 +268,7 @@ class ControlLoop:
                 return
             except REDIS_FAULTS as exc:
                 self._batch_failed()
+                self._heartbeats.restart(time.monotonic())  # no client could beat meanwhile
                 if isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED"):
                     log.warning("control stream moved to another node; reading it there")
                     continue  # a cluster moved the stream's slot while we waited
@@ -353,6 +380,8 @@ class ControlLoop:
             await self._rebalance(entry_id, fields, request.client)
             return
         outcome = self._book.apply(request, time.time())
+        if request.session is not None:
+            self._heartbeats.seen(request.client, time.monotonic())
         live = self._live if request.op in ("subscribe", "set") and outcome.applied else None
         new = [t for change in outcome.plan.values() for t in change.subscribe]
         before = live.before(new) if live else {}  # before Kite hears of them: its first tick is quick
@@ -399,7 +428,35 @@ class ControlLoop:
                 request = Request("unsubscribe", tokens, client)
                 outcome = self._book.apply(request)
                 await self._execute(outcome)
-                self._answer(None, None, "", request, outcome)
+                self._answer(None, None, "", request, outcome, reason="ttl ran out")
+            await self._commit()
+
+    async def _expire_silent(self) -> None:
+        """Session clients whose heartbeat went silent lose every claim: a normal release,
+        recorded as op ``expire`` with the reason. The heartbeats of clients that hold no
+        claim are deleted once older than this publisher's client timeout."""
+        if time.monotonic() < self._heartbeat_check_at or not self._fence.valid():
+            return
+        self._heartbeat_check_at = time.monotonic() + HEARTBEAT_CHECK
+        async with self._writing:
+            beats, bad = _heartbeats(await self._redis.hgetall(self._keys.client_heartbeat))
+            wall, now = time.time(), time.monotonic()
+            for silent in self._heartbeats.silent(self._book.sessions, beats, wall, now):
+                log.warning(
+                    "client %s: %s; releasing its claims tokens=%d",
+                    silent.client, silent.reason, len(self._book.claims.get(silent.client, ())),
+                )  # fmt: skip
+                request = Request("release", (), silent.client)
+                outcome = self._book.apply(request)
+                self._heartbeats.forget(silent.client)
+                await self._execute(outcome)
+                self._answer(None, None, "", request, outcome, reason=silent.reason)
+            sessions = self._book.sessions
+            old = [c for c, at in beats.items() if c not in sessions and wall - at > self._client_timeout]
+            if old or bad:
+                if self._batch is None:
+                    self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
+                self._batch.stages[0].hdel(self._keys.client_heartbeat, *old, *bad)
             await self._commit()
 
     def _answer(
@@ -409,9 +466,11 @@ class ControlLoop:
         error: str,
         request: Request | None = None,
         outcome: Outcome | None = None,
+        reason: str = "",
     ) -> None:
         """Queue the outcome's persistence (if any), the result and the XACK on the batch.
-        Without an entry id it is the publisher's own change (an expiry): nothing to XACK."""
+        Without an entry id it is the publisher's own change (an expiry, why in ``reason``):
+        nothing to XACK."""
         result = {
             "request": entry_id or "",
             "op": ("expire" if entry_id is None else request.op) if request else _field(fields, "op"),
@@ -423,6 +482,8 @@ class ControlLoop:
         }
         if outcome is not None and outcome.released:
             result["released"] = _tokens_text(outcome.released)
+        if reason:
+            result["reason"] = reason
         if self._batch is None:
             self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
         if request is not None and outcome is not None:
@@ -460,9 +521,15 @@ class ControlLoop:
             pipe.sadd(keys.clients, request.client)
         if request.client in book.claims:
             pipe.hset(keys.client_activity, request.client, f"{time.time():.3f}")
+            timeout = book.sessions.get(request.client)
+            if request.session is not None and timeout is not None:
+                pipe.hset(keys.session_clients, request.client, f"{timeout:g}")
+                pipe.hset(keys.client_heartbeat, request.client, f"{time.time():.3f}")  # a sign of life
         elif released:
             pipe.srem(keys.clients, request.client)
             pipe.hdel(keys.client_activity, request.client)
+            pipe.hdel(keys.session_clients, request.client)
+            pipe.hdel(keys.client_heartbeat, request.client)
         self._persist_deadlines(pipe, request.client)
         for change in outcome.plan.values():
             if change.unsubscribe:
@@ -506,6 +573,23 @@ class _RateLimitedLog:
             return True
         self._skipped += 1
         return False
+
+
+def _heartbeats(raw: Mapping[bytes, bytes]) -> tuple[dict[str, float], list[bytes]]:
+    """``{ns}:client_heartbeat`` as client -> epoch seconds, and the fields that are not."""
+    beats: dict[str, float] = {}
+    bad: list[bytes] = []
+    for raw_client, raw_at in raw.items():
+        try:
+            at = float(raw_at)
+            client = raw_client.decode()
+        except (ValueError, UnicodeDecodeError):
+            at = math.nan
+        if math.isfinite(at):
+            beats[client] = at
+        else:
+            bad.append(raw_client)
+    return beats, bad
 
 
 def _id_order(entry_id: bytes) -> tuple[int, int]:
