@@ -81,7 +81,7 @@ class Keys:
 
     @property
     def client_heartbeat(self) -> str:
-        """Hash: client -> epoch seconds of its last heartbeat (written by the library)."""
+        """Hash: client -> epoch seconds of its last heartbeat (the library's, or a session request's)."""
         return f"{self.ns}:client_heartbeat"
 
     @property
