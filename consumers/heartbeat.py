@@ -67,13 +67,12 @@ class Heartbeat:
                     now = f"{time.time():.3f}"
                     if self.clients:
                         await self._redis.hset(self._key, mapping=dict.fromkeys(sorted(self.clients), now))
-            except (*REDIS_FAULTS, TimeoutError) as exc:
+            except Exception as exc:  # never the end of the heartbeat: the claims depend on it
                 if not failing_since:
                     failing_since = time.monotonic()
-                    log.warning(
-                        "heartbeat failed (claims are released after %gs without one) error=%s",
-                        self.timeout, bus.describe(exc),
-                    )  # fmt: skip
+                    why = bus.describe(exc) if isinstance(exc, (*REDIS_FAULTS, TimeoutError)) else repr(exc)
+                    log.warning("heartbeat failed (claims are released after %gs without one) error=%s",
+                                self.timeout, why, exc_info=not isinstance(exc, REDIS_FAULTS))  # fmt: skip
                 await asyncio.sleep(min(self.interval, RETRY))
                 continue
             self.beats += 1
