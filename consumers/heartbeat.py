@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from config import Keys
 from publisher import bus
@@ -36,6 +37,9 @@ class Heartbeat:
         self.interval = timeout / 3
         self.clients: set[str] = set()
         self.beats = 0  # heartbeats written
+        # run after a beat that followed a silence of a whole timeout: the publisher may
+        # have expired the claims meanwhile (this process cut off from Redis alone)
+        self.on_resumed: list[Callable[[], Awaitable[object]]] = []
         self._task: asyncio.Task[None] | None = None
 
     def add(self, client: str) -> None:
@@ -81,4 +85,13 @@ class Heartbeat:
                 level = logging.WARNING if silent >= self.timeout else logging.INFO
                 log.log(level, "heartbeat written again after %.1fs (timeout %gs)", silent, self.timeout)
                 failing_since = 0.0
+                if silent >= self.timeout:
+                    await self._resumed()
             await asyncio.sleep(self.interval)
+
+    async def _resumed(self) -> None:
+        for callback in list(self.on_resumed):
+            try:
+                await callback()
+            except Exception:  # one owner's failure is not the heartbeat's end
+                log.exception("claiming again after a silent heartbeat failed")

@@ -117,6 +117,7 @@ class TickSubscriber:
         self.conflate_ns = int(conflate_ms * 1e6)
         self.max_unread = max_unread  # messages read ahead; past that, the backlog stays in Redis
         self.claimed: set[int] = set()
+        self._modes: dict[int, str] = {}  # claimed without a ttl: token -> mode, to claim again
         self.listened: set[int] = set()
         self.silent: set[int] = set()  # subscribed, but no first tick within the publisher's timeout
         self.status: dict[int, str] = {}  # token -> "live" / "stale"
@@ -150,9 +151,13 @@ class TickSubscriber:
             self._redis, self.keys.ns, session=self.session, client_timeout=self.client_timeout,  # type: ignore[arg-type]
             heartbeat=self._heartbeat,
         )  # fmt: skip
+        if self.control.heartbeat is not None:
+            self.control.heartbeat.on_resumed.append(self._claim_again)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.control.heartbeat is not None and self._claim_again in self.control.heartbeat.on_resumed:
+            self.control.heartbeat.on_resumed.remove(self._claim_again)
         try:
             if self.release_on_exit and self.claimed:
                 await self.control.unsubscribe(sorted(self.claimed), client=self.client, timeout=self.timeout)
@@ -177,12 +182,38 @@ class TickSubscriber:
             )
         except SubscriptionRejected as exc:
             self.claimed.update(exc.result.applied)  # partly applied: still ours to release
+            self._note_modes(exc.result.applied, mode, ttl)
             raise
         self.claimed.update(result.applied)
+        self._note_modes(result.applied, mode, ttl)
         await self.listen(result.applied)
         if wait_live and result.applied:
             await self._wait_live(result, live_timeout)
         return result
+
+    def _note_modes(self, tokens: Iterable[int], mode: str, ttl: float | None = None) -> None:
+        for token in tokens:
+            if ttl is None:
+                self._modes[token] = mode
+            else:  # a claim with a deadline is not made again: it may be over by then
+                self._modes.pop(token, None)
+
+    async def _claim_again(self) -> None:
+        """After a heartbeat silent for a whole timeout (this process cut off from Redis
+        while the publisher ran), the publisher may have expired these claims: make them
+        again, each in its mode (a claim still held is unchanged by it)."""
+        by_mode: dict[str, list[int]] = {}
+        for token, mode in self._modes.items():
+            by_mode.setdefault(mode, []).append(token)
+        for mode, tokens in by_mode.items():
+            try:
+                await self.control.subscribe(
+                    sorted(tokens), mode=mode, client=self.client, timeout=self.timeout
+                )
+            except (SubscriptionRejected, ControlTimeout, *bus.REDIS_FAULTS) as exc:
+                log.warning("subscriber %s: claiming again failed: %s", self.client, exc)
+                continue
+            log.warning("subscriber %s: claimed again tokens=%d", self.client, len(tokens))
 
     async def _wait_live(self, result: ControlResult, timeout: float) -> None:
         try:
@@ -202,6 +233,8 @@ class TickSubscriber:
         wanted = await self.resolve(tokens)
         result = await self.control.set_watchlist(wanted, mode=mode, client=self.client, timeout=self.timeout)
         self.claimed = set(result.applied)
+        self._modes = {}
+        self._note_modes(result.applied, mode)
         if result.released:
             self.listened.difference_update(result.released)
             await self._pubsub.unsubscribe(*(self.keys.ticks(t) for t in result.released))
@@ -209,13 +242,17 @@ class TickSubscriber:
         return result
 
     async def set_mode(self, tokens: Iterable[int | str], mode: str) -> ControlResult:
-        return await self.control.set_mode(await self.resolve(tokens), mode, client=self.client)
+        result = await self.control.set_mode(await self.resolve(tokens), mode, client=self.client)
+        self._note_modes((t for t in result.applied if t in self._modes), mode)
+        return result
 
     async def unsubscribe(self, tokens: Iterable[int | str]) -> ControlResult:
         """Release the claims and stop receiving those ticks."""
         wanted = await self.resolve(tokens)
         result = await self.control.unsubscribe(wanted, client=self.client, timeout=self.timeout)
         self.claimed.difference_update(wanted)
+        for token in wanted:
+            self._modes.pop(token, None)
         self.listened.difference_update(wanted)
         await self._pubsub.unsubscribe(*(self.keys.ticks(t) for t in wanted))
         return result

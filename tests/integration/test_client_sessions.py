@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from consumers.control import ControlClient
 from consumers.subscriber import TickSubscriber
@@ -178,3 +179,29 @@ async def test_ctl_and_raw_claims_never_expire_and_ctl_clients_shows_each_kind(
     rows = {line.split("\t")[0]: line.split("\t") for line in out.splitlines()}
     assert rows["ops"][2] == "standing (until released)"
     assert rows["lib"][2].startswith("session, heartbeat ") and rows["lib"][2].endswith("s ago (timeout 60s)")
+
+
+class _CutOff:
+    """This process's heartbeat connection, cut off from Redis (the publisher still reaches it)."""
+
+    async def hset(self, *args, **kwargs):
+        raise RedisConnectionError("cut off")
+
+
+async def test_a_subscriber_cut_off_past_its_timeout_claims_again_once_it_is_back(
+    simulator, publisher, redis_url, rds, keys
+) -> None:
+    """Only the strategy lost Redis, for longer than its timeout: the publisher rightly
+    expired its claims. When its heartbeat goes again, the library makes them again, in
+    their modes, rather than leave the strategy subscribed to nothing."""
+    async with TickSubscriber(redis_url, client="cut", client_timeout=1.0) as sub:
+        await sub.subscribe([A], mode="full")
+        await sub.subscribe([B], mode="ltp")
+        beat = sub.control.heartbeat
+        connected, beat._redis = beat._redis, _CutOff()
+        await eventually(lambda: "cut" not in publisher.book.claims, timeout=15)
+        await eventually(lambda: not _at_kite(simulator))
+        beat._redis = connected
+        await eventually(lambda: _at_kite(simulator) == {A: "full", B: "ltp"}, timeout=15)
+        assert publisher.book.claims["cut"] == {A: "full", B: "ltp"}
+        assert await rds.hgetall(keys.claims("cut")) == {str(A).encode(): b"full", str(B).encode(): b"ltp"}
