@@ -280,10 +280,14 @@ def _simulate(args: argparse.Namespace) -> int:
     async def run() -> None:
         server = TickerServer(
             args.host, args.port, api_key=args.api_key, access_token=args.access_token,
-            rate=args.rate, max_rate=args.max_rate, seed=args.seed,
+            rate=args.rate, max_rate=args.max_rate, seed=args.seed, order_rate=args.orders,
         )  # fmt: skip
         async with server:
             print(f"simulator: KITE_WS_URL={server.url}", file=sys.stderr)
+            http = f"http://{args.host}:{server.port}/orders"
+            print(f"simulator: orders: curl '{http}/place?tradingsymbol=INFY&quantity=10&price=1500'; "
+                  f"then {http}/fill?order_id=…&quantity=4, /cancel, /reject, /modify; {http} lists them",
+                  file=sys.stderr)  # fmt: skip
             await wait_for_stop_signal()
 
     asyncio.run(run())
@@ -308,6 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0, help="random seed of the market")
     simulate.add_argument("--api-key", default=DEFAULT_API_KEY, help="api_key to accept")
     simulate.add_argument("--access-token", default=DEFAULT_ACCESS_TOKEN, help="token to accept")
+    simulate.add_argument(
+        "--orders", type=float, default=0.0, metavar="RATE",
+        help="random order updates per second (placed, filled in parts, cancelled, rejected); "
+        "0: only those made with GET /orders/...",
+    )  # fmt: skip
     simulate.set_defaults(handler=_simulate)
 
     demo = commands.add_parser("demo", help="the whole system on this machine, live ticks on screen")
