@@ -200,12 +200,29 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from consumers.display import format_status, format_tick
+    from consumers.display import format_order, format_status, format_tick
     from consumers.instruments import UnknownInstrument, split_items
+    from consumers.orders import OrderReader
     from consumers.subscriber import StreamStatus, TickSubscriber
 
     settings = load_settings()
     tokens = split_items(",".join(args.tokens))
+    if not tokens and not args.orders:
+        print("kitebus tail: name at least one instrument token, or give --orders", file=sys.stderr)
+        return 2
+    printed = 0
+    enough = asyncio.Event()  # --count lines printed, ticks and order updates together
+
+    def emit(line: str) -> None:
+        nonlocal printed
+        print(line, flush=True)
+        printed += 1
+        if printed == args.count:
+            enough.set()
+
+    async def orders(reader: OrderReader) -> None:
+        async for update in reader:
+            emit(json.dumps(dataclasses.asdict(update)) if args.json else format_order(update))
 
     async def run() -> None:
         symbols: dict[int, str] = {}
@@ -218,26 +235,28 @@ def _tail(args: argparse.Namespace) -> int:
                 line = format_status(event.status, event.tokens, event.reason, symbols)
             print(line, flush=True)
 
+        async def ticks(sub: TickSubscriber) -> None:
+            async for tick in sub:
+                symbol = symbols.get(tick["instrument_token"])
+                emit(json.dumps(tick) if args.json else format_tick(tick, symbol))
+
         async with TickSubscriber(
             settings, client=f"tail-{os.getpid()}", snapshot=not args.no_snapshot, on_status=show_status,
             conflate_ms=args.conflate_ms,
         ) as sub:  # fmt: skip
-            if args.subscribe:
-                await sub.subscribe(tokens, mode=args.subscribe)
-            else:
-                await sub.listen(tokens)
-            symbols.update(await sub.symbols(sub.listened))
-            seen = 0
-            async for tick in sub:
-                line = (
-                    json.dumps(tick)
-                    if args.json
-                    else format_tick(tick, symbols.get(tick["instrument_token"]))
-                )
-                print(line, flush=True)
-                seen += 1
-                if seen == args.count:
-                    return
+            work = []
+            if args.orders:  # reading from now (or --since) before any tick is awaited
+                reader = sub.order_updates(args.since, account=args.account)
+                await reader.start()
+                work.append(orders(reader))
+            if tokens:
+                if args.subscribe:
+                    await sub.subscribe(tokens, mode=args.subscribe)
+                else:
+                    await sub.listen(tokens)
+                symbols.update(await sub.symbols(sub.listened))
+                work.append(ticks(sub))
+            await run_until(asyncio.gather(*work), enough)
 
     try:
         _run_until_signal(lambda stop: run_until(run(), stop))
@@ -345,8 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--sample", type=float, default=1.0, help="seconds to measure ticks/s over")
     status.set_defaults(handler=_status)
 
-    tail = commands.add_parser("tail", help="print decoded ticks from the bus")
-    tail.add_argument("tokens", nargs="+", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    tail = commands.add_parser("tail", help="print decoded ticks and order updates from the bus")
+    tail.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    tail.add_argument("--orders", action="store_true", help="also (or only) order updates, as they come")
+    tail.add_argument("--account", help="with --orders: only this account's (default: every account's)")
+    tail.add_argument(
+        "--since", metavar="ID", help="with --orders: after this stream entry id (0: all the stream keeps)"
+    )
     tail.add_argument("--json", action="store_true", help="one JSON object per tick")
     tail.add_argument("--no-snapshot", action="store_true", help="skip each token's latest tick")
     tail.add_argument(
@@ -354,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="each token's newest tick at most every MS milliseconds",
     )  # fmt: skip
     tail.add_argument("--subscribe", choices=["ltp", "quote", "full"], help="also claim them in this mode")
-    tail.add_argument("--count", type=int, default=0, help="stop after this many ticks")
+    tail.add_argument("--count", type=int, default=0, help="stop after this many lines (ticks and orders)")
     tail.set_defaults(handler=_tail)
     return parser
 
