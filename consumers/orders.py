@@ -8,9 +8,9 @@
 The publisher writes each distinct update Kite sent once, in Kite's order; the reader
 goes through the stream after the last entry it gave out, so a Redis reconnect loses
 nothing, and a strategy that saved ``update.id`` and restarts gets what came meanwhile
-(while the stream still keeps it: about ``ORDERS_MAXLEN`` entries). When entries after
-that id were trimmed before it read them, ``trimmed`` says so and a warning is logged:
-reconcile with Kite's orders API then.
+(while the stream still keeps it: about ``ORDERS_MAXLEN`` entries). When the stream no
+longer reaches back to that id (trimmed, or Redis lost its data), ``trimmed`` says so and
+a warning is logged: reconcile with Kite's orders API then.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Keys
@@ -75,7 +74,7 @@ class OrderReader:
         self.last_id = self._cursor = after
         self.block = block
         self.reconnects = 0  # reads that failed and were tried again (Redis away, a failover)
-        self.trimmed = False  # entries after ``last_id`` were trimmed before they were read
+        self.trimmed = False  # entries after ``last_id`` may have been trimmed before they were read
         self.skipped = 0  # entries that are not an order update's (written by hand, say)
         self._ready: deque[OrderUpdate] = deque()
         self._check = after is not None  # look for trimmed entries at the next read
@@ -147,21 +146,17 @@ class OrderReader:
                     self.last_id = self._cursor
 
     async def _check_trimmed(self) -> None:
-        """Were entries after ``last_id`` trimmed away (Redis 7: ``max-deleted-entry-id``)?"""
+        """Does the stream still reach back to ``_cursor``? If it now starts after it, the
+        entries between may have been trimmed (or lost with Redis's data)."""
         self._check = False
-        try:
-            info = await self._redis.xinfo_stream(self._key)
-        except ResponseError:
-            return  # no stream yet
-        deleted = info.get("max-deleted-entry-id")
-        if deleted is None or self._cursor is None:
+        if self._cursor is None or _id_key(self._cursor) == (0, 0):
             return
-        deleted = deleted.decode() if isinstance(deleted, bytes) else str(deleted)
-        if _id_key(deleted) > _id_key(self._cursor):
+        first = await self._redis.xrange(self._key, count=1)
+        if first and _id_key(first[0][0].decode()) > _id_key(self._cursor):
             self.trimmed = True
             log.warning(
-                "order updates after %s were trimmed from the stream before this reader got them "
-                "(up to %s): reconcile with Kite's orders API", self._cursor, deleted,
+                "order updates after %s may be lost: the stream starts at %s now (trimmed, or "
+                "Redis lost its data); reconcile with Kite's orders API", self._cursor, first[0][0].decode(),
             )  # fmt: skip
 
     def _decode(self, entry_id: str, fields: dict[bytes, bytes]) -> OrderUpdate | None:

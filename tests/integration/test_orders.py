@@ -7,12 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import queue
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
+import pytest
 import redis.asyncio as redis
+from prometheus_client import CollectorRegistry, generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.console import Console
 
@@ -20,10 +23,11 @@ from config import load_settings
 from config.keys import Keys
 from consumers.kiteticker import KiteTicker
 from consumers.status import read_status, render_status
-from consumers.subscriber import TickSubscriber
+from consumers.subscriber import BlockingTickSubscriber, TickSubscriber
 from kitebus.localredis import LocalRedis
 from publisher.app import Publisher
 from publisher.lease import Fence
+from publisher.monitor import _Metrics
 from publisher.order_feed import OrderFeed
 from simulator.server import TickerServer
 from tests.integration.conftest import FAST, eventually
@@ -179,6 +183,62 @@ async def test_a_reader_that_restarts_or_loses_redis_picks_up_where_it_stopped(
         assert (await waiting).data == third[0]  # type: ignore[union-attr]
         assert [(await reader.next(5)).data for _ in range(4)] == third[1:]  # type: ignore[union-attr]
         assert killed and reader.reconnects >= 1
+
+
+async def test_one_program_reads_ticks_and_order_updates_async_and_blocking(
+    simulator, publisher, redis_url
+) -> None:
+    infy = 408065
+    async with TickSubscriber(redis_url, client="both") as sub:
+        await sub.subscribe([infy])
+        reader = sub.order_updates()
+        await reader.start()
+
+        async def first_tick() -> dict:
+            async for tick in sub:
+                return tick
+            raise AssertionError
+
+        tick = asyncio.create_task(first_tick())
+        placed = await simulator.order("place", tradingsymbol="INFY", quantity=1)
+        assert (await reader.next(5)).data == placed  # type: ignore[union-attr]
+        assert (await asyncio.wait_for(tick, 5))["instrument_token"] == infy
+
+    def blocking() -> tuple[dict, dict, str]:
+        with BlockingTickSubscriber(redis_url, client="sync") as sync:
+            sync.subscribe([infy])
+            orders = sync.order_updates("0")
+            update = orders.get(timeout=5)
+            with pytest.raises(queue.Empty):
+                orders.get(timeout=0.2)
+            return sync.get(timeout=5), update.data, orders.last_id
+
+    tick_seen, update_seen, last = await asyncio.to_thread(blocking)
+    assert tick_seen["instrument_token"] == infy and update_seen == placed
+    assert last == (await rds_last_id(redis_url))
+
+
+async def rds_last_id(redis_url: str) -> str:
+    client = redis.from_url(redis_url)
+    try:
+        return (await client.xrevrange(KEYS.orders, count=1))[0][0].decode()
+    finally:
+        await client.aclose()
+
+
+async def test_a_reader_resuming_after_entries_were_trimmed_away_says_so(
+    simulator, publisher, rds, redis_url
+) -> None:
+    await _an_order_life(simulator)
+    await eventually(lambda: publisher.orders.published == 5)
+    first = (await rds.xrange(KEYS.orders, count=1))[0][0].decode()
+    await rds.xtrim(KEYS.orders, maxlen=2, approximate=False)  # as the cap does, given time
+    async with TickSubscriber(redis_url) as sub:
+        reader = sub.order_updates(first)
+        got = [await reader.next(5) for _ in range(2)]
+        assert reader.trimmed and [u.status for u in got] == ["UPDATE", "COMPLETE"]  # type: ignore[union-attr]
+        untouched = sub.order_updates(got[-1].id)  # type: ignore[union-attr]
+        assert await untouched.next(0.2) is None and not untouched.trimmed
 
 
 async def _kill_client(rds: redis.Redis, command: str) -> bool:
@@ -342,6 +402,12 @@ async def test_bad_texts_are_counted_logged_at_most_once_a_second_never_fatal_ne
     assert [json.loads(e["data"]) for e in await _stream(rds)] == [good]
     malformed = str(5 * len(bad) * 3).encode()
     await eventually(lambda: _status_with(rds, order_malformed=malformed, order_updates=b"1"))
+    registry = CollectorRegistry()
+    registry.register(_Metrics(publisher.monitor))
+    metrics = generate_latest(registry).decode()
+    assert f"kitebus_order_malformed_total {5 * len(bad) * 3}.0" in metrics
+    assert "kitebus_order_updates_total 1.0" in metrics and "kitebus_order_duplicates_total 2.0" in metrics
+    assert "kitebus_order_given_up_total 0.0" in metrics and "kitebus_order_buffered 0.0" in metrics
 
 
 class _Lease(Fence):
