@@ -7,11 +7,12 @@ MULTI/EXEC with the others of its batch, so it is on both or on neither. (On a c
 the stream and the channel share a slot, so a batch goes to one node, in order.)
 
 While Redis is away or says no, updates wait in memory, in order, up to ``max_buffered``
-updates or ``max_bytes``; past that the oldest is given up, counted and logged. A write
-whose fate is unknown (the connection dropped before the answer) is checked against the
-stream's tail before it is sent again, so an update is never written twice. Only a
-leader with a valid lease writes: while it is lapsed the updates wait, and once it is
-lost they are given up (the new leader has Kite's sockets now; Kite replays nothing).
+updates (the batch being written included) or ``max_bytes``; past that the oldest waiting
+is given up, counted and logged. A write whose fate is unknown (the connection dropped
+before the answer) is checked against the stream's tail before it is sent again, so an
+update is never written twice. Only a leader with a valid lease writes: while it is
+lapsed the updates wait, and once it is lost they are given up (the new leader has Kite's
+sockets now; Kite replays nothing).
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ class OrderFeed:
         for update in updates:
             self._queue.append(update)
             self._queued_bytes += update.size
-        while self._queue and (len(self._queue) > self.max_buffered or self._queued_bytes > self.max_bytes):
+        while self._queue and (
+            len(self._queue) + len(self._in_flight) > self.max_buffered or self._queued_bytes > self.max_bytes
+        ):
             self._give_up(1, "buffer full while redis is away")
         self._wake.set()
 
@@ -217,10 +220,11 @@ class OrderFeed:
                 await self._wake.wait()
                 continue
             try:
-                if self._uncertain:
-                    self._in_flight = await self._not_written(self._in_flight)
-                if self._in_flight:
-                    await self._write(self._in_flight)
+                batch = self._in_flight
+                if self._uncertain:  # those the stream already has count as written
+                    batch = await self._not_written(batch)
+                if batch:
+                    await self._write(batch)
             except REDIS_FAULTS as exc:
                 self._uncertain = True
                 self.write_errors += 1
