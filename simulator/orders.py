@@ -43,7 +43,7 @@ class OrderDesk:
         self._price_of = price_of or (lambda token: BY_TOKEN[token].price if token in BY_TOKEN else 100.0)
         self._clock = clock
         self._rng = random.Random(seed)
-        self._ids = itertools.count(self._rng.randrange(1, 10**8))
+        self._ids = itertools.count(int(clock() * 1000) % 10**8)  # apart from a previous run's
         self.orders: dict[str, dict[str, Any]] = {}  # order_id -> its latest state (an update's fields)
 
     def _order(self, order_id: str) -> dict[str, Any]:
