@@ -82,6 +82,16 @@ class Keys:
         return f"{self.ns}:clients"
 
     @property
+    def session_clients(self) -> str:
+        """Hash: session client -> its timeout in seconds (its claims live while it heartbeats)."""
+        return f"{self.ns}:session_clients"
+
+    @property
+    def client_heartbeat(self) -> str:
+        """Hash: client -> epoch seconds of its last heartbeat (the library's, or a session request's)."""
+        return f"{self.ns}:client_heartbeat"
+
+    @property
     def ticks_pattern(self) -> str:
         return f"{self.ns}:ticks:*"
 
@@ -93,6 +103,11 @@ class Keys:
 
     def claims(self, client: str) -> str:
         return f"{self.ns}:claims:{client}"
+
+    def slot_fence(self, tag: str) -> str:
+        """On a cluster: string, the highest lease fence that wrote to the slot of ``tag``
+        (a hash tag), so that a deposed leader's writes to that slot are refused."""
+        return f"{self.ns}:fence:{{{tag}}}"
 
     def deadlines(self, client: str) -> str:
         """Hash: token -> epoch seconds when that claim of the client lapses (ttl claims only)."""

@@ -26,8 +26,9 @@ from typing import Any
 import msgpack
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from config import Keys, Settings
+from config import Keys, Settings, load_client_timeout
 from consumers.control import ControlClient, ControlResult, ControlTimeout, SubscriptionRejected
+from consumers.heartbeat import Heartbeat
 from consumers.instruments import names, resolve
 from consumers.orders import BlockingOrderReader, OrderReader
 from consumers.pubsub import Message, open_pubsub, url_of
@@ -73,6 +74,12 @@ class TickSubscriber:
     sum). When Redis cuts it off for reading too slowly, it reconnects, resubscribes,
     takes the snapshot and counts what it missed (``reconnects``), never silently.
     ``conflate_ms=N`` delivers each instrument's newest tick at most every N ms.
+
+    Its claims live as long as this process: a heartbeat keeps them (every
+    ``client_timeout`` / 3 s; default KITEBUS_CLIENT_TIMEOUT), and the publisher releases
+    them once it has been silent that long. ``session=False`` makes claims that stay until
+    released; with ``release_on_exit=False`` they outlive the subscriber only while another
+    heartbeat (``heartbeat=``, shared) keeps them.
     """
 
     def __init__(
@@ -88,8 +95,16 @@ class TickSubscriber:
         on_status: Callable[[StreamStatus], object] | None = None,
         conflate_ms: float = 0.0,
         max_unread: int = 10_000,
+        session: bool = True,
+        client_timeout: float | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         settings = source if isinstance(source, Settings) else None
+        if session and heartbeat is None and client_timeout is None:
+            client_timeout = settings.client_timeout if settings else load_client_timeout()
+        self.session = session
+        self.client_timeout = heartbeat.timeout if heartbeat else client_timeout
+        self._heartbeat = heartbeat
         self._source = source
         self._cluster = cluster
         self.client = client
@@ -132,7 +147,10 @@ class TickSubscriber:
         self._redis, self._owns_redis = _redis_for(self._source, self._cluster)
         self._url = _url_for(self._source, self._redis)
         self._pubsub = await open_pubsub(self._url, bus.is_cluster(self._redis), self.max_unread)
-        self.control = ControlClient(self._redis, self.keys.ns)
+        self.control = ControlClient(
+            self._redis, self.keys.ns, session=self.session, client_timeout=self.client_timeout,  # type: ignore[arg-type]
+            heartbeat=self._heartbeat,
+        )  # fmt: skip
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -141,6 +159,7 @@ class TickSubscriber:
                 await self.control.unsubscribe(sorted(self.claimed), client=self.client, timeout=self.timeout)
                 self.claimed.clear()
         finally:
+            await self.control.aclose()
             await self._pubsub.close()
             if self._owns_redis:
                 await self._redis.aclose()  # type: ignore[union-attr]

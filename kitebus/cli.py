@@ -23,7 +23,7 @@ from publisher.tasks import PublisherFailed, cancel_and_wait, run_until
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY
 
 if TYPE_CHECKING:
-    from consumers.control import ControlClient, ControlResult
+    from consumers.control import ClientInfo, ControlClient, ControlResult
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -119,8 +119,8 @@ def _send(
 
     async def run() -> int:
         client = _redis(settings)
-        try:
-            answer = await call(ControlClient(client, settings.namespace))
+        try:  # an ops command's claims stay until released: no heartbeat, no session
+            answer = await call(ControlClient(client, settings.namespace, session=False))
         except SubscriptionRejected as exc:
             print(f"REJECTED: {args.op}: {exc}", file=sys.stderr)
             return 1
@@ -138,15 +138,30 @@ def _send(
     return asyncio.run(run())
 
 
-def _print_clients(clients: dict[str, tuple[int, float]], as_json: bool) -> None:
+def _print_clients(clients: dict[str, ClientInfo], as_json: bool) -> None:
     now = time.time()
     if as_json:
-        rows = {name: {"claims": n, "last_request_at": seen} for name, (n, seen) in clients.items()}
+        rows = {
+            name: {
+                "claims": c.claims, "last_request_at": c.last_request_at, "kind": c.kind,
+                "timeout": c.timeout or None, "heartbeat_at": c.heartbeat_at or None,
+                "heartbeat_age": round(now - c.heartbeat_at, 3) if c.heartbeat_at else None,
+            }
+            for name, c in clients.items()
+        }  # fmt: skip
         print(json.dumps(rows))
         return
-    for name, (count, seen) in clients.items():
+    for name, c in clients.items():
+        if c.kind == "standing":
+            kind = "standing (until released)"
+        elif c.heartbeat_at:
+            late = "  SILENT" if now - c.heartbeat_at > c.timeout else ""
+            kind = f"session, heartbeat {now - c.heartbeat_at:,.1f}s ago (timeout {c.timeout:g}s){late}"
+        else:
+            kind = f"session, no heartbeat (timeout {c.timeout:g}s)  SILENT"
+        seen = c.last_request_at
         idle = f"last request {now - seen:,.0f}s ago" if seen else "last request unknown"
-        print(f"{name}\t{count} claim(s)\t{idle}")
+        print(f"{name}\t{c.claims} claim(s)\t{kind}\t{idle}")
     if not clients:
         print("no client holds a claim")
 
@@ -347,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
         "op", choices=["subscribe", "unsubscribe", "mode", "set", "rebalance", "release", "clients", "token"],
         help="set: the client's claims become exactly TOKEN...; "
         "rebalance: even out the connections (make-before-break) and wait until done; "
-        "release: drop every claim of --client; clients: who holds claims, idle how long; "
+        "release: drop every claim of --client; clients: who holds claims, of which kind, "
+        "heartbeat and last request how long ago; "
         "token: write the access token from standard input to KITE_ACCESS_TOKEN_FILE",
     )  # fmt: skip
     ctl.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")

@@ -202,4 +202,5 @@ async def _show(
                 await cancel_and_wait(reader)
         await control.unsubscribe([t for tokens in WATCHLIST.values() for t in tokens], client=DEMO_CLIENT)
     finally:
+        await control.aclose()
         await client.aclose()

@@ -144,6 +144,7 @@ class Publisher:
         self.control = ControlLoop(
             self.redis, self.keys, self.book, self.connections, live=self.live,
             rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments, fence=lease,
+            client_timeout=settings.client_timeout,
         )  # fmt: skip
         self.monitor = Monitor(
             self.redis, self.keys, self.book, self.connections, self.sink, self._redis_reset, self.epoch,
@@ -224,7 +225,7 @@ class Publisher:
             return
         try:
             async with asyncio.timeout(3):
-                async with bus.pipeline(self.redis) as pipe:
+                async with bus.fenced(self.redis, self.lease) as pipe:
                     pipe.delete(self.keys.token_conn)
                     pipe.delete(self.keys.token_mode)
                     pipe.hset(self.keys.status, mapping=self.monitor.status_fields())

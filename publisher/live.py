@@ -132,7 +132,7 @@ class LiveWatch:
 
     async def _write(self) -> None:
         """The follow-ups due, in order, in one transaction: all written or none."""
-        async with bus.pipeline(self._redis) as pipe:
+        async with bus.fenced(self._redis, self._fence) as pipe:
             for result in self._unsent:
                 pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
             await pipe.execute()

@@ -166,7 +166,7 @@ class Monitor:
 
     async def write(self) -> None:
         """Write the status and connection hashes now."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with bus.fenced(self._redis, self._fence) as pipe:
             pipe.hset(self._keys.status, mapping=self.status_fields())
             for connection in self.connections:
                 pipe.hset(self._keys.conn(connection.index), mapping=self.connection_fields(connection))

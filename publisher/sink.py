@@ -47,7 +47,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Container
+from collections.abc import Collection, Container
 from dataclasses import dataclass
 
 import msgpack
@@ -130,6 +130,7 @@ class TickSink:
         self._flight = InFlight(1)  # sent, not yet answered; a lane per Redis node
         self.cache: dict[int, bytes] = {}  # the last-value cache: newest payload per token
         self._released: set[int] = set()  # to delete from {ns}:last
+        self._placed: set[int] = set()  # the tokens subscribed at the last ``prune``
         self._republish: set[int] = set()  # tokens whose newest payload was given up
         self._lost: set[int] = set()  # tokens of batches whose write failed
         self._given_up = 0  # ticks discarded since conflation began
@@ -250,13 +251,16 @@ class TickSink:
     def backlog_bytes(self) -> int:
         return self._pending_bytes + self._flight.bytes
 
-    def prune(self, subscribed: Container[int]) -> None:
+    def prune(self, subscribed: Collection[int]) -> None:
         """Forget tokens no longer subscribed: out of the cache, the encoder's sequence
         numbers (claimed again, a token starts at ``seq`` 1), ``{ns}:last`` and
         ``{ns}:token_status``."""
-        gone = [t for t in self.cache if t not in subscribed]
+        # the tokens subscribed last time too: one released before its first tick here (just
+        # after a takeover, say) has no cache entry, but the old leader's snapshot in {ns}:last
+        gone = [t for t in {*self.cache, *self._placed} if t not in subscribed]
+        self._placed = set(subscribed)
         for token in gone:
-            del self.cache[token]
+            self.cache.pop(token, None)
             self._republish.discard(token)
         if gone:
             self._encoder.release(gone)
@@ -693,7 +697,7 @@ class TickSink:
 
     def _channel(self, frame: bytes) -> bytes:
         """The channel of the first packet of a frame part (``split_frame`` puts a known one first)."""
-        return self._keys.ticks(int.from_bytes(frame[4:8], "big")).encode()
+        return self._keys.ticks(codec.first_token(frame)).encode()
 
     def _mark_down(self, error: str) -> None:
         if self.redis_up:

@@ -93,7 +93,7 @@ async def test_ticks_arrive_in_batches_and_close_releases_the_claims(
     assert all(t["mode"] == "quote" and "received_at_ns" not in t for b in batches for t in b)
     assert await rds.hgetall(keys.claims("dropin-1")) == {b"408065": b"quote", b"256265": b"quote"}
 
-    ticker.close()
+    await asyncio.to_thread(ticker.close)  # it waits for the publisher, which runs in this loop
     await asyncio.to_thread(ticker.websocket_thread.join, 10)
     assert not ticker.websocket_thread.is_alive()
     assert closed == [(1000, "closed by the client")]
@@ -125,7 +125,7 @@ async def test_rejected_tokens_reach_on_error_by_name(simulator, settings) -> No
         await _run_threaded(ticker)
         await eventually(lambda: errors)
         assert "subscribe rejected by the publisher" in errors[0] and str(TCS) in errors[0]
-        ticker.close()
+        await asyncio.to_thread(ticker.close)
         await asyncio.to_thread(ticker.websocket_thread.join, 10)
     finally:
         await running.stop()
@@ -154,11 +154,11 @@ async def test_a_stopped_publisher_is_a_close_then_a_reconnect_that_resubscribes
             await eventually(lambda: events.count("connect") >= 2, timeout=30)
             await eventually(lambda: INFY in seen)
         finally:
-            ticker.close()
+            await asyncio.to_thread(ticker.close)
             await asyncio.to_thread(ticker.websocket_thread.join, 10)
             await second.stop()
     finally:
-        ticker.close()
+        await asyncio.to_thread(ticker.close)
 
 
 async def test_a_dropped_kite_connection_at_the_publisher_is_an_error_and_not_connected(
@@ -178,7 +178,7 @@ async def test_a_dropped_kite_connection_at_the_publisher_is_an_error_and_not_co
         seen.clear()
         await eventually(lambda: INFY in seen and ticker.is_connected())  # back once the publisher is
     finally:
-        ticker.close()
+        await asyncio.to_thread(ticker.close)
         await asyncio.to_thread(ticker.websocket_thread.join, 10)
 
 
