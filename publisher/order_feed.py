@@ -2,9 +2,11 @@
 (``orders.py``), onto ``{ns}:orders``, a capped stream and a channel of the same name.
 
 Each update is one XADD (fields ``account``, ``order_id``, ``status``, ``data``; ``MAXLEN ~``
-``ORDERS_MAXLEN``) and one PUBLISH (SPUBLISH on a cluster) of its msgpack map, sent in one
-MULTI/EXEC with the others of its batch, so it is on both or on neither. (On a cluster
-the stream and the channel share a slot, so a batch goes to one node, in order.)
+``ORDERS_MAXLEN``) and one PUBLISH (SPUBLISH on a cluster) of its msgpack map, sent with
+the others of its batch as one fenced write (``bus.fenced``: one script that applies them
+only while the lease is ours; without a lease, one MULTI/EXEC), so it is on both or on
+neither. On a cluster the stream and the channel share a slot: a batch is one script on
+one node.
 
 While Redis is away or says no, updates wait in memory, in order, up to ``max_buffered``
 updates (the batch being written included) or ``max_bytes``; past that the oldest waiting
@@ -65,7 +67,7 @@ class OrderFeed:
         """``notice``: where Kite's error texts go for consumers (the sink's stream status)."""
         self._redis = client
         self._key = keys.orders
-        self._publish = bus.publish_command(cluster).decode()
+        self._cluster = cluster
         self._fence = fence or Fence()
         self._notice = notice or _no_notice
         self.merge = OrderMerge(window, hold)
@@ -244,16 +246,16 @@ class OrderFeed:
             backoff.reset()
 
     async def _write(self, batch: list[Update]) -> None:
-        async with bus.pipeline(self._redis) as pipe:
+        async with bus.fenced(self._redis, self._fence) as pipe:
             for update in batch:
                 pipe.xadd(self._key, update.fields(), maxlen=ORDERS_MAXLEN, approximate=True)
-                pipe.execute_command(self._publish, self._key, update.packed)
+                pipe.publish(self._key, update.packed, sharded=self._cluster)
             await pipe.execute()
 
     async def _not_written(self, batch: list[Update]) -> list[Update]:
         """Of a batch whose write failed, those the stream does not hold: the batch went
-        whole or not at all (MULTI/EXEC; on a cluster, in order), so its written updates
-        are the stream's last entries."""
+        in order, whole or up to a command that failed, and nobody else writes the
+        stream, so its written updates are the stream's last entries."""
         tail = await self._redis.xrevrange(self._key, count=len(batch))
         written = {(f.get(b"account", b"").decode(), f.get(b"data", b"").decode()) for _, f in tail}
         return [u for u in batch if (u.account, u.text) not in written]

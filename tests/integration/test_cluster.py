@@ -295,3 +295,14 @@ async def test_order_updates_go_to_the_stream_and_out_sharded_on_a_cluster(
     assert heard == [{**placed, "account": "default"}, {**filled, "account": "default"}]
     await pubsub.aclose()
     await listener.aclose()
+
+
+async def test_order_writes_are_fenced_per_slot_on_a_cluster(cluster, crds) -> None:
+    from tests.integration.test_orders import _fenced_feed_writes_then_is_refused
+
+    node = cluster.nodes[cluster.owner(key_slot(KEYS.orders.encode()))]
+    listener = redis.from_url(node.url)
+    try:
+        await _fenced_feed_writes_then_is_refused(crds, listener, sharded=True)
+    finally:
+        await listener.aclose()

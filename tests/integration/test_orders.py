@@ -472,3 +472,52 @@ async def test_a_write_whose_answer_was_lost_is_not_written_twice(rds) -> None:
         assert feed.write_errors == 1 and calls == 2  # the retry found the first in the stream
     finally:
         await feed.close()
+
+
+async def _fenced_feed_writes_then_is_refused(client: Any, listener: Any, sharded: bool) -> None:
+    """A feed under a real lease: its writes go through the fenced script (stream and
+    channel); once another publisher holds the lease Redis refuses them, and the feed gives
+    its updates up rather than write them."""
+    from publisher.lease import Lease
+
+    lease = Lease(client, KEYS)
+    assert await lease.acquire()
+    feed = OrderFeed(client, KEYS, fence=lease, cluster=sharded)
+    pubsub = listener.pubsub()
+    await pubsub.execute_command("SSUBSCRIBE" if sharded else "SUBSCRIBE", KEYS.orders)
+    feed.start()
+    try:
+        feed.order(_Socket(), {"order_id": "1", "status": "OPEN"})  # type: ignore[arg-type]
+        await eventually(lambda: feed.published == 1)
+        heard = None
+        async with asyncio.timeout(5):
+            while heard is None:
+                message = await pubsub.parse_response(block=True)
+                if message[0] in (b"message", b"smessage"):
+                    heard = msgpack.unpackb(message[2])
+        assert heard == {"order_id": "1", "status": "OPEN", "account": "default"}
+        await client.set(KEYS.leader, "999:elsewhere:1", px=3000)  # another publisher leads
+        if sharded:
+            await client.set(KEYS.slot_fence(_slot_tag(KEYS.orders)), "999")  # and wrote to this slot
+        feed.order(_Socket(), {"order_id": "1", "status": "COMPLETE"})  # type: ignore[arg-type]
+        await eventually(lambda: lease.lost.is_set() and feed.given_up == 1)
+        assert [f[b"status"] for _, f in await client.xrange(KEYS.orders)] == [b"OPEN"]
+    finally:
+        await feed.close()
+        await pubsub.aclose()
+
+
+def _slot_tag(key: str) -> str:
+    from redis.crc import key_slot
+
+    from publisher import bus
+
+    return bus.slot_tag(key_slot(key.encode()))
+
+
+async def test_under_a_lease_writes_are_fenced_and_a_deposed_leader_writes_none(redis_url) -> None:
+    client = redis.from_url(redis_url)
+    try:
+        await _fenced_feed_writes_then_is_refused(client, client, sharded=False)
+    finally:
+        await client.aclose()
