@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 CONTROL_GROUP = "publisher"
 RESULTS_MAXLEN = 10_000  # entries kept in {ns}:control:results (trimmed approximately)
+ORDERS_MAXLEN = 50_000  # order updates kept in {ns}:orders (trimmed approximately; about 1 KB each)
 # ``state`` of {ns}:status while a publisher leads and publishes (degraded: with a fault, see
 # ``degraded_reason``)
 SERVING = ("running", "degraded")
@@ -49,6 +50,12 @@ class Keys:
     def stream_status(self) -> str:
         """Pub/sub channel of stream status changes (``live`` / ``stale``)."""
         return f"{self.ns}:stream_status"
+
+    @property
+    def orders(self) -> str:
+        """Stream of order updates (fields ``account``, ``order_id``, ``status``, ``data``), and
+        the pub/sub channel of the same name (a msgpack map per update)."""
+        return f"{self.ns}:orders"
 
     @property
     def instruments(self) -> str:

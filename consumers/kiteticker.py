@@ -15,10 +15,15 @@ keyword arguments ``redis_url=``/``namespace=``. Subscriptions are claims of one
 while the ticker heartbeats (across reconnects), so a process that dies without closing
 loses them after ``KITEBUS_CLIENT_TIMEOUT`` (or ``client_timeout=``).
 
-Where it cannot be the same: ``on_message`` and ``on_order_update`` are never called (the
-bus carries ticks, not Kite's frames or order postbacks); ``response`` in ``on_connect``
-is a dict describing the bus; a token whose mode another client raised is delivered in
-the mode this ticker asked for (the richer fields are left out), as Kite would.
+``on_order_update(ws, data)`` is called once per order update of the account, with Kite's
+own dict, from the stream ``{ns}:orders``: the account whose api_key this is in
+``KITEBUS_ACCOUNTS``, else the default one (or ``account=``). Updates from the first connect
+on; after a reconnect to the bus, those that came meanwhile come too.
+
+Where it cannot be the same: ``on_message`` is never called (the bus carries ticks and
+order updates, not Kite's frames); ``response`` in ``on_connect`` is a dict describing
+the bus; a token whose mode another client raised is delivered in the mode this ticker
+asked for (the richer fields are left out), as Kite would.
 """
 
 from __future__ import annotations
@@ -36,11 +41,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from config import Keys, load_client_timeout, load_settings
+from config import Keys, SettingsError, load_client_timeout, load_settings
 from config.keys import SERVING
 from config.masking import mask_url
 from consumers.control import ControlClient, ControlTimeout, SubscriptionRejected
 from consumers.heartbeat import Heartbeat
+from consumers.orders import OrderReader
 from consumers.subscriber import StreamStatus, Tick, TickSubscriber
 from publisher import bus
 from publisher.tasks import cancel_and_wait
@@ -64,6 +70,18 @@ def default_client_id() -> str:
     """``kiteticker-<host>-<pid>``, with only the characters a client id may hold."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40]
     return f"kiteticker-{host}-{os.getpid()}"
+
+
+def account_of(api_key: str | None) -> str:
+    """The name of the account with this api_key in ``KITEBUS_ACCOUNTS`` (from the
+    environment), else ``default``: the publisher's names for its accounts."""
+    if not api_key:
+        return "default"
+    try:
+        accounts = load_settings().accounts
+    except SettingsError:
+        return "default"
+    return next((a.name for a in accounts if a.api_key.get_secret_value() == api_key), "default")
 
 
 def as_official(tick: Tick, mode: str) -> Tick:
@@ -112,8 +130,10 @@ class KiteTicker:
         client: str | None = None,
         redis_cluster: bool | None = None,
         client_timeout: float | None = None,
+        account: str | None = None,
     ) -> None:
-        del api_key, access_token, root  # the publisher holds Kite's connection
+        del access_token, root  # the publisher holds Kite's connection
+        self.account = account or account_of(api_key)  # whose order updates ``on_order_update`` gets
         if redis_url is None or namespace is None or redis_cluster is None:
             settings = load_settings()
             redis_url = redis_url or settings.redis_url
@@ -139,7 +159,8 @@ class KiteTicker:
         self.on_message: Callable[..., Any] | None = None  # never called: see the module docstring
         self.on_reconnect: Callable[..., Any] | None = None
         self.on_noreconnect: Callable[..., Any] | None = None
-        self.on_order_update: Callable[..., Any] | None = None  # never called
+        self.on_order_update: Callable[..., Any] | None = None
+        self._orders_after: str | None = None  # the last order update's entry id, across reconnects
         self.websocket_thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._requests: asyncio.Queue[tuple[str, list[int], str]] | None = None
@@ -336,6 +357,9 @@ class KiteTicker:
             )  # fmt: skip
             self._subscriber = sub
             async with sub:
+                # Where order updates start, fixed before on_connect: none after it is missed.
+                orders = sub.order_updates(self._orders_after, account=self.account)
+                await orders.start()
                 self._connected = True
                 held = dict(self.subscribed_tokens)  # on a reconnect: everything; first time: early calls
                 self._callback(self.on_connect, {"bus": mask_url(self.redis_url), "client": self.client})
@@ -343,6 +367,7 @@ class KiteTicker:
                 tasks = [
                     asyncio.create_task(self._serve_requests(sub)),
                     asyncio.create_task(self._deliver(sub)),
+                    asyncio.create_task(self._deliver_orders(orders)),
                     asyncio.create_task(self._watch_publisher(client)),
                 ]
                 stop = asyncio.create_task(self._stop.wait())  # type: ignore[union-attr]
@@ -410,6 +435,15 @@ class KiteTicker:
             ]
             if ticks:
                 self._callback(self.on_ticks, ticks)
+
+    async def _deliver_orders(self, reader: OrderReader) -> None:
+        """``on_order_update(ws, data)`` for each of the account's updates; the entry id is
+        kept, so the next session goes on after the last one delivered."""
+        try:
+            async for update in reader:
+                self._callback(self.on_order_update, update.data)
+        finally:
+            self._orders_after = reader.last_id
 
     def _callback(self, callback: Callable[..., Any] | None, *args: Any) -> None:
         """Call a user callback as the official client does: (ticker, *args); an exception in

@@ -47,6 +47,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
     for index, conn in enumerate(conns):
         previous = before[index] if index < len(before) else {}
         refused_at = float(conn.get("auth_failed_at") or 0)
+        kite_error_at = float(conn.get("last_kite_error_at") or 0)
         ticks, last = int(conn.get("ticks", 0)), float(conn.get("last_message_at", 0) or 0)
         rows.append({
             "index": index,
@@ -60,6 +61,11 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "reconnects": int(conn.get("reconnects", 0)),
             "last_error": conn.get("last_error", ""),
             "auth_failed_for": round(now - refused_at, 1) if refused_at else None,
+            "kite_errors": int(conn.get("kite_errors") or 0),
+            "kite_messages": int(conn.get("kite_messages") or 0),
+            "last_kite_error": conn.get("last_kite_error", ""),
+            "last_kite_error_age": round(now - kite_error_at, 1) if kite_error_at else None,
+            "last_kite_message": conn.get("last_kite_message", ""),
         })  # fmt: skip
     leader = await client.get(keys.leader)
     standby = {k.decode(): v.decode() for k, v in (await client.hgetall(keys.standby)).items()}
@@ -99,6 +105,10 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "access_token_error": status.get("access_token_error", ""),
             "instruments": int(status.get("instruments", 0)),
             "instruments_error": status.get("instruments_error", ""),
+            "orders": {
+                name: int(status.get(f"order_{name}") or 0)
+                for name in ("updates", "duplicates", "malformed", "given_up", "buffered")
+            },
         },
         "connections": rows,
         "totals": {"tokens": tokens, "capacity": capacity, "remaining": capacity - tokens},
@@ -183,9 +193,32 @@ def render_status(data: dict[str, Any], console: Console) -> None:
             refusing = escape(lead["standby_refusing"])
             console.print(f"[bold red]STANDBY WILL NOT TAKE OVER:[/] {refusing}", soft_wrap=True)
     console.print(connections_table(data))
+    _render_kite_texts(data, console)
     console.print(f"tokens {totals['tokens']:,} of {totals['capacity']:,} ({totals['remaining']:,} free)")
     clients = data["clients"]
     if clients:
         console.print("clients: " + ", ".join(f"{name} ({count})" for name, count in clients.items()))
     else:
         console.print("clients: none")
+
+
+def _render_kite_texts(data: dict[str, Any], console: Console) -> None:
+    """Order updates written, and each connection's Kite error and message texts."""
+    orders = data["publisher"]["orders"]
+    line = (
+        f"order updates: {orders['updates']:,} written, {orders['duplicates']:,} copies from other sockets "
+        f"dropped, {orders['malformed']:,} malformed, {orders['buffered']:,} waiting"
+    )
+    if orders["given_up"]:
+        line += f", [bold red]{orders['given_up']:,} GIVEN UP[/] (reconcile with Kite's orders)"
+    console.print(line, soft_wrap=True)
+    for row in data["connections"]:
+        if row["kite_errors"] or row["kite_messages"]:
+            last = ""
+            if row["last_kite_error"]:
+                last = f"; last {_age(row['last_kite_error_age'])} ago: {escape(row['last_kite_error'])}"
+            console.print(
+                f"kite texts on connection {row['index']}: {row['kite_errors']} error(s), "
+                f"{row['kite_messages']} message(s){last}",
+                soft_wrap=True,
+            )

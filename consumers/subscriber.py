@@ -30,6 +30,7 @@ from config import Keys, Settings, load_client_timeout
 from consumers.control import ControlClient, ControlResult, ControlTimeout, SubscriptionRejected
 from consumers.heartbeat import Heartbeat
 from consumers.instruments import names, resolve
+from consumers.orders import BlockingOrderReader, OrderReader
 from consumers.pubsub import Message, open_pubsub, url_of
 from publisher import bus
 from publisher.tasks import cancel_and_wait
@@ -439,6 +440,13 @@ class TickSubscriber:
     def __aiter__(self) -> AsyncIterator[Tick]:
         return self.ticks()
 
+    def order_updates(self, after: str | None = None, *, account: str | None = None) -> OrderReader:
+        """The account's order updates (every account's with ``account=None``), from the
+        stream ``{ns}:orders``: after the entry id ``after`` (``update.id`` of the last one
+        taken, to resume after a restart), or from now on. A reader of its own: it may run
+        in a task beside the tick loop. See ``consumers/orders.py``."""
+        return OrderReader(self._redis, self.keys, after, account=account)  # type: ignore[arg-type]
+
 
 class BlockingTickSubscriber:
     """``TickSubscriber`` for synchronous strategies: an event loop in a thread of its own.
@@ -550,6 +558,12 @@ class BlockingTickSubscriber:
     def get(self, timeout: float | None = None) -> Tick:
         """The next tick; raises ``queue.Empty`` after ``timeout`` seconds."""
         return self._ticks.get(timeout=timeout)
+
+    def order_updates(self, after: str | None = None, *, account: str | None = None) -> BlockingOrderReader:
+        """``TickSubscriber.order_updates`` for this thread: iterate it, or ``get(timeout)``;
+        it may be read in another thread than the ticks."""
+        reader = self._subscriber.order_updates(after, account=account)  # type: ignore[union-attr]
+        return BlockingOrderReader(reader, self._call)
 
     def __iter__(self) -> Iterator[Tick]:
         while True:

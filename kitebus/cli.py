@@ -215,12 +215,29 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from consumers.display import format_status, format_tick
+    from consumers.display import format_order, format_status, format_tick
     from consumers.instruments import UnknownInstrument, split_items
+    from consumers.orders import OrderReader
     from consumers.subscriber import StreamStatus, TickSubscriber
 
     settings = load_settings()
     tokens = split_items(",".join(args.tokens))
+    if not tokens and not args.orders:
+        print("kitebus tail: name at least one instrument token, or give --orders", file=sys.stderr)
+        return 2
+    printed = 0
+    enough = asyncio.Event()  # --count lines printed, ticks and order updates together
+
+    def emit(line: str) -> None:
+        nonlocal printed
+        print(line, flush=True)
+        printed += 1
+        if printed == args.count:
+            enough.set()
+
+    async def orders(reader: OrderReader) -> None:
+        async for update in reader:
+            emit(json.dumps(dataclasses.asdict(update)) if args.json else format_order(update))
 
     async def run() -> None:
         symbols: dict[int, str] = {}
@@ -233,26 +250,28 @@ def _tail(args: argparse.Namespace) -> int:
                 line = format_status(event.status, event.tokens, event.reason, symbols)
             print(line, flush=True)
 
+        async def ticks(sub: TickSubscriber) -> None:
+            async for tick in sub:
+                symbol = symbols.get(tick["instrument_token"])
+                emit(json.dumps(tick) if args.json else format_tick(tick, symbol))
+
         async with TickSubscriber(
             settings, client=f"tail-{os.getpid()}", snapshot=not args.no_snapshot, on_status=show_status,
             conflate_ms=args.conflate_ms,
         ) as sub:  # fmt: skip
-            if args.subscribe:
-                await sub.subscribe(tokens, mode=args.subscribe)
-            else:
-                await sub.listen(tokens)
-            symbols.update(await sub.symbols(sub.listened))
-            seen = 0
-            async for tick in sub:
-                line = (
-                    json.dumps(tick)
-                    if args.json
-                    else format_tick(tick, symbols.get(tick["instrument_token"]))
-                )
-                print(line, flush=True)
-                seen += 1
-                if seen == args.count:
-                    return
+            work = []
+            if args.orders:  # reading from now (or --since) before any tick is awaited
+                reader = sub.order_updates(args.since, account=args.account)
+                await reader.start()
+                work.append(orders(reader))
+            if tokens:
+                if args.subscribe:
+                    await sub.subscribe(tokens, mode=args.subscribe)
+                else:
+                    await sub.listen(tokens)
+                symbols.update(await sub.symbols(sub.listened))
+                work.append(ticks(sub))
+            await run_until(asyncio.gather(*work), enough)
 
     try:
         _run_until_signal(lambda stop: run_until(run(), stop))
@@ -295,10 +314,14 @@ def _simulate(args: argparse.Namespace) -> int:
     async def run() -> None:
         server = TickerServer(
             args.host, args.port, api_key=args.api_key, access_token=args.access_token,
-            rate=args.rate, max_rate=args.max_rate, seed=args.seed,
+            rate=args.rate, max_rate=args.max_rate, seed=args.seed, order_rate=args.orders,
         )  # fmt: skip
         async with server:
             print(f"simulator: KITE_WS_URL={server.url}", file=sys.stderr)
+            http = f"http://{args.host}:{server.port}/orders"
+            print(f"simulator: orders: curl '{http}/place?tradingsymbol=INFY&quantity=10&price=1500'; "
+                  f"then {http}/fill?order_id=…&quantity=4, /cancel, /reject, /modify; {http} lists them",
+                  file=sys.stderr)  # fmt: skip
             await wait_for_stop_signal()
 
     asyncio.run(run())
@@ -323,6 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0, help="random seed of the market")
     simulate.add_argument("--api-key", default=DEFAULT_API_KEY, help="api_key to accept")
     simulate.add_argument("--access-token", default=DEFAULT_ACCESS_TOKEN, help="token to accept")
+    simulate.add_argument(
+        "--orders", type=float, default=0.0, metavar="RATE",
+        help="random order updates per second (placed, filled in parts, cancelled, rejected); "
+        "0: only those made with GET /orders/...",
+    )  # fmt: skip
     simulate.set_defaults(handler=_simulate)
 
     demo = commands.add_parser("demo", help="the whole system on this machine, live ticks on screen")
@@ -352,8 +380,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--sample", type=float, default=1.0, help="seconds to measure ticks/s over")
     status.set_defaults(handler=_status)
 
-    tail = commands.add_parser("tail", help="print decoded ticks from the bus")
-    tail.add_argument("tokens", nargs="+", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    tail = commands.add_parser("tail", help="print decoded ticks and order updates from the bus")
+    tail.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    tail.add_argument("--orders", action="store_true", help="also (or only) order updates, as they come")
+    tail.add_argument("--account", help="with --orders: only this account's (default: every account's)")
+    tail.add_argument(
+        "--since", metavar="ID", help="with --orders: after this stream entry id (0: all the stream keeps)"
+    )
     tail.add_argument("--json", action="store_true", help="one JSON object per tick")
     tail.add_argument("--no-snapshot", action="store_true", help="skip each token's latest tick")
     tail.add_argument(
@@ -361,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="each token's newest tick at most every MS milliseconds",
     )  # fmt: skip
     tail.add_argument("--subscribe", choices=["ltp", "quote", "full"], help="also claim them in this mode")
-    tail.add_argument("--count", type=int, default=0, help="stop after this many ticks")
+    tail.add_argument("--count", type=int, default=0, help="stop after this many lines (ticks and orders)")
     tail.set_defaults(handler=_tail)
     return parser
 

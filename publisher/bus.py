@@ -440,6 +440,10 @@ class Writes:
     def xack(self, name: str, group: str, *ids: Any) -> None:
         self._add(("XACK", name, group), ids)
 
+    def publish(self, channel: str, message: Any, *, sharded: bool = False) -> None:
+        """PUBLISH, or SPUBLISH (``sharded``, on a cluster: in the slot of ``channel``)."""
+        self.commands.append((publish_command(sharded).decode(), channel, message))
+
     def stamp(self, *keys: str) -> None:
         """Nothing to write to ``keys`` now, but on a cluster their slots are claimed by our
         fence (a new leader does so at start, before a deposed one's writes could land)."""

@@ -219,6 +219,18 @@ class TickSink:
             self._queue(_Queued(command, b"", 0, 0, (), other=1, route=route, upto=self.queued))
         self._work.set()
 
+    def publish_notice(self, kind: str, connection: int, reason: str) -> None:
+        """A note about a connection's feed that names no token (``kite_error``: Kite's error
+        text): one message on ``{ns}:stream_status`` with ``tokens`` empty, in order with the
+        ticks; consumers that know only ``live`` and ``stale`` change nothing for it."""
+        event = msgpack.packb({
+            "status": kind, "connection": connection, "tokens": [], "reason": reason, "at": time.time(),
+        })  # fmt: skip
+        channel = self._keys.stream_status.encode()
+        command = pack_command(self._command, channel, event)
+        self._queue(_Queued(command, b"", 0, 0, (), other=1, route=channel, upto=self.queued))
+        self._work.set()
+
     @property
     def buffered(self) -> int:
         """Ticks queued or in flight, not yet acknowledged by Redis."""

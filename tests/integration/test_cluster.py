@@ -267,3 +267,42 @@ async def test_a_leader_on_a_cluster_serves_with_fenced_writes_until_a_newer_fen
 
 def _request(tokens: str, client: str) -> dict[str, str]:
     return {"op": "subscribe", "tokens": tokens, "mode": "ltp", "client": client}
+
+
+async def test_order_updates_go_to_the_stream_and_out_sharded_on_a_cluster(
+    cluster, cluster_publisher, crds, simulator
+) -> None:
+    import msgpack
+
+    node = cluster.nodes[cluster.owner(key_slot(KEYS.orders.encode()))]  # the stream's and the channel's
+    listener = redis.from_url(node.url)
+    pubsub = listener.pubsub()
+    await pubsub.execute_command("SSUBSCRIBE", KEYS.orders)
+    async with TickSubscriber(crds, client="strat") as sub:
+        reader = sub.order_updates()
+        await reader.start()
+        placed = await simulator.order("place", tradingsymbol="SBIN", quantity=2, price=960.0)
+        filled = await simulator.order("fill", order_id=placed["order_id"])
+        got = [await reader.next(10) for _ in range(2)]
+    assert [u.data for u in got] == [placed, filled]  # type: ignore[union-attr]
+    assert [f[b"status"] for _, f in await crds.xrange(KEYS.orders)] == [b"OPEN", b"COMPLETE"]
+    heard: list[dict] = []
+    async with asyncio.timeout(10):
+        while len(heard) < 2:
+            message = await pubsub.parse_response(block=True)
+            if message[0] == b"smessage":
+                heard.append(msgpack.unpackb(message[2]))
+    assert heard == [{**placed, "account": "default"}, {**filled, "account": "default"}]
+    await pubsub.aclose()
+    await listener.aclose()
+
+
+async def test_order_writes_are_fenced_per_slot_on_a_cluster(cluster, crds) -> None:
+    from tests.integration.test_orders import _fenced_feed_writes_then_is_refused
+
+    node = cluster.nodes[cluster.owner(key_slot(KEYS.orders.encode()))]
+    listener = redis.from_url(node.url)
+    try:
+        await _fenced_feed_writes_then_is_refused(crds, listener, sharded=True)
+    finally:
+        await listener.aclose()
