@@ -3,10 +3,11 @@
 Entries are read through consumer group ``publisher``: first this consumer's pending
 entries (in flight when a previous run stopped, or read by a deposed leader: read again
 every ``PENDING_AGAIN`` seconds), then new ones, in stream order, up to 100 at a time.
-Each batch is applied entry by entry, then acknowledged in one MULTI/EXEC (under a
-lease, one script that Redis runs only while the lease is ours: ``bus.OrderedWrites``)
-that also persists the effects and writes the results, so a crash at any point means
-those entries are applied again, which changes nothing; and a flood of garbage costs one
+Each batch is applied entry by entry, then written as one ``_Batch``: its state, then
+its results, then the acknowledgements, in that order (``bus.OrderedWrites``: on one
+server a single transaction, under a lease a script Redis runs only while the lease is
+ours; on a cluster stage after stage). A crash or a failure at any point means those
+entries are applied again, which changes nothing; and a flood of garbage costs one
 round trip per batch, not per entry. Entries older than the last one answered are
 trimmed away (approximately, a macro node at a time): the results stream, capped too, is
 the record.
@@ -50,6 +51,15 @@ RESULTS_PAGE = 500  # results read per XRANGE when looking for ones already writ
 PENDING_AGAIN = 5.0
 HEARTBEAT_CHECK = 0.25  # seconds between reads of {ns}:client_heartbeat
 
+class _Batch(bus.OrderedWrites):
+    """The writes of a batch of requests, in the order they must land: the state they
+    change, then their results, then the acknowledgements of their entries."""
+
+    def __init__(self, client: bus.Client, fence: bus.Fenced | None) -> None:
+        super().__init__(client, 3, fence)
+        self.state, self.results, self.acks = self.stages
+
+
 def _tokens_text(tokens: Sequence[int]) -> str:
     return ",".join(map(str, tokens))
 
@@ -86,7 +96,7 @@ class ControlLoop:
         self._instruments = instruments or InstrumentsLoader(client, keys, None)
         self._fence = fence or Fence()  # asked before each read and write: does this publisher lead?
         self._task: asyncio.Task[None] | None = None
-        self._batch: bus.OrderedWrites | None = None  # this batch's writes: state, results, XACK
+        self._batch: _Batch | None = None  # this batch's writes
         self._after_batch: list[Callable[[], None]] = []  # what waits for the batch's results
         self._acks: list[str] = []  # the batch's entries, acknowledged in one XACK at its end
         # Results of entries applied to the book whose batch was not written (Redis went
@@ -351,13 +361,13 @@ class ControlLoop:
         """Write the batch (state, results, XACK), then run what waited for its results.
         If the write fails, what waited and the results stay for the retry."""
         if self._acks and self._batch is None:  # entries answered before (only acknowledged now)
-            self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
+            self._batch = _Batch(self._redis, self._fence)
         batch, acks = self._batch, self._acks
         if batch is not None:
             if not self._fence.valid():
                 raise LeaseLost("the lease is not valid: these entries wait (or are the next leader's)")
             if acks:
-                batch.stages[2].xack(self._keys.control, CONTROL_GROUP, *acks)
+                batch.acks.xack(self._keys.control, CONTROL_GROUP, *acks)
             await batch.execute()
         after = self._after_batch
         self._batch, self._after_batch, self._acks, self._orphans = None, [], [], []
@@ -455,8 +465,8 @@ class ControlLoop:
             old = [c for c, at in beats.items() if c not in sessions and wall - at > self._client_timeout]
             if old or bad:
                 if self._batch is None:
-                    self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
-                self._batch.stages[0].hdel(self._keys.client_heartbeat, *old, *bad)
+                    self._batch = _Batch(self._redis, self._fence)
+                self._batch.state.hdel(self._keys.client_heartbeat, *old, *bad)
             await self._commit()
 
     def _answer(
@@ -485,9 +495,9 @@ class ControlLoop:
         if reason:
             result["reason"] = reason
         if self._batch is None:
-            self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
+            self._batch = _Batch(self._redis, self._fence)
         if request is not None and outcome is not None:
-            self._persist(self._batch.stages[0], request, outcome)
+            self._persist(self._batch.state, request, outcome)
         self._send(entry_id, result)
         if result["ok"] == "0" and not self._quiet.allow():
             return
@@ -501,8 +511,8 @@ class ControlLoop:
     def _send(self, entry_id: str | None, result: dict[str, str]) -> None:
         """Queue a result, and the entry's XACK, on the batch."""
         if self._batch is None:
-            self._batch = bus.OrderedWrites(self._redis, 3, self._fence)
-        results = self._batch.stages[1]
+            self._batch = _Batch(self._redis, self._fence)
+        results = self._batch.results
         results.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
         if entry_id is not None:
             self._unwritten[entry_id] = result
