@@ -72,9 +72,9 @@ from config.redisurl import parse_sentinel_url
 from consumers.control import ControlClient, ControlTimeout
 from kitebus.localredis import LocalCluster, LocalRedis, LocalSentinelSet, free_port
 from kitewire.codec import MODE_RANK
-from publisher import bus
-from publisher.resp import pack_command
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.resp import pack_command
+from rediswire.tasks import cancel_and_wait
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
 
 NS = "soak"

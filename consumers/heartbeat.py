@@ -14,9 +14,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 from config import Keys
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.heartbeat")
 

@@ -48,8 +48,8 @@ from consumers.control import ControlClient, ControlTimeout, SubscriptionRejecte
 from consumers.heartbeat import Heartbeat
 from consumers.orders import OrderReader
 from consumers.subscriber import StreamStatus, Tick, TickSubscriber
-from publisher import bus
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.kiteticker")
 

@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Keys
-from publisher import bus
+from rediswire import bus
 
 log = logging.getLogger("kitebus.orders")
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from config import Keys
 from config.keys import SERVING
-from publisher import bus
+from rediswire import bus
 
 STALE_AFTER = 5.0  # seconds without a publisher heartbeat (at least; 3 heartbeat intervals if longer)
 HEARTBEATS_MISSED = 3

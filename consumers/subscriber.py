@@ -32,8 +32,8 @@ from consumers.heartbeat import Heartbeat
 from consumers.instruments import names, resolve
 from consumers.orders import BlockingOrderReader, OrderReader
 from consumers.pubsub import Message, open_pubsub, url_of
-from publisher import bus
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.tasks import cancel_and_wait
 
 Tick = dict[str, Any]
 log = logging.getLogger("kitebus.subscriber")

@@ -17,32 +17,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Keys, Settings, SettingsError, load_settings
-from kitebus.logs import configure_logging
-from kitebus.signals import wait_for_stop_signal
-from publisher.tasks import PublisherFailed, cancel_and_wait, run_until
+from config.logs import configure_logging
+from rediswire.tasks import run_until, run_until_signal, wait_for_stop_signal
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY
 
 if TYPE_CHECKING:
     from consumers.control import ClientInfo, ControlClient, ControlResult
 
 
-def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)`` in a new event loop; SIGINT/SIGTERM set ``stop``."""
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        waiter = asyncio.create_task(wait_for_stop_signal())
-        waiter.add_done_callback(lambda _: stop.set())
-        try:
-            await main(stop)
-        finally:
-            await cancel_and_wait(waiter)
-
-    asyncio.run(run())
-
-
 def _redis(settings: Settings) -> Any:
-    from publisher import bus
+    from rediswire import bus
 
     return bus.connect(settings.redis_url, settings.redis_cluster, socket_connect_timeout=5)
 
@@ -274,7 +258,7 @@ def _tail(args: argparse.Namespace) -> int:
             await run_until(asyncio.gather(*work), enough)
 
     try:
-        _run_until_signal(lambda stop: run_until(run(), stop))
+        run_until_signal(lambda stop: run_until(run(), stop))
     except (UnknownInstrument, ValueError) as exc:
         print(f"kitebus tail: {exc}", file=sys.stderr)
         return 2
@@ -284,16 +268,7 @@ def _tail(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from publisher import app
 
-    settings = load_settings()
-    settings.require_credentials()
-    configure_logging(settings.log_level)
-
-    try:
-        _run_until_signal(lambda stop: app.run(settings, stop))
-    except PublisherFailed as exc:  # exit 1: compose or systemd restarts the process
-        print(f"kitebus publish: failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return app.main()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -302,7 +277,7 @@ def _demo(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging("WARNING")  # the screen is the demo's output
 
-    _run_until_signal(lambda stop: run_demo(settings, stop, args.duration))
+    run_until_signal(lambda stop: run_demo(settings, stop, args.duration))
     return 0
 
 

@@ -33,9 +33,9 @@ from consumers.status import connections_table, read_status
 from consumers.subscriber import TickSubscriber
 from kitebus.localredis import LocalRedis
 from kitewire.instruments import write_csv
-from publisher import bus
 from publisher.app import Publisher
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.tasks import cancel_and_wait
 from simulator.market import INSTRUMENTS, instrument_for
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
 

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from config import Keys, Settings
+from config import Keys, Settings, SettingsError, load_settings
+from config.logs import configure_logging
 from kitewire.encoder import Encoder
-from publisher import bus
 from publisher.access_token import AccessTokenSource
-from publisher.bus import REDIS_FAULTS
 from publisher.connection import KiteConnection
 from publisher.control import ControlLoop
 from publisher.handover import Handover
@@ -48,7 +48,10 @@ from publisher.rebalance import Rebalancer
 from publisher.sink import TickSink
 from publisher.standby import Standby
 from publisher.subscriptions import SubscriptionBook
-from publisher.tasks import Backoff, PublisherFailed, cancel_and_wait, run_until
+from publisher.supervisor import PublisherFailed
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import Backoff, cancel_and_wait, run_until, run_until_signal
 
 log = logging.getLogger("kitebus.publisher")
 T = TypeVar("T")
@@ -299,3 +302,24 @@ async def _first_of(ended: asyncio.Event, *events: asyncio.Event) -> None:
     finally:
         for wait in waits:
             await cancel_and_wait(wait)
+
+
+def main() -> int:
+    """``kitebus publish`` (and ``python -m publisher``): run until SIGINT/SIGTERM. 0 after
+    a requested stop, 1 when a task kept crashing (so that compose or systemd restarts the
+    process), 2 on a bad setting."""
+    try:
+        settings = load_settings()
+        settings.require_credentials()
+    except SettingsError as exc:
+        print(f"kitebus: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        run_until_signal(lambda stop: run(settings, stop))
+    except PublisherFailed as exc:
+        print(f"kitebus publish: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

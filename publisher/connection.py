@@ -25,7 +25,8 @@ from kitewire.codec import MODES
 from publisher.health import Health
 from publisher.orders import Every
 from publisher.subscriptions import ConnectionChange
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.connection")
 # websockets logs the handshake's request line, access token included, at DEBUG: its logger

@@ -26,8 +26,6 @@ from redis.exceptions import ResponseError
 from config.keys import CONTROL_GROUP, RESULTS_MAXLEN, Keys
 from config.settings import DEFAULT_CLIENT_TIMEOUT
 from kitewire.instruments import UnknownInstrument
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.connection import KiteConnection
 from publisher.health import Health
 from publisher.instruments import InstrumentsLoader
@@ -38,7 +36,10 @@ from publisher.rebalance import Rebalancer
 from publisher.requests import RELEASES, Request, RequestError, parse_request
 from publisher.sessions import HeartbeatWatch
 from publisher.subscriptions import Outcome, RebalanceBusy, SubscriptionBook
-from publisher.tasks import Backoff, cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("kitebus.control")
 

@@ -34,10 +34,11 @@ import socket
 import time
 
 from config.keys import Keys
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.health import Health
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.lease")
 

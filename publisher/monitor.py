@@ -15,9 +15,7 @@ from prometheus_client.registry import Collector
 
 from config.keys import Keys
 from kitewire.encoder import SPEEDUPS
-from publisher import bus
 from publisher.access_token import AccessTokenSource
-from publisher.bus import REDIS_FAULTS
 from publisher.connection import LIVE, KiteConnection
 from publisher.health import Health
 from publisher.instruments import InstrumentsLoader
@@ -25,7 +23,10 @@ from publisher.lease import Fence, Lease
 from publisher.order_feed import OrderFeed
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.monitor")
 

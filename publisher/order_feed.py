@@ -27,12 +27,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from config.keys import ORDERS_MAXLEN, Keys
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.health import Health
 from publisher.lease import Fence
 from publisher.orders import HOLD, WINDOW, Every, OrderMerge, Update, prepare
-from publisher.tasks import Backoff, cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import Backoff, cancel_and_wait
 
 if TYPE_CHECKING:
     from publisher.connection import KiteConnection

@@ -18,13 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from config.keys import RESULTS_MAXLEN, Keys
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.connection import LIVE, KiteConnection
 from publisher.lease import Fence
 from publisher.moves import Moves
 from publisher.subscriptions import ConnectionChange, SubscriptionBook
-from publisher.tasks import Backoff, cancel_and_wait
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("kitebus.rebalance")
 

@@ -56,12 +56,13 @@ from config.keys import Keys
 from config.redisurl import is_sentinel_url
 from kitewire import codec
 from kitewire.encoder import Encoder, frame_encoder
-from publisher import bus
 from publisher.health import Health
 from publisher.inflight import Answers, Batch, Command, InFlight, Released, Source, tokens_of
 from publisher.lease import Fence
-from publisher.resp import RespConnection, RespError, pack_command
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.resp import RespConnection, RespError, pack_command
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.sink")
 

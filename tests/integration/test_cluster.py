@@ -15,10 +15,10 @@ from config.keys import CONTROL_GROUP
 from consumers.control import ControlClient
 from consumers.subscriber import TickSubscriber
 from kitebus.localredis import LocalCluster
-from publisher import bus
 from publisher.app import Publisher
 from publisher.control import CONSUMER
 from publisher.lease import Lease
+from rediswire import bus
 from simulator.server import TickerServer
 from tests.integration.conftest import FAST, eventually
 from tests.integration.test_cli import kitebus

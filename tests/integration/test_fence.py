@@ -1,5 +1,5 @@
 """The leader's state writes carry its lease, and Redis refuses them from a deposed leader:
-the scripts of ``publisher.bus.OrderedWrites`` on a real redis-server, and a leader frozen
+the scripts of ``rediswire.bus.OrderedWrites`` on a real redis-server, and a leader frozen
 between its own check of the lease and its write."""
 
 from __future__ import annotations

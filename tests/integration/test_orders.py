@@ -510,7 +510,7 @@ async def _fenced_feed_writes_then_is_refused(client: Any, listener: Any, sharde
 def _slot_tag(key: str) -> str:
     from redis.crc import key_slot
 
-    from publisher import bus
+    from rediswire import bus
 
     return bus.slot_tag(key_slot(key.encode()))
 

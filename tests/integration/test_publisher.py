@@ -12,8 +12,8 @@ import websockets
 
 from config import Keys
 from consumers.control import ControlClient
-from publisher import bus
 from publisher.app import Publisher, Tuning
+from rediswire import bus
 from simulator.server import TickerServer, subscribed
 from tests.integration.conftest import FAST, eventually
 
@@ -302,7 +302,7 @@ async def test_a_request_whose_write_failed_gets_the_result_of_its_one_applicati
     back pending. Applied again, a ``set`` would release nothing and answer so; the client
     must get the result of its one application (which released INDEX), exactly once, and
     Redis must end up as the book says."""
-    from publisher import bus
+    from rediswire import bus
 
     assert (await control.subscribe([EQUITY, INDEX], mode="ltp", client="c")).ok
     real, failures = bus.OrderedWrites.execute, []

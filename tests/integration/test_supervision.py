@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from config import Keys, Settings, load_settings
 from consumers.control import ControlClient
-from publisher import bus
 from publisher.app import Publisher
 from publisher.lease import Lease
 from publisher.monitor import _Metrics
+from rediswire import bus
 from simulator.server import TickerServer
 from tests.integration.conftest import FAST, INSTRUMENTS_CSV, eventually
 

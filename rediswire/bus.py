@@ -48,7 +48,7 @@ from redis.exceptions import (
 
 from config.keys import Keys
 from config.redisurl import SentinelURL, is_sentinel_url, parse_sentinel_url
-from publisher.resp import RespConnection, RespError, pack_command
+from rediswire.resp import RespConnection, RespError, pack_command
 
 Client = redis.Redis | RedisCluster
 Pipeline = Any  # redis-py's Pipeline or ClusterPipeline: the same queuing methods
