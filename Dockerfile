@@ -11,6 +11,7 @@ WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY config config
 COPY kitewire kitewire
+COPY rediswire rediswire
 COPY publisher publisher
 COPY simulator simulator
 COPY consumers consumers

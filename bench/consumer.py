@@ -27,7 +27,7 @@ from config import Keys
 from kitebus.localredis import LocalRedis
 from kitewire import codec
 from kitewire.encoder import frame_encoder
-from publisher.resp import pack_command
+from rediswire.resp import pack_command
 from simulator.market import Market
 
 NS = "bench"

@@ -60,8 +60,8 @@ from consumers.control import ControlClient
 from kitebus.localredis import LocalCluster, LocalRedis
 from kitewire import codec
 from kitewire.encoder import SPEEDUPS, frame_encoder
-from publisher import bus
-from publisher.resp import pack_command
+from rediswire import bus
+from rediswire.resp import pack_command
 
 NS = "bench"
 HERE = os.path.abspath(__file__)
@@ -165,8 +165,8 @@ class NullEncoder:
 
 def null_publisher_main(mode: str, tokens: int) -> None:
     from config import load_settings
-    from kitebus.signals import wait_for_stop_signal
     from publisher.app import Publisher
+    from rediswire.tasks import wait_for_stop_signal
 
     async def run() -> None:
         publisher = Publisher(load_settings(), encoder=NullEncoder(payload(mode), tokens))

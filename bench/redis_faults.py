@@ -61,8 +61,8 @@ from config import Keys
 from config.keys import CONTROL_GROUP, SERVING
 from consumers.control import ControlClient
 from kitebus.localredis import LocalRedis, LocalSentinelSet, free_port
-from publisher import bus
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.tasks import cancel_and_wait
 from simulator.server import TickerServer
 
 NS = "faults"

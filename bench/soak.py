@@ -21,7 +21,8 @@ claims with the richest mode; ``{ns}:token_conn`` and ``{ns}:token_mode`` agree 
 simulator; every ticked token's latest tick is in ``{ns}:last``; the control stream is
 drained; and the figures of what could grow (publisher memory, Redis keys, streams).
 At the end: no session ever over its limit, every request answered exactly once (none
-lost but with Redis's data), no tick received twice, no gap in ``seq`` outside a fault.
+lost but with Redis's data), no tick out of order, none received twice outside a fault (the
+newest is republished when a write's fate is unknown), no gap in ``seq`` outside a fault.
 Exit status 0 when every check held.
 
 ``--cluster`` runs it all on a private 3-master Redis Cluster (``KITEBUS_REDIS_CLUSTER=1``):
@@ -71,9 +72,9 @@ from config.redisurl import parse_sentinel_url
 from consumers.control import ControlClient, ControlTimeout
 from kitebus.localredis import LocalCluster, LocalRedis, LocalSentinelSet, free_port
 from kitewire.codec import MODE_RANK
-from publisher import bus
-from publisher.resp import pack_command
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.resp import pack_command
+from rediswire.tasks import cancel_and_wait
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
 
 NS = "soak"
@@ -177,11 +178,14 @@ async def run_client(
 def run_consumer(ports: list[int] | str, out: Path, universe: int) -> None:
     """Every tick channel: PSUBSCRIBE on one server; on a cluster (several ``ports``),
     SSUBSCRIBE each channel of the universe at its master; with a ``redis+sentinel://``
-    URL, PSUBSCRIBE at the primary the sentinel names. Count ticks, seq gaps (with
-    when), duplicates; write the figures to ``out`` every second; reconnect whenever Redis
-    goes away (or, on a cluster, unsubscribes a moved slot's channels; with Sentinel, once
-    it names another primary)."""
-    stats: dict[str, Any] = {"received": 0, "gap_ticks": 0, "gaps": [], "duplicates": 0, "reconnects": 0}
+    URL, PSUBSCRIBE at the primary the sentinel names. Count ticks, seq gaps and repeats
+    (with when), ticks out of order; write the figures to ``out`` every second; reconnect
+    whenever Redis goes away (or, on a cluster, unsubscribes a moved slot's channels; with
+    Sentinel, once it names another primary)."""
+    stats: dict[str, Any] = {
+        "received": 0, "gap_ticks": 0, "gaps": [], "duplicates": 0, "again": 0, "again_at": [],
+        "reconnects": 0,
+    }  # fmt: skip
     last: dict[int, tuple[int, int, float]] = {}  # token -> epoch, seq, received at
     written = 0.0
     stop = False
@@ -200,17 +204,25 @@ def run_consumer(ports: list[int] | str, out: Path, universe: int) -> None:
         at = tick["received_at_ns"] / 1e9  # when the publisher got it from Kite
         stats["received"] += 1
         before = last.get(token)
-        # seq 1 of a newer tick: the token was released and claimed again, its seq starts anew
-        restarted = before is not None and seq == 1 and at > before[2]
-        if before is not None and before[0] == epoch and not restarted:
-            if seq <= before[1]:
+        if before is not None and before[0] == epoch:
+            since = before[2]  # the lost ticks were received after this, before ``at``
+            if seq > before[1]:
+                lost = seq - before[1] - 1
+            elif at > before[2]:  # a newer tick, a lower seq: the token was claimed again, seq anew
+                lost, since = seq - 1, at  # when it was claimed again is not known: only ``at`` is
+            elif seq == before[1]:  # the newest again: republished after a write Redis may have taken
+                stats["again"] += 1
+                if len(stats["again_at"]) < 5000:
+                    stats["again_at"].append(time.time())
+                return
+            else:
                 stats["duplicates"] += 1
-            elif seq > before[1] + 1:  # lost: ticks the publisher got between these two
-                stats["gap_ticks"] += seq - before[1] - 1
+                return
+            if lost:
+                stats["gap_ticks"] += lost
                 if len(stats["gaps"]) < 5000:
-                    stats["gaps"].append([before[2], at, token, seq - before[1] - 1])
-        if before is None or before[0] != epoch or seq > before[1] or restarted:
-            last[token] = (epoch, seq, at)
+                    stats["gaps"].append([since, at, token, lost])
+        last[token] = (epoch, seq, at)
 
     signal.signal(signal.SIGTERM, finish)
     while not stop:
@@ -812,7 +824,10 @@ class Soak:
         if counts["unanswered"]:
             self.failures.append(f"{counts['unanswered']} requests unanswered although Redis kept its data")
         if consumer.get("duplicates"):
-            self.failures.append(f"the consumer got {consumer['duplicates']} ticks twice or out of order")
+            self.failures.append(f"the consumer got {consumer['duplicates']} ticks out of order")
+        again_outside = [t for t in consumer.get("again_at", []) if not any(a <= t <= b for a, b in windows)]
+        if again_outside:
+            self.failures.append(f"the consumer got {len(again_outside)} ticks twice outside any fault")
         outside_ticks = sum(g[3] for g in outside)
         if outside:
             self.failures.append(f"{len(outside)} seq gaps ({outside_ticks} ticks) outside any fault")
@@ -851,6 +866,8 @@ class Soak:
                 "seq_gaps_outside_faults": outside_ticks,
                 "not_published": self.simulator.sent - received - consumer.get("gap_ticks", 0),
                 "consumer_reconnects": consumer.get("reconnects", 0),
+                # the newest tick of a token again: republished when a write's fate was unknown
+                "received_again_during_faults": consumer.get("again", 0) - len(again_outside),
             },
             "peak_tokens_per_connection": self.simulator.peak,
             "publisher_runs": self.publisher_runs,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 CONTROL_GROUP = "publisher"
 RESULTS_MAXLEN = 10_000  # entries kept in {ns}:control:results (trimmed approximately)
+ORDERS_MAXLEN = 50_000  # order updates kept in {ns}:orders (trimmed approximately; about 1 KB each)
 # ``state`` of {ns}:status while a publisher leads and publishes (degraded: with a fault, see
 # ``degraded_reason``)
 SERVING = ("running", "degraded")
@@ -51,6 +52,12 @@ class Keys:
         return f"{self.ns}:stream_status"
 
     @property
+    def orders(self) -> str:
+        """Stream of order updates (fields ``account``, ``order_id``, ``status``, ``data``), and
+        the pub/sub channel of the same name (a msgpack map per update)."""
+        return f"{self.ns}:orders"
+
+    @property
     def instruments(self) -> str:
         """Hash: ``EXCHANGE:TRADINGSYMBOL`` -> token and token -> symbol, from Kite's dump."""
         return f"{self.ns}:instruments"
@@ -75,6 +82,16 @@ class Keys:
         return f"{self.ns}:clients"
 
     @property
+    def session_clients(self) -> str:
+        """Hash: session client -> its timeout in seconds (its claims live while it heartbeats)."""
+        return f"{self.ns}:session_clients"
+
+    @property
+    def client_heartbeat(self) -> str:
+        """Hash: client -> epoch seconds of its last heartbeat (the library's, or a session request's)."""
+        return f"{self.ns}:client_heartbeat"
+
+    @property
     def ticks_pattern(self) -> str:
         return f"{self.ns}:ticks:*"
 
@@ -86,6 +103,11 @@ class Keys:
 
     def claims(self, client: str) -> str:
         return f"{self.ns}:claims:{client}"
+
+    def slot_fence(self, tag: str) -> str:
+        """On a cluster: string, the highest lease fence that wrote to the slot of ``tag``
+        (a hash tag), so that a deposed leader's writes to that slot are refused."""
+        return f"{self.ns}:fence:{{{tag}}}"
 
     def deadlines(self, client: str) -> str:
         """Hash: token -> epoch seconds when that claim of the client lapses (ttl claims only)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,11 @@ from config.redisurl import is_sentinel_url, parse_sentinel_url
 
 MAX_KITE_CONNECTIONS = 3
 MAX_KITE_TOKENS_PER_CONNECTION = 3000
+# A minute rides out what the library itself survives (a Redis restart, a Sentinel failover
+# with its default 30 s down-after, a publisher takeover, a stalled VM) with heartbeats
+# every 20 s, and still gives a crashed strategy's instruments back within a minute.
+DEFAULT_CLIENT_TIMEOUT = 60.0
+MAX_CLIENT_TIMEOUT = 7 * 24 * 3600  # a week, as for a claim's ttl
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -76,6 +82,12 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", validation_alias=_env("KITEBUS_LOG_LEVEL"))
     instruments: str | None = Field(None, validation_alias=_env("KITEBUS_INSTRUMENTS"))
     accounts: list[Account] = Field(default_factory=list, validation_alias=_env("KITEBUS_ACCOUNTS"))
+    client_timeout: float = Field(DEFAULT_CLIENT_TIMEOUT, validation_alias=_env("KITEBUS_CLIENT_TIMEOUT"))
+
+    @field_validator("client_timeout", mode="before")
+    @classmethod
+    def _client_timeout(cls, value: object) -> float:
+        return _seconds(value)
 
     @field_validator("accounts")
     @classmethod
@@ -188,6 +200,41 @@ class Settings(BaseSettings):
             raise SettingsError(f"missing setting {' and '.join(missing)} (required to publish)")
         assert self.kite_api_key is not None
         return self.kite_api_key.get_secret_value(), token or None
+
+
+def _seconds(value: object) -> float:
+    """KITEBUS_CLIENT_TIMEOUT: a finite number of seconds, more than 0 and at most a week."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds <= MAX_CLIENT_TIMEOUT:  # also refuses nan and inf
+        raise ValueError(
+            f"must be a number of seconds, more than 0 and at most {MAX_CLIENT_TIMEOUT} (a week)"
+        )
+    return seconds
+
+
+class _ClientTimeout(BaseSettings):
+    """KITEBUS_CLIENT_TIMEOUT alone: what the library needs when it is given no Settings."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    client_timeout: float = Field(DEFAULT_CLIENT_TIMEOUT, validation_alias=_env("KITEBUS_CLIENT_TIMEOUT"))
+
+    @field_validator("client_timeout", mode="before")
+    @classmethod
+    def _client_timeout(cls, value: object) -> float:
+        return _seconds(value)
+
+
+def load_client_timeout() -> float:
+    """KITEBUS_CLIENT_TIMEOUT from the environment (or ``.env``), without reading or
+    validating any other setting; raises SettingsError naming it when it is invalid."""
+    try:
+        return _ClientTimeout().client_timeout
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
 
 
 class SettingsError(Exception):

@@ -5,10 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis.asyncio as redis
 
 from config.keys import Keys
+from config.settings import load_client_timeout
+from consumers.heartbeat import Heartbeat
+
+SESSIONLESS = ("release", "rebalance")  # ops that make no claim of the client who sends them
 
 
 class ControlTimeout(TimeoutError):
@@ -47,6 +52,7 @@ class ControlResult:
     released: tuple[int, ...] = ()  # op set: the claims the client no longer makes
     result_id: str = ""  # this entry's id in the results stream
     loads: tuple[int, ...] = ()  # op rebalanced: tokens per connection once the moves ended
+    reason: str = ""  # op expire: why the claims went (a ttl, a silent heartbeat)
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes], result_id: str = "") -> ControlResult:
@@ -59,15 +65,61 @@ class ControlResult:
         return cls(
             text("request"), text("op"), text("client"), text("ok") == "1", text("error"),
             tokens("applied"), tokens("rejected"), tokens("released"), result_id, tokens("loads"),
+            text("reason"),
         )  # fmt: skip
 
 
-class ControlClient:
-    """``await ControlClient(client).subscribe([408065], mode="full", client="strat-1")``."""
+class ClientInfo(NamedTuple):
+    """One client holding claims, as ``kitebus ctl clients`` shows it."""
 
-    def __init__(self, client: redis.Redis, namespace: str = "kite") -> None:
+    claims: int
+    last_request_at: float  # epoch seconds of its last applied request; 0 if unknown
+    kind: str  # "session" (its claims live while it heartbeats) or "standing" (until released)
+    timeout: float  # a session client's timeout in seconds; 0 for a standing one
+    heartbeat_at: float  # epoch seconds of its last heartbeat; 0 if none
+
+
+class ControlClient:
+    """``await ControlClient(client).subscribe([408065], mode="full", client="strat-1")``.
+
+    Its claims are session claims unless ``session=False``: they live while this process
+    heartbeats (a task started with the first request, every ``client_timeout`` / 3 s;
+    default KITEBUS_CLIENT_TIMEOUT), and are released by the publisher (op ``expire``)
+    once it has been silent for ``client_timeout``. ``aclose()`` stops the heartbeat;
+    ``heartbeat=`` shares one that outlives this client (it is not closed here).
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        namespace: str = "kite",
+        *,
+        session: bool = True,
+        client_timeout: float | None = None,
+        heartbeat: Heartbeat | None = None,
+    ) -> None:
         self._redis = client
         self._keys = Keys(namespace)
+        self.session = session
+        self._owns_heartbeat = heartbeat is None
+        if session and heartbeat is None:
+            timeout = load_client_timeout() if client_timeout is None else client_timeout
+            if not timeout > 0:
+                raise ValueError("client_timeout must be a positive number of seconds")
+            heartbeat = Heartbeat(client, self._keys, timeout)
+        self.heartbeat = heartbeat if session else None
+
+    async def aclose(self) -> None:
+        """Stop this client's own heartbeat and delete it (its session claims then expire
+        unless released: release first)."""
+        if self.heartbeat is not None and self._owns_heartbeat:
+            await self.heartbeat.aclose()
+
+    async def __aenter__(self) -> ControlClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     async def request(
         self,
@@ -90,6 +142,9 @@ class ControlClient:
             fields["mode"] = mode
         if ttl is not None:
             fields["ttl"] = f"{ttl:g}"
+        if self.heartbeat is not None and op not in SESSIONLESS:
+            self.heartbeat.add(client)  # beating before the claim exists: it never looks silent
+            fields["session"] = f"{self.heartbeat.timeout:g}"
         entry_id = (await self._redis.xadd(self._keys.control, fields)).decode()
         result = await self._find(cursor, entry_id, None, timeout)
         if result is None:
@@ -107,14 +162,22 @@ class ControlClient:
         without releasing. ``applied`` lists the released tokens."""
         return await self._checked("release", None, client=client, timeout=timeout)
 
-    async def clients(self) -> dict[str, tuple[int, float]]:
-        """Every client holding claims: (how many, epoch seconds of its last request; 0 if unknown)."""
-        names = sorted(n.decode() for n in await self._redis.smembers(self._keys.clients))
-        activity = await self._redis.hmget(self._keys.client_activity, names) if names else []
-        return {
-            name: (await self._redis.hlen(self._keys.claims(name)), float(seen or 0))
-            for name, seen in zip(names, activity, strict=True)
-        }
+    async def clients(self) -> dict[str, ClientInfo]:
+        """Every client holding claims: how many, its last request, its kind (session or
+        standing) and, for a session client, its timeout and last heartbeat."""
+        keys = self._keys
+        names = sorted(n.decode() for n in await self._redis.smembers(keys.clients))
+        if not names:
+            return {}
+        activity = await self._redis.hmget(keys.client_activity, names)
+        timeouts = await self._redis.hmget(keys.session_clients, names)
+        beats = await self._redis.hmget(keys.client_heartbeat, names)
+        out = {}
+        for name, seen, timeout, beat in zip(names, activity, timeouts, beats, strict=True):
+            kind = "standing" if timeout is None else "session"
+            count = await self._redis.hlen(keys.claims(name))
+            out[name] = ClientInfo(count, _number(seen), kind, _number(timeout), _number(beat))
+        return out
 
     async def rebalance(self, client: str = "default", timeout: float = 30.0) -> ControlResult:
         """Even out the publisher's connections and wait until every move has ended; returns
@@ -181,3 +244,10 @@ class ControlClient:
         """Make this client's claims exactly these tokens in this mode, in one step (op
         ``set``): tokens it keeps are never unsubscribed in between. All or nothing."""
         return await self._checked("set", tokens, mode=mode, client=client, timeout=timeout, ttl=ttl)
+
+
+def _number(raw: bytes | None) -> float:
+    try:
+        return float(raw or 0)
+    except ValueError:
+        return 0.0

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 from rich.text import Text
 
 from kitewire.codec import divisor_of
+
+if TYPE_CHECKING:
+    from consumers.orders import OrderUpdate
 
 
 def format_tick(tick: Mapping[str, Any], symbol: str | None = None) -> str:
@@ -73,3 +76,43 @@ def format_status(status: str, tokens: Iterable[int], reason: str, symbols: Mapp
     """One line for a stream status change, as ``kitebus tail`` prints it."""
     names = ", ".join(symbols.get(t, str(t)) for t in tokens)
     return f"# {status.upper()}: {names}" + (f" ({reason})" if reason else "")
+
+
+def format_order(update: OrderUpdate) -> str:
+    """``14:02:11.204 ORDER [default] 251128000000042 UPDATE BUY SBIN 4/10 @ 960.50 (1764330131204-0)``"""
+    data = update.data
+    ms = int(update.id.partition("-")[0] or 0)
+    clock = time.strftime("%H:%M:%S", time.localtime(ms / 1000)) + f".{ms % 1000:03d}"
+    parts = [clock, "ORDER", f"[{update.account}]", update.order_id, update.status or "?"]
+    for key in ("transaction_type", "tradingsymbol"):
+        if data.get(key):
+            parts.append(str(data[key]))
+    if "quantity" in data:
+        parts.append(f"{data.get('filled_quantity', 0)}/{data['quantity']}")
+    price = data.get("average_price") or data.get("price")
+    if isinstance(price, int | float) and price:
+        parts.append(f"@ {price:.2f}")
+    if data.get("status_message"):
+        parts.append(repr(str(data["status_message"])[:80]))
+    parts.append(f"({update.id})")
+    return " ".join(parts)
+
+
+def orders_table(updates: Iterable[OrderUpdate]) -> Table:
+    """The latest order updates, newest first (the demo)."""
+    table = Table(title="order updates (latest first)", title_justify="left")
+    for column in ("time", "account", "order_id", "status", "side", "symbol", "filled", "price"):
+        table.add_column(column, justify="right" if column in ("filled", "price") else "left")
+    for update in reversed(list(updates)):
+        data = update.data
+        ms = int(update.id.partition("-")[0] or 0)
+        price = data.get("average_price") or data.get("price") or 0
+        filled = f"{data.get('filled_quantity', 0)}/{data.get('quantity', '?')}"
+        style = {"COMPLETE": "green", "REJECTED": "bold red", "CANCELLED": "yellow"}.get(update.status, "")
+        table.add_row(
+            time.strftime("%H:%M:%S", time.localtime(ms / 1000)), update.account, update.order_id,
+            Text(update.status, style=style), str(data.get("transaction_type", "")),
+            str(data.get("tradingsymbol", "")), filled,
+            f"{price:,.2f}" if isinstance(price, int | float) else str(price),
+        )  # fmt: skip
+    return table

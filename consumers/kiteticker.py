@@ -11,12 +11,19 @@ Change one import and an existing strategy stops holding a Kite connection of it
 
 The bus comes from the environment (``REDIS_URL``, ``KITEBUS_NAMESPACE``), or from the
 keyword arguments ``redis_url=``/``namespace=``. Subscriptions are claims of one client id
-(``kiteticker-<host>-<pid>``, or ``client=``), released when the ticker closes.
+(``kiteticker-<host>-<pid>``, or ``client=``), released when the ticker closes; they live
+while the ticker heartbeats (across reconnects), so a process that dies without closing
+loses them after ``KITEBUS_CLIENT_TIMEOUT`` (or ``client_timeout=``).
 
-Where it cannot be the same: ``on_message`` and ``on_order_update`` are never called (the
-bus carries ticks, not Kite's frames or order postbacks); ``response`` in ``on_connect``
-is a dict describing the bus; a token whose mode another client raised is delivered in
-the mode this ticker asked for (the richer fields are left out), as Kite would.
+``on_order_update(ws, data)`` is called once per order update of the account, with Kite's
+own dict, from the stream ``{ns}:orders``: the account whose api_key this is in
+``KITEBUS_ACCOUNTS``, else the default one (or ``account=``). Updates from the first connect
+on; after a reconnect to the bus, those that came meanwhile come too.
+
+Where it cannot be the same: ``on_message`` is never called (the bus carries ticks and
+order updates, not Kite's frames); ``response`` in ``on_connect`` is a dict describing
+the bus; a token whose mode another client raised is delivered in the mode this ticker
+asked for (the richer fields are left out), as Kite would.
 """
 
 from __future__ import annotations
@@ -34,17 +41,20 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from config import Keys, load_settings
+from config import Keys, SettingsError, load_client_timeout, load_settings
 from config.keys import SERVING
 from config.masking import mask_url
-from consumers.control import ControlTimeout, SubscriptionRejected
+from consumers.control import ControlClient, ControlTimeout, SubscriptionRejected
+from consumers.heartbeat import Heartbeat
+from consumers.orders import OrderReader
 from consumers.subscriber import StreamStatus, Tick, TickSubscriber
-from publisher import bus
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.kiteticker")
 
 HEARTBEAT_STALE = 5.0  # seconds without a publisher heartbeat before the bus counts as down
+CLOSE_TIMEOUT = 5.0  # seconds close() waits for the release to be applied
 _TIMES = ("last_trade_time", "exchange_timestamp")
 _BUS_ONLY = ("received_at_ns", "seq", "epoch")
 _FULL_ONLY = ("last_trade_time", "oi", "oi_day_high", "oi_day_low", "exchange_timestamp", "depth")
@@ -60,6 +70,18 @@ def default_client_id() -> str:
     """``kiteticker-<host>-<pid>``, with only the characters a client id may hold."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40]
     return f"kiteticker-{host}-{os.getpid()}"
+
+
+def account_of(api_key: str | None) -> str:
+    """The name of the account with this api_key in ``KITEBUS_ACCOUNTS`` (from the
+    environment), else ``default``: the publisher's names for its accounts."""
+    if not api_key:
+        return "default"
+    try:
+        accounts = load_settings().accounts
+    except SettingsError:
+        return "default"
+    return next((a.name for a in accounts if a.api_key.get_secret_value() == api_key), "default")
 
 
 def as_official(tick: Tick, mode: str) -> Tick:
@@ -107,13 +129,18 @@ class KiteTicker:
         namespace: str | None = None,
         client: str | None = None,
         redis_cluster: bool | None = None,
+        client_timeout: float | None = None,
+        account: str | None = None,
     ) -> None:
-        del api_key, access_token, root  # the publisher holds Kite's connection
+        del access_token, root  # the publisher holds Kite's connection
+        self.account = account or account_of(api_key)  # whose order updates ``on_order_update`` gets
         if redis_url is None or namespace is None or redis_cluster is None:
             settings = load_settings()
             redis_url = redis_url or settings.redis_url
             namespace = namespace or settings.namespace
             redis_cluster = settings.redis_cluster if redis_cluster is None else redis_cluster
+            client_timeout = settings.client_timeout if client_timeout is None else client_timeout
+        self.client_timeout = load_client_timeout() if client_timeout is None else client_timeout
         self.redis_url = redis_url
         self.redis_cluster = redis_cluster
         self.keys = Keys(namespace)
@@ -132,7 +159,8 @@ class KiteTicker:
         self.on_message: Callable[..., Any] | None = None  # never called: see the module docstring
         self.on_reconnect: Callable[..., Any] | None = None
         self.on_noreconnect: Callable[..., Any] | None = None
-        self.on_order_update: Callable[..., Any] | None = None  # never called
+        self.on_order_update: Callable[..., Any] | None = None
+        self._orders_after: str | None = None  # the last order update's entry id, across reconnects
         self.websocket_thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._requests: asyncio.Queue[tuple[str, list[int], str]] | None = None
@@ -141,6 +169,11 @@ class KiteTicker:
         self._subscriber: TickSubscriber | None = None
         self._retry = True
         self._loop_thread = 0
+        self._heartbeat: Heartbeat | None = None  # keeps the claims alive across reconnects
+        self._claimed = False  # a claim was sent: closing releases the client's claims
+        self._closing = False
+        self._running = False
+        self._done = threading.Event()  # the loop has ended and released
 
     # --- the official interface ------------------------------------------------------------
 
@@ -150,6 +183,8 @@ class KiteTicker:
         """Join the bus. ``threaded=True`` returns at once (a thread of its own runs the
         ticker); otherwise this returns when the ticker is closed or gives up."""
         del disable_ssl_verification, proxy  # TLS and proxies are the Redis URL's business
+        self._closing, self._running = False, True
+        self._done.clear()
         if threaded:
             self.websocket_thread = threading.Thread(target=self._run, name="kiteticker", daemon=True)
             self.websocket_thread.start()
@@ -164,10 +199,22 @@ class KiteTicker:
         return not any(sub.status.get(t) == "stale" for t in self.subscribed_tokens)
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
-        """Release this ticker's subscriptions and leave the bus (no reconnect)."""
+        """Release this ticker's subscriptions and leave the bus (no reconnect).
+
+        From any thread but the ticker's own it returns once the publisher has applied the
+        release, waiting at most ``CLOSE_TIMEOUT`` s (a release written while no publisher
+        runs waits in the control stream for the next), so the process may exit right
+        after. From a callback it returns at once; the release follows the callback."""
         self._retry = False
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        self._closing = True  # before reading the loop: a loop just starting sees it
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:  # the loop has just ended
+                pass
+        if self._running and threading.get_ident() != self._loop_thread:
+            self._done.wait(CLOSE_TIMEOUT)
 
     def stop(self) -> None:
         """As the official client's ``stop``: end the ticker's loop for good."""
@@ -223,13 +270,29 @@ class KiteTicker:
             loop.call_soon_threadsafe(requests.put_nowait, (op, tokens, mode))
 
     def _run(self) -> None:
-        asyncio.run(self._main())
+        try:
+            asyncio.run(self._main())
+        finally:
+            self._running = False
+            self._done.set()
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._requests = asyncio.Queue()
         self._stop = asyncio.Event()
+        if self._closing:  # closed before the loop began
+            self._stop.set()
+        client = bus.connect(self.redis_url, self.redis_cluster, socket_connect_timeout=self.connect_timeout)
+        self._heartbeat = Heartbeat(client, self.keys, self.client_timeout)
+        try:
+            await self._connect_and_serve()
+        finally:
+            await self._leave(client)
+            self._loop = None
+
+    async def _connect_and_serve(self) -> None:
+        assert self._stop is not None
         attempts = 0
         while not self._stop.is_set():
             code, reason = 1000, "closed by the client"
@@ -255,7 +318,32 @@ class KiteTicker:
                     await self._stop.wait()
             except TimeoutError:
                 pass
-        self._loop = None
+
+    async def _leave(self, client: bus.Client) -> None:
+        """The ticker is done: release every claim of its client (op ``release``), waiting
+        for the publisher to apply it if one runs, stop the heartbeat; within CLOSE_TIMEOUT."""
+        assert self._heartbeat is not None
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT - 1):
+                if self._claimed:
+                    try:
+                        await self._check_publisher(client)
+                        wait = CLOSE_TIMEOUT - 1.5
+                    except BusDown:
+                        wait = 0.0  # the release waits in the stream for the next publisher
+                    control = ControlClient(client, self.keys.ns, session=False)
+                    try:
+                        await control.request("release", None, client=self.client, timeout=wait)
+                    except ControlTimeout:
+                        log.info("release of %s written; a publisher applies it when it runs", self.client)
+        except (RedisError, OSError, TimeoutError) as exc:  # they expire once the heartbeat stops
+            log.warning(
+                "could not release client %s (%s); its claims go %gs after its last heartbeat",
+                self.client, exc, self.client_timeout,
+            )  # fmt: skip
+        finally:
+            await self._heartbeat.aclose(timeout=1.0)
+            await client.aclose()
 
     async def _session(self) -> None:
         """One connection to the bus: check it, announce it, then serve until stop or failure."""
@@ -265,10 +353,13 @@ class KiteTicker:
                 await self._check_publisher(client)
             sub = TickSubscriber(
                 client, self.client, namespace=self.keys.ns, release_on_exit=False, timeout=5.0,
-                on_status=self._stream_changed,
+                on_status=self._stream_changed, heartbeat=self._heartbeat,
             )  # fmt: skip
             self._subscriber = sub
             async with sub:
+                # Where order updates start, fixed before on_connect: none after it is missed.
+                orders = sub.order_updates(self._orders_after, account=self.account)
+                await orders.start()
                 self._connected = True
                 held = dict(self.subscribed_tokens)  # on a reconnect: everything; first time: early calls
                 self._callback(self.on_connect, {"bus": mask_url(self.redis_url), "client": self.client})
@@ -276,6 +367,7 @@ class KiteTicker:
                 tasks = [
                     asyncio.create_task(self._serve_requests(sub)),
                     asyncio.create_task(self._deliver(sub)),
+                    asyncio.create_task(self._deliver_orders(orders)),
                     asyncio.create_task(self._watch_publisher(client)),
                 ]
                 stop = asyncio.create_task(self._stop.wait())  # type: ignore[union-attr]
@@ -287,7 +379,6 @@ class KiteTicker:
                 for task in done:
                     if task is not stop:
                         task.result()  # raises what ended the session
-                sub.release_on_exit = True  # closed by the user: the `async with` releases our claims
         finally:
             self._subscriber = None
             await client.aclose()
@@ -322,6 +413,7 @@ class KiteTicker:
         assert self._requests is not None
         while True:
             op, tokens, mode = await self._requests.get()
+            self._claimed = True
             try:
                 if op == "subscribe":
                     await sub.subscribe(tokens, mode=mode, wait_live=False)  # Kite's does not wait either
@@ -343,6 +435,15 @@ class KiteTicker:
             ]
             if ticks:
                 self._callback(self.on_ticks, ticks)
+
+    async def _deliver_orders(self, reader: OrderReader) -> None:
+        """``on_order_update(ws, data)`` for each of the account's updates; the entry id is
+        kept, so the next session goes on after the last one delivered."""
+        try:
+            async for update in reader:
+                self._callback(self.on_order_update, update.data)
+        finally:
+            self._orders_after = reader.last_id
 
     def _callback(self, callback: Callable[..., Any] | None, *args: Any) -> None:
         """Call a user callback as the official client does: (ticker, *args); an exception in

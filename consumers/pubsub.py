@@ -23,9 +23,9 @@ import hiredis
 import redis.asyncio as redis
 
 from config.redisurl import is_sentinel_url
-from publisher import bus
-from publisher.resp import RespConnection, RespError, pack_command
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.resp import RespConnection, RespError, pack_command
+from rediswire.tasks import cancel_and_wait
 
 Message = tuple[bytes, bytes]  # (channel, data)
 SUBSCRIBE_BATCH = 1000  # channels per SUBSCRIBE command

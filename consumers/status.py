@@ -22,7 +22,7 @@ from rich.text import Text
 
 from config import Keys
 from config.keys import SERVING
-from publisher import bus
+from rediswire import bus
 
 STALE_AFTER = 5.0  # seconds without a publisher heartbeat (at least; 3 heartbeat intervals if longer)
 HEARTBEATS_MISSED = 3
@@ -158,6 +158,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
     for index, conn in enumerate(conns):
         previous = before[index].count("ticks") if index < len(before) else None
         refused_at = conn.number("auth_failed_at")
+        kite_error_at = conn.number("last_kite_error_at")
         ticks, last = conn.count("ticks"), conn.number("last_message_at")
         rows.append({
             "index": index,
@@ -171,6 +172,11 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "reconnects": conn.count("reconnects"),
             "last_error": conn.text("last_error"),
             "auth_failed_for": round(now - refused_at, 1) if refused_at else None,
+            "kite_errors": conn.count("kite_errors"),
+            "kite_messages": conn.count("kite_messages"),
+            "last_kite_error": conn.text("last_kite_error"),
+            "last_kite_error_age": round(now - kite_error_at, 1) if kite_error_at else None,
+            "last_kite_message": conn.text("last_kite_message"),
         })  # fmt: skip
     leadership = await _leadership(client, keys, status, notes, now)
     clients = await _clients(client, keys, notes)
@@ -201,6 +207,10 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "access_token_error": status.text("access_token_error"),
             "instruments": status.count("instruments"),
             "instruments_error": status.text("instruments_error"),
+            "orders": {
+                name: status.count(f"order_{name}")
+                for name in ("updates", "duplicates", "malformed", "given_up", "buffered")
+            },
         },
         "connections": rows,
         "totals": {"tokens": tokens, "capacity": capacity, "remaining": capacity - tokens},
@@ -287,6 +297,7 @@ def render_status(data: dict[str, Any], console: Console) -> None:
             refusing = escape(lead["standby_refusing"])
             console.print(f"[bold red]STANDBY WILL NOT TAKE OVER:[/] {refusing}", soft_wrap=True)
     console.print(connections_table(data))
+    _render_kite_texts(data, console)
     console.print(f"tokens {totals['tokens']:,} of {totals['capacity']:,} ({totals['remaining']:,} free)")
     clients = data["clients"]
     if clients:
@@ -296,3 +307,25 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         console.print("clients: none")
     for line in data.get("unreadable", []):
         console.print(Text(f"UNREADABLE: {line}", style="yellow"), soft_wrap=True)
+
+
+def _render_kite_texts(data: dict[str, Any], console: Console) -> None:
+    """Order updates written, and each connection's Kite error and message texts."""
+    orders = data["publisher"]["orders"]
+    line = (
+        f"order updates: {orders['updates']:,} written, {orders['duplicates']:,} copies from other sockets "
+        f"dropped, {orders['malformed']:,} malformed, {orders['buffered']:,} waiting"
+    )
+    if orders["given_up"]:
+        line += f", [bold red]{orders['given_up']:,} GIVEN UP[/] (reconcile with Kite's orders)"
+    console.print(line, soft_wrap=True)
+    for row in data["connections"]:
+        if row["kite_errors"] or row["kite_messages"]:
+            last = ""
+            if row["last_kite_error"]:
+                last = f"; last {_age(row['last_kite_error_age'])} ago: {escape(row['last_kite_error'])}"
+            console.print(
+                f"kite texts on connection {row['index']}: {row['kite_errors']} error(s), "
+                f"{row['kite_messages']} message(s){last}",
+                soft_wrap=True,
+            )

@@ -26,12 +26,14 @@ from typing import Any
 import msgpack
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from config import Keys, Settings
+from config import Keys, Settings, load_client_timeout
 from consumers.control import ControlClient, ControlResult, ControlTimeout, SubscriptionRejected
+from consumers.heartbeat import Heartbeat
 from consumers.instruments import names, resolve
+from consumers.orders import BlockingOrderReader, OrderReader
 from consumers.pubsub import Message, open_pubsub, url_of
-from publisher import bus
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.tasks import cancel_and_wait
 
 Tick = dict[str, Any]
 log = logging.getLogger("kitebus.subscriber")
@@ -72,6 +74,12 @@ class TickSubscriber:
     sum). When Redis cuts it off for reading too slowly, it reconnects, resubscribes,
     takes the snapshot and counts what it missed (``reconnects``), never silently.
     ``conflate_ms=N`` delivers each instrument's newest tick at most every N ms.
+
+    Its claims live as long as this process: a heartbeat keeps them (every
+    ``client_timeout`` / 3 s; default KITEBUS_CLIENT_TIMEOUT), and the publisher releases
+    them once it has been silent that long. ``session=False`` makes claims that stay until
+    released; with ``release_on_exit=False`` they outlive the subscriber only while another
+    heartbeat (``heartbeat=``, shared) keeps them.
     """
 
     def __init__(
@@ -87,8 +95,16 @@ class TickSubscriber:
         on_status: Callable[[StreamStatus], object] | None = None,
         conflate_ms: float = 0.0,
         max_unread: int = 10_000,
+        session: bool = True,
+        client_timeout: float | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         settings = source if isinstance(source, Settings) else None
+        if session and heartbeat is None and client_timeout is None:
+            client_timeout = settings.client_timeout if settings else load_client_timeout()
+        self.session = session
+        self.client_timeout = heartbeat.timeout if heartbeat else client_timeout
+        self._heartbeat = heartbeat
         self._source = source
         self._cluster = cluster
         self.client = client
@@ -102,6 +118,7 @@ class TickSubscriber:
         self.conflate_ns = int(conflate_ms * 1e6)
         self.max_unread = max_unread  # messages read ahead; past that, the backlog stays in Redis
         self.claimed: set[int] = set()
+        self._modes: dict[int, str] = {}  # claimed without a ttl: token -> mode, to claim again
         self.listened: set[int] = set()
         self.silent: set[int] = set()  # subscribed, but no first tick within the publisher's timeout
         self.status: dict[int, str] = {}  # token -> "live" / "stale"
@@ -131,15 +148,23 @@ class TickSubscriber:
         self._redis, self._owns_redis = _redis_for(self._source, self._cluster)
         self._url = _url_for(self._source, self._redis)
         self._pubsub = await open_pubsub(self._url, bus.is_cluster(self._redis), self.max_unread)
-        self.control = ControlClient(self._redis, self.keys.ns)
+        self.control = ControlClient(
+            self._redis, self.keys.ns, session=self.session, client_timeout=self.client_timeout,  # type: ignore[arg-type]
+            heartbeat=self._heartbeat,
+        )  # fmt: skip
+        if self.control.heartbeat is not None:
+            self.control.heartbeat.on_resumed.append(self._claim_again)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        if self.control.heartbeat is not None and self._claim_again in self.control.heartbeat.on_resumed:
+            self.control.heartbeat.on_resumed.remove(self._claim_again)
         try:
             if self.release_on_exit and self.claimed:
                 await self.control.unsubscribe(sorted(self.claimed), client=self.client, timeout=self.timeout)
                 self.claimed.clear()
         finally:
+            await self.control.aclose()
             await self._pubsub.close()
             if self._owns_redis:
                 await self._redis.aclose()  # type: ignore[union-attr]
@@ -158,12 +183,38 @@ class TickSubscriber:
             )
         except SubscriptionRejected as exc:
             self.claimed.update(exc.result.applied)  # partly applied: still ours to release
+            self._note_modes(exc.result.applied, mode, ttl)
             raise
         self.claimed.update(result.applied)
+        self._note_modes(result.applied, mode, ttl)
         await self.listen(result.applied)
         if wait_live and result.applied:
             await self._wait_live(result, live_timeout)
         return result
+
+    def _note_modes(self, tokens: Iterable[int], mode: str, ttl: float | None = None) -> None:
+        for token in tokens:
+            if ttl is None:
+                self._modes[token] = mode
+            else:  # a claim with a deadline is not made again: it may be over by then
+                self._modes.pop(token, None)
+
+    async def _claim_again(self) -> None:
+        """After a heartbeat silent for a whole timeout (this process cut off from Redis
+        while the publisher ran), the publisher may have expired these claims: make them
+        again, each in its mode (a claim still held is unchanged by it)."""
+        by_mode: dict[str, list[int]] = {}
+        for token, mode in self._modes.items():
+            by_mode.setdefault(mode, []).append(token)
+        for mode, tokens in by_mode.items():
+            try:
+                await self.control.subscribe(
+                    sorted(tokens), mode=mode, client=self.client, timeout=self.timeout
+                )
+            except (SubscriptionRejected, ControlTimeout, *bus.REDIS_FAULTS) as exc:
+                log.warning("subscriber %s: claiming again failed: %s", self.client, exc)
+                continue
+            log.warning("subscriber %s: claimed again tokens=%d", self.client, len(tokens))
 
     async def _wait_live(self, result: ControlResult, timeout: float) -> None:
         try:
@@ -183,6 +234,8 @@ class TickSubscriber:
         wanted = await self.resolve(tokens)
         result = await self.control.set_watchlist(wanted, mode=mode, client=self.client, timeout=self.timeout)
         self.claimed = set(result.applied)
+        self._modes = {}
+        self._note_modes(result.applied, mode)
         if result.released:
             self.listened.difference_update(result.released)
             await self._pubsub.unsubscribe(*(self.keys.ticks(t) for t in result.released))
@@ -190,13 +243,17 @@ class TickSubscriber:
         return result
 
     async def set_mode(self, tokens: Iterable[int | str], mode: str) -> ControlResult:
-        return await self.control.set_mode(await self.resolve(tokens), mode, client=self.client)
+        result = await self.control.set_mode(await self.resolve(tokens), mode, client=self.client)
+        self._note_modes((t for t in result.applied if t in self._modes), mode)
+        return result
 
     async def unsubscribe(self, tokens: Iterable[int | str]) -> ControlResult:
         """Release the claims and stop receiving those ticks."""
         wanted = await self.resolve(tokens)
         result = await self.control.unsubscribe(wanted, client=self.client, timeout=self.timeout)
         self.claimed.difference_update(wanted)
+        for token in wanted:
+            self._modes.pop(token, None)
         self.listened.difference_update(wanted)
         await self._pubsub.unsubscribe(*(self.keys.ticks(t) for t in wanted))
         return result
@@ -248,12 +305,14 @@ class TickSubscriber:
             return True
         last = self._last.get(token)
         received = tick["received_at_ns"]
-        # seq 1 of a newer tick: the token was released and claimed again, its seq starts anew
-        if last is not None and last[0] == epoch and not (seq == 1 and received > last[2]):
-            if seq <= last[1]:
-                return False  # the same tick came as the snapshot, or an older one after it
-            if seq > last[1] + 1 and not self.conflate_ns:
+        if last is not None and last[0] == epoch:
+            if seq > last[1]:
                 gap = seq - last[1] - 1
+            elif received > last[2]:  # a newer tick with a lower seq: released, claimed again, seq anew
+                gap = seq - 1  # those of the new claim before this one never came
+            else:
+                return False  # the same tick came as the snapshot or republished, or an older one
+            if gap and not self.conflate_ns:
                 self.gaps[token] = self.gaps.get(token, 0) + gap
                 self.missed += gap
         self._last[token] = (epoch, seq, received)
@@ -381,6 +440,13 @@ class TickSubscriber:
     def __aiter__(self) -> AsyncIterator[Tick]:
         return self.ticks()
 
+    def order_updates(self, after: str | None = None, *, account: str | None = None) -> OrderReader:
+        """The account's order updates (every account's with ``account=None``), from the
+        stream ``{ns}:orders``: after the entry id ``after`` (``update.id`` of the last one
+        taken, to resume after a restart), or from now on. A reader of its own: it may run
+        in a task beside the tick loop. See ``consumers/orders.py``."""
+        return OrderReader(self._redis, self.keys, after, account=account)  # type: ignore[arg-type]
+
 
 class BlockingTickSubscriber:
     """``TickSubscriber`` for synchronous strategies: an event loop in a thread of its own.
@@ -492,6 +558,12 @@ class BlockingTickSubscriber:
     def get(self, timeout: float | None = None) -> Tick:
         """The next tick; raises ``queue.Empty`` after ``timeout`` seconds."""
         return self._ticks.get(timeout=timeout)
+
+    def order_updates(self, after: str | None = None, *, account: str | None = None) -> BlockingOrderReader:
+        """``TickSubscriber.order_updates`` for this thread: iterate it, or ``get(timeout)``;
+        it may be read in another thread than the ticks."""
+        reader = self._subscriber.order_updates(after, account=account)  # type: ignore[union-attr]
+        return BlockingOrderReader(reader, self._call)
 
     def __iter__(self) -> Iterator[Tick]:
         while True:

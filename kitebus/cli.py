@@ -17,32 +17,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Keys, Settings, SettingsError, load_settings
-from kitebus.logs import configure_logging
-from kitebus.signals import wait_for_stop_signal
-from publisher.tasks import PublisherFailed, cancel_and_wait, run_until
+from config.logs import configure_logging
+from rediswire.tasks import run_until, run_until_signal, wait_for_stop_signal
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY
 
 if TYPE_CHECKING:
-    from consumers.control import ControlClient, ControlResult
-
-
-def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)`` in a new event loop; SIGINT/SIGTERM set ``stop``."""
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        waiter = asyncio.create_task(wait_for_stop_signal())
-        waiter.add_done_callback(lambda _: stop.set())
-        try:
-            await main(stop)
-        finally:
-            await cancel_and_wait(waiter)
-
-    asyncio.run(run())
+    from consumers.control import ClientInfo, ControlClient, ControlResult
 
 
 def _redis(settings: Settings) -> Any:
-    from publisher import bus
+    from rediswire import bus
 
     return bus.connect(settings.redis_url, settings.redis_cluster, socket_connect_timeout=5)
 
@@ -119,8 +103,8 @@ def _send(
 
     async def run() -> int:
         client = _redis(settings)
-        try:
-            answer = await call(ControlClient(client, settings.namespace))
+        try:  # an ops command's claims stay until released: no heartbeat, no session
+            answer = await call(ControlClient(client, settings.namespace, session=False))
         except SubscriptionRejected as exc:
             print(f"REJECTED: {args.op}: {exc}", file=sys.stderr)
             return 1
@@ -138,15 +122,30 @@ def _send(
     return asyncio.run(run())
 
 
-def _print_clients(clients: dict[str, tuple[int, float]], as_json: bool) -> None:
+def _print_clients(clients: dict[str, ClientInfo], as_json: bool) -> None:
     now = time.time()
     if as_json:
-        rows = {name: {"claims": n, "last_request_at": seen} for name, (n, seen) in clients.items()}
+        rows = {
+            name: {
+                "claims": c.claims, "last_request_at": c.last_request_at, "kind": c.kind,
+                "timeout": c.timeout or None, "heartbeat_at": c.heartbeat_at or None,
+                "heartbeat_age": round(now - c.heartbeat_at, 3) if c.heartbeat_at else None,
+            }
+            for name, c in clients.items()
+        }  # fmt: skip
         print(json.dumps(rows))
         return
-    for name, (count, seen) in clients.items():
+    for name, c in clients.items():
+        if c.kind == "standing":
+            kind = "standing (until released)"
+        elif c.heartbeat_at:
+            late = "  SILENT" if now - c.heartbeat_at > c.timeout else ""
+            kind = f"session, heartbeat {now - c.heartbeat_at:,.1f}s ago (timeout {c.timeout:g}s){late}"
+        else:
+            kind = f"session, no heartbeat (timeout {c.timeout:g}s)  SILENT"
+        seen = c.last_request_at
         idle = f"last request {now - seen:,.0f}s ago" if seen else "last request unknown"
-        print(f"{name}\t{count} claim(s)\t{idle}")
+        print(f"{name}\t{c.claims} claim(s)\t{kind}\t{idle}")
     if not clients:
         print("no client holds a claim")
 
@@ -200,12 +199,29 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from consumers.display import format_status, format_tick
+    from consumers.display import format_order, format_status, format_tick
     from consumers.instruments import UnknownInstrument, split_items
+    from consumers.orders import OrderReader
     from consumers.subscriber import StreamStatus, TickSubscriber
 
     settings = load_settings()
     tokens = split_items(",".join(args.tokens))
+    if not tokens and not args.orders:
+        print("kitebus tail: name at least one instrument token, or give --orders", file=sys.stderr)
+        return 2
+    printed = 0
+    enough = asyncio.Event()  # --count lines printed, ticks and order updates together
+
+    def emit(line: str) -> None:
+        nonlocal printed
+        print(line, flush=True)
+        printed += 1
+        if printed == args.count:
+            enough.set()
+
+    async def orders(reader: OrderReader) -> None:
+        async for update in reader:
+            emit(json.dumps(dataclasses.asdict(update)) if args.json else format_order(update))
 
     async def run() -> None:
         symbols: dict[int, str] = {}
@@ -218,29 +234,31 @@ def _tail(args: argparse.Namespace) -> int:
                 line = format_status(event.status, event.tokens, event.reason, symbols)
             print(line, flush=True)
 
+        async def ticks(sub: TickSubscriber) -> None:
+            async for tick in sub:
+                symbol = symbols.get(tick["instrument_token"])
+                emit(json.dumps(tick) if args.json else format_tick(tick, symbol))
+
         async with TickSubscriber(
             settings, client=f"tail-{os.getpid()}", snapshot=not args.no_snapshot, on_status=show_status,
             conflate_ms=args.conflate_ms,
         ) as sub:  # fmt: skip
-            if args.subscribe:
-                await sub.subscribe(tokens, mode=args.subscribe)
-            else:
-                await sub.listen(tokens)
-            symbols.update(await sub.symbols(sub.listened))
-            seen = 0
-            async for tick in sub:
-                line = (
-                    json.dumps(tick)
-                    if args.json
-                    else format_tick(tick, symbols.get(tick["instrument_token"]))
-                )
-                print(line, flush=True)
-                seen += 1
-                if seen == args.count:
-                    return
+            work = []
+            if args.orders:  # reading from now (or --since) before any tick is awaited
+                reader = sub.order_updates(args.since, account=args.account)
+                await reader.start()
+                work.append(orders(reader))
+            if tokens:
+                if args.subscribe:
+                    await sub.subscribe(tokens, mode=args.subscribe)
+                else:
+                    await sub.listen(tokens)
+                symbols.update(await sub.symbols(sub.listened))
+                work.append(ticks(sub))
+            await run_until(asyncio.gather(*work), enough)
 
     try:
-        _run_until_signal(lambda stop: run_until(run(), stop))
+        run_until_signal(lambda stop: run_until(run(), stop))
     except (UnknownInstrument, ValueError) as exc:
         print(f"kitebus tail: {exc}", file=sys.stderr)
         return 2
@@ -250,16 +268,7 @@ def _tail(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from publisher import app
 
-    settings = load_settings()
-    settings.require_credentials()
-    configure_logging(settings.log_level)
-
-    try:
-        _run_until_signal(lambda stop: app.run(settings, stop))
-    except PublisherFailed as exc:  # exit 1: compose or systemd restarts the process
-        print(f"kitebus publish: failed: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return app.main()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -268,7 +277,7 @@ def _demo(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging("WARNING")  # the screen is the demo's output
 
-    _run_until_signal(lambda stop: run_demo(settings, stop, args.duration))
+    run_until_signal(lambda stop: run_demo(settings, stop, args.duration))
     return 0
 
 
@@ -280,10 +289,14 @@ def _simulate(args: argparse.Namespace) -> int:
     async def run() -> None:
         server = TickerServer(
             args.host, args.port, api_key=args.api_key, access_token=args.access_token,
-            rate=args.rate, max_rate=args.max_rate, seed=args.seed,
+            rate=args.rate, max_rate=args.max_rate, seed=args.seed, order_rate=args.orders,
         )  # fmt: skip
         async with server:
             print(f"simulator: KITE_WS_URL={server.url}", file=sys.stderr)
+            http = f"http://{args.host}:{server.port}/orders"
+            print(f"simulator: orders: curl '{http}/place?tradingsymbol=INFY&quantity=10&price=1500'; "
+                  f"then {http}/fill?order_id=…&quantity=4, /cancel, /reject, /modify; {http} lists them",
+                  file=sys.stderr)  # fmt: skip
             await wait_for_stop_signal()
 
     asyncio.run(run())
@@ -308,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=0, help="random seed of the market")
     simulate.add_argument("--api-key", default=DEFAULT_API_KEY, help="api_key to accept")
     simulate.add_argument("--access-token", default=DEFAULT_ACCESS_TOKEN, help="token to accept")
+    simulate.add_argument(
+        "--orders", type=float, default=0.0, metavar="RATE",
+        help="random order updates per second (placed, filled in parts, cancelled, rejected); "
+        "0: only those made with GET /orders/...",
+    )  # fmt: skip
     simulate.set_defaults(handler=_simulate)
 
     demo = commands.add_parser("demo", help="the whole system on this machine, live ticks on screen")
@@ -319,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         "op", choices=["subscribe", "unsubscribe", "mode", "set", "rebalance", "release", "clients", "token"],
         help="set: the client's claims become exactly TOKEN...; "
         "rebalance: even out the connections (make-before-break) and wait until done; "
-        "release: drop every claim of --client; clients: who holds claims, idle how long; "
+        "release: drop every claim of --client; clients: who holds claims, of which kind, "
+        "heartbeat and last request how long ago; "
         "token: write the access token from standard input to KITE_ACCESS_TOKEN_FILE",
     )  # fmt: skip
     ctl.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
@@ -336,8 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--sample", type=float, default=1.0, help="seconds to measure ticks/s over")
     status.set_defaults(handler=_status)
 
-    tail = commands.add_parser("tail", help="print decoded ticks from the bus")
-    tail.add_argument("tokens", nargs="+", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    tail = commands.add_parser("tail", help="print decoded ticks and order updates from the bus")
+    tail.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL")
+    tail.add_argument("--orders", action="store_true", help="also (or only) order updates, as they come")
+    tail.add_argument("--account", help="with --orders: only this account's (default: every account's)")
+    tail.add_argument(
+        "--since", metavar="ID", help="with --orders: after this stream entry id (0: all the stream keeps)"
+    )
     tail.add_argument("--json", action="store_true", help="one JSON object per tick")
     tail.add_argument("--no-snapshot", action="store_true", help="skip each token's latest tick")
     tail.add_argument(
@@ -345,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="each token's newest tick at most every MS milliseconds",
     )  # fmt: skip
     tail.add_argument("--subscribe", choices=["ltp", "quote", "full"], help="also claim them in this mode")
-    tail.add_argument("--count", type=int, default=0, help="stop after this many ticks")
+    tail.add_argument("--count", type=int, default=0, help="stop after this many lines (ticks and orders)")
     tail.set_defaults(handler=_tail)
     return parser
 

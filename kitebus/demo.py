@@ -28,14 +28,14 @@ from rich.text import Text
 from config import Keys, Settings
 from config.masking import mask_url
 from consumers.control import ControlClient
-from consumers.display import watchlist_table
+from consumers.display import orders_table, watchlist_table
 from consumers.status import connections_table, read_status
 from consumers.subscriber import TickSubscriber
 from kitebus.localredis import LocalRedis
 from kitewire.instruments import write_csv
-from publisher import bus
 from publisher.app import Publisher
-from publisher.tasks import cancel_and_wait
+from rediswire import bus
+from rediswire.tasks import cancel_and_wait
 from simulator.market import INSTRUMENTS, instrument_for
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
 
@@ -45,6 +45,8 @@ WATCHLIST: dict[str, list[int]] = {
     "ltp": [424961, 884737, 9004 << 8 | 3, 9005 << 8 | 6],
 }
 DEMO_CLIENT = "demo"
+ORDER_RATE = 0.5  # random order updates per second from the simulator
+ORDERS_SHOWN = 5
 
 
 @contextlib.asynccontextmanager
@@ -95,17 +97,22 @@ def _live_rates(data: dict[str, Any], publisher: Publisher, rates: Samples) -> N
         row["ticks_per_s"] = (last - first) / (now - then) if now > then else 0.0
 
 
-def _help(url: str, namespace: str, port: int | None, instruments: Path, cluster: bool) -> Panel:
+def _help(
+    url: str, namespace: str, port: int | None, instruments: Path, cluster: bool, simulator: str = ""
+) -> Panel:
     cli = f"{Path(os.sys.executable).parent}/kitebus"
     cluster_flag = " KITEBUS_REDIS_CLUSTER=1" if cluster else ""
     shown_url = mask_url(url)
     masked_note = "  # password masked: put yours in" if shown_url != url else ""
+    orders = simulator.replace("ws://", "http://") + "/orders" if simulator else ""  # the simulator's
     lines = [
         f"# symbols: the publisher loaded KITEBUS_INSTRUMENTS={instruments} into {namespace}:instruments",
         f"export REDIS_URL={shown_url} KITEBUS_NAMESPACE={namespace}" + cluster_flag + masked_note,
         f"{cli} status",
         f"{cli} ctl subscribe NSE:LT NSE:AXISBANK --mode full",
         f"{cli} tail NSE:INFY",
+        f"{cli} tail --orders",
+        *([f"curl '{orders}/place?tradingsymbol=INFY&quantity=10&price=1500'"] if orders else []),
         f"redis-cli{' -c' if cluster else ''}{f' -p {port}' if port else ''} HGETALL {namespace}:token_conn",
     ]
     return Panel(Text("\n".join(lines)), title="try in another terminal", title_align="left")
@@ -119,7 +126,8 @@ async def run_demo(settings: Settings, stop: asyncio.Event, duration: float | No
     write_csv(instruments, [(i.token, i.exchange, i.symbol) for i in INSTRUMENTS])
     try:
         async with _redis_for_demo(settings, console) as (url, namespace, port):
-            async with TickerServer(port=0, rate=2, seed=int(time.time())) as simulator:
+            simulator_server = TickerServer(port=0, rate=2, seed=int(time.time()), order_rate=ORDER_RATE)
+            async with simulator_server as simulator:
                 demo_settings = settings.model_copy(update={
                     "kite_ws_url": simulator.url, "redis_url": url, "namespace": namespace,
                     "kite_api_key": SecretStr(DEFAULT_API_KEY),
@@ -150,6 +158,7 @@ async def _show(
             instrument = instrument_for(token)
             symbols[token] = f"{instrument.exchange}:{instrument.symbol}"
     latest: dict[int, dict[str, Any]] = {}
+    orders: deque[Any] = deque(maxlen=ORDERS_SHOWN)  # the latest order updates, newest last
     control = ControlClient(client, namespace)
     try:
         for mode, tokens in WATCHLIST.items():
@@ -161,10 +170,15 @@ async def _show(
                 async for tick in screen:
                     latest[tick["instrument_token"]] = tick
 
+            async def follow_orders() -> None:
+                async for update in screen.order_updates():
+                    orders.append(update)
+
             reader = asyncio.create_task(follow())
+            order_reader = asyncio.create_task(follow_orders())
             rates: Samples = {}
             deadline = None if duration is None else time.monotonic() + duration
-            help_panel = _help(url, namespace, port, instruments, cluster)
+            help_panel = _help(url, namespace, port, instruments, cluster, publisher.settings.kite_ws_url)
             try:
                 with Live(console=console, refresh_per_second=4, screen=False) as live:
                     while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
@@ -179,11 +193,14 @@ async def _show(
                         table = watchlist_table(
                             latest, symbols, publisher.book.placement, publisher.book.in_force, screen.status
                         )
-                        live.update(Group(header, table, connections_table(data), help_panel))
+                        screens = (header, table, orders_table(orders), connections_table(data), help_panel)
+                        live.update(Group(*screens))
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(stop.wait(), 0.5)
             finally:
+                await cancel_and_wait(order_reader)
                 await cancel_and_wait(reader)
         await control.unsubscribe([t for tokens in WATCHLIST.values() for t in tokens], client=DEMO_CLIENT)
     finally:
+        await control.aclose()
         await client.aclose()

@@ -131,7 +131,33 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
 
-# --- splitting ---------------------------------------------------------------------------
+# --- walking a frame -----------------------------------------------------------------------
+
+
+def _walk(frame: bytes) -> tuple[int, list[tuple[int, int]], int, int]:
+    """The one walk over a frame's packets, which every scanner below shares.
+
+    Returns ``(count, spans, unread, end)``: the packet count the frame's header gives,
+    each whole packet as ``(length, offset of its body)`` in order (known or not), how many
+    packets the count promises that are cut short or missing, and where the whole packets
+    end (a cut-short tail runs from there to the frame's end).
+    """
+    size = len(frame)
+    if size < 2:
+        return 0, [], 0, size
+    (count,) = _U16.unpack_from(frame, 0)
+    spans: list[tuple[int, int]] = []
+    pos = 2
+    for seen in range(count):
+        if pos + 2 > size:
+            return count, spans, count - seen, pos
+        (length,) = _U16.unpack_from(frame, pos)
+        end = pos + 2 + length
+        if end > size:
+            return count, spans, count - seen, pos
+        spans.append((length, pos + 2))
+        pos = end
+    return count, spans, 0, pos
 
 
 def scan_frame(frame: bytes) -> tuple[list[tuple[PacketLayout, int]], int]:
@@ -141,21 +167,9 @@ def scan_frame(frame: bytes) -> tuple[list[tuple[PacketLayout, int]], int]:
     and how many packets were skipped (unknown length, or cut short by the frame's end).
     A heartbeat (1 byte) or an empty frame has no packets and nothing malformed.
     """
-    size = len(frame)
-    if size < 2:
-        return [], 0
-    (count,) = _U16.unpack_from(frame, 0)
+    _, spans, malformed, _ = _walk(frame)
     packets: list[tuple[PacketLayout, int]] = []
-    malformed = 0
-    pos = 2
-    for seen in range(count):
-        if pos + 2 > size:
-            return packets, malformed + count - seen
-        (length,) = _U16.unpack_from(frame, pos)
-        body = pos + 2
-        pos = body + length
-        if pos > size:
-            return packets, malformed + count - seen
+    for length, body in spans:
         layout = LAYOUTS.get(length)
         if layout is None:
             malformed += 1
@@ -164,10 +178,20 @@ def scan_frame(frame: bytes) -> tuple[list[tuple[PacketLayout, int]], int]:
     return packets, malformed
 
 
+def token_at(frame: bytes, body: int) -> int:
+    """The instrument token of the packet whose body starts at ``body``."""
+    return _U32.unpack_from(frame, body)[0]
+
+
+def first_token(frame: bytes) -> int:
+    """The token of a frame's first packet (``split_frame`` puts a known one first)."""
+    return token_at(frame, 4)
+
+
 def frame_tokens(frame: bytes) -> list[int]:
     """The instrument tokens of a frame's known packets, in order."""
     packets, _ = scan_frame(frame)
-    return [_U32.unpack_from(frame, offset)[0] for _, offset in packets]
+    return [token_at(frame, offset) for _, offset in packets]
 
 
 def drop_packets(frame: bytes, drop: Callable[[int, bytes], bool]) -> bytes:
@@ -177,31 +201,15 @@ def drop_packets(frame: bytes, drop: Callable[[int, bytes], bool]) -> bytes:
     frame's decoder still sees and counts them as it would have. Returns ``frame`` itself
     when nothing is dropped.
     """
-    size = len(frame)
-    if size < 2:
-        return frame
-    (count,) = _U16.unpack_from(frame, 0)
+    count, spans, _, end = _walk(frame)
     kept: list[bytes] = []
-    dropped = 0
-    pos = 2
-    for _ in range(count):
-        if pos + 2 > size:
-            break
-        (length,) = _U16.unpack_from(frame, pos)
-        end = pos + 2 + length
-        if end > size:
-            break
-        if length in LAYOUTS and drop(_U32.unpack_from(frame, pos + 2)[0], frame[pos + 2 : end]):
-            dropped += 1
-        else:
-            kept.append(frame[pos:end])
-        pos = end
+    for length, body in spans:
+        if not (length in LAYOUTS and drop(token_at(frame, body), frame[body : body + length])):
+            kept.append(frame[body - 2 : body + length])
+    dropped = len(spans) - len(kept)
     if not dropped:
         return frame
-    return _U16.pack(count - dropped) + b"".join(kept) + frame[pos:]
-
-
-# --- decoding to dicts ---------------------------------------------------------------------
+    return _U16.pack(count - dropped) + b"".join(kept) + frame[end:]
 
 
 def split_frame(frame: bytes, lane_of: Callable[[int], int], lanes: int) -> list[bytes]:
@@ -209,39 +217,30 @@ def split_frame(frame: bytes, lane_of: Callable[[int], int], lanes: int) -> list
     packet (``b""`` for a lane that gets none); each begins with a known packet if it has
     one. Unknown packets, and a cut-short tail, go to the end of lane 0 byte for byte, so
     the decoder counts them just as in the whole frame."""
-    size = len(frame)
-    if size < 2:
+    if len(frame) < 2:
         return [frame] + [b""] * (lanes - 1)
-    (count,) = _U16.unpack_from(frame, 0)
+    _, spans, unread, end = _walk(frame)
     parts: list[list[bytes]] = [[] for _ in range(lanes)]
     unknown: list[bytes] = []
-    unpack16, unpack32 = _U16.unpack_from, _U32.unpack_from
-    pos, seen = 2, 0
-    for seen in range(count):  # noqa: B007 - how far it got counts below
-        if pos + 2 > size:
-            break
-        (length,) = unpack16(frame, pos)
-        end = pos + 2 + length
-        if end > size:
-            break
+    for length, body in spans:
+        packet = frame[body - 2 : body + length]
         if length in LAYOUTS:
-            parts[lane_of(unpack32(frame, pos + 2)[0])].append(frame[pos:end])
+            parts[lane_of(token_at(frame, body))].append(packet)
         else:
-            unknown.append(frame[pos:end])
-        pos = end
-    else:
-        seen = count
-    unread = count - seen  # packets the count promises that are cut short or missing
+            unknown.append(packet)
     parts[0] += unknown
     out = []
     for lane, packets in enumerate(parts):
         extra = unread if lane == 0 else 0
-        if packets or extra or (lane == 0 and pos < size):
-            tail = frame[pos:] if lane == 0 else b""
+        if packets or extra or (lane == 0 and end < len(frame)):
+            tail = frame[end:] if lane == 0 else b""
             out.append(_U16.pack(len(packets) + extra) + b"".join(packets) + tail)
         else:
             out.append(b"")
     return out
+
+
+# --- decoding to dicts ---------------------------------------------------------------------
 
 
 def _decode_packet(layout: PacketLayout, frame: bytes, offset: int) -> Tick:

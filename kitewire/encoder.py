@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections.abc import Container, Iterable
 from typing import Protocol
 
-from kitewire.codec import SEQUENCED_WRITERS, scan_frame
+from kitewire.codec import SEQUENCED_WRITERS, scan_frame, token_at
 
 log = logging.getLogger("kitebus.encoder")
 
-_U32 = struct.Struct(">I")
 PREFIX_CACHE_LIMIT = 100_000  # a server sending endless new tokens cannot grow it forever
 
 
@@ -98,7 +96,7 @@ class PyFrameEncoder:
         ticks = 0
         for layout, offset in packets:
             length = layout.length
-            token = _token_at(frame, offset)
+            token = token_at(frame, offset)
             if claimed is not None and token not in claimed:
                 self.unclaimed += 1
                 continue
@@ -119,10 +117,6 @@ class PyFrameEncoder:
             fields += (head[1], bulk[length], payload, b"\r\n")
             latest[token] = payload
         return b"".join(publishes), b"".join(fields), ticks, malformed
-
-
-def _token_at(frame: bytes, offset: int) -> int:
-    return _U32.unpack_from(frame, offset)[0]  # type: ignore[no-any-return]
 
 
 def _programs(writers: dict = SEQUENCED_WRITERS) -> dict[int, tuple]:

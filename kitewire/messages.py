@@ -48,21 +48,43 @@ class ServerMessage:
     message: str
 
 
-ServerEvent = ServerError | OrderUpdate | ServerMessage
+@dataclass(frozen=True)
+class Malformed:
+    """A text frame that cannot be taken: not a JSON object, over ``MAX_TEXT`` bytes, or an
+    order without an object ``data`` holding an ``order_id``."""
+
+    reason: str
+
+
+ServerEvent = ServerError | OrderUpdate | ServerMessage | Malformed
+MAX_TEXT = 64 * 1024  # bytes: no text message of Kite's comes near it; past it nothing is parsed
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse_server_text(text: str | bytes) -> ServerEvent | None:
-    """Parse a server text frame; anything unknown or not JSON gives None, never an exception."""
+    """Parse a server text frame, never raising: a JSON object of a type Kite may add later
+    gives None (ignored); anything that is not Kite's JSON gives ``Malformed``."""
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_TEXT:
+        return Malformed(f"over {MAX_TEXT // 1024} KB")
     try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError):
-        return None
+        data = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return Malformed("not JSON")
     if not isinstance(data, dict):
-        return None
+        return Malformed("not a JSON object")
     kind, payload = data.get("type"), data.get("data")
     if kind == "error":
         return ServerError(str(payload))
-    if kind == "order" and isinstance(payload, dict):
+    if kind == "order":
+        if not isinstance(payload, dict):
+            return Malformed("order: data is not an object")
+        order_id = payload.get("order_id")
+        if not isinstance(order_id, str | int) or isinstance(order_id, bool) or order_id == "":
+            return Malformed("order: no order_id")
         return OrderUpdate(payload)
     if kind == "message":
         return ServerMessage(str(payload))

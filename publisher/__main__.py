@@ -2,6 +2,6 @@
 
 import sys
 
-from kitebus.cli import main
+from publisher.app import main
 
-sys.exit(main(["publish", *sys.argv[1:]]))
+sys.exit(main())

@@ -21,7 +21,8 @@ from pathlib import Path
 import watchfiles
 
 from publisher.health import Health
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.access_token")
 

@@ -3,11 +3,12 @@
 ``run``: stand by until this process holds the namespace's lease (``standby.py``), lead
 until stopped or the lease is lost, then stand by again.
 Start: Redis reachable -> claims restored into the book -> hashes rewritten -> tick sink
--> connections (each already knows its tokens) -> monitor -> instruments -> control loop.
+-> order feed -> connections (each already knows its tokens) -> monitor -> instruments ->
+control loop.
 So every subscription is back, and symbols resolve, before a new request is taken.
-Stop: control loop -> connections (close frames) -> hashes cleared, status ``stopped``
--> monitor -> sink (drained for a moment) -> Redis. A publisher that lost its lease
-closes its Kite sockets first and writes nothing more.
+Stop: control loop -> connections (close frames) -> order feed (drained for a moment) ->
+hashes cleared, status ``stopped`` -> monitor -> sink (drained for a moment) -> Redis. A
+publisher that lost its lease closes its Kite sockets first and writes nothing more.
 
 Every long-lived task runs under ``tasks.supervised``: a crash is restarted on the same
 objects (``degraded`` meanwhile); a task that keeps crashing makes ``run`` stop the
@@ -22,17 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
-from config import Keys, Settings
+from config import Keys, Settings, SettingsError, load_settings
+from config.logs import configure_logging
 from kitewire.encoder import Encoder
-from publisher import bus
 from publisher.access_token import AccessTokenSource
-from publisher.bus import REDIS_FAULTS
 from publisher.connection import KiteConnection
 from publisher.control import ControlLoop
 from publisher.handover import Handover
@@ -42,11 +43,15 @@ from publisher.lease import Lease
 from publisher.live import LiveWatch
 from publisher.monitor import Monitor
 from publisher.moves import Moves
+from publisher.order_feed import OrderFeed
 from publisher.rebalance import Rebalancer
 from publisher.sink import TickSink
 from publisher.standby import Standby
 from publisher.subscriptions import SubscriptionBook
-from publisher.tasks import Backoff, PublisherFailed, cancel_and_wait, run_until
+from publisher.supervisor import PublisherFailed
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import Backoff, cancel_and_wait, run_until, run_until_signal
 
 log = logging.getLogger("kitebus.publisher")
 T = TypeVar("T")
@@ -99,6 +104,11 @@ class Publisher:
             cluster=settings.redis_cluster, claimed=self.book.placement,
         )  # fmt: skip
         publish = self.sink.publish_frame
+        # Order updates from every socket of each account, once each, onto {ns}:orders.
+        self.orders = OrderFeed(
+            self.redis, self.keys, cluster=settings.redis_cluster, fence=lease,
+            notice=self.sink.publish_notice,
+        )  # fmt: skip
         self.moves = Moves()  # tokens moving between connections in a rebalance
         # Each account (api_key) has KITEBUS_CONNECTIONS connections of its own, numbered on
         # from the previous account's; the book places tokens over all of them.
@@ -123,6 +133,7 @@ class Publisher:
                     auth_retry=tuning.auth_retry,
                 )
                 connection.account = name
+                connection.texts = self.orders
                 self.connections.append(connection)
         self.access_token = self.access_tokens[0]  # the default account's
         self.live = LiveWatch(self.redis, self.keys, self.sink, timeout=tuning.live_timeout, fence=lease)
@@ -136,22 +147,26 @@ class Publisher:
         self.control = ControlLoop(
             self.redis, self.keys, self.book, self.connections, live=self.live,
             rebalancer=self.rebalancer, moves=self.moves, instruments=self.instruments, fence=lease,
+            client_timeout=settings.client_timeout,
         )  # fmt: skip
         self.monitor = Monitor(
             self.redis, self.keys, self.book, self.connections, self.sink, self._redis_reset, self.epoch,
             interval=tuning.status_interval, access_token=self.access_token, instruments=self.instruments,
-            fence=lease, lease=lease, health=self.health, problems=self._problems,
+            fence=lease, lease=lease, health=self.health, problems=self._problems, orders=self.orders,
         )  # fmt: skip
         self.handover = Handover(self.redis, self.keys, lease, self.connections) if lease else None
         # Every long-lived task runs under tasks.supervised, which reports to this Health.
-        for part in (self.sink, self.live, self.instruments, self.control, self.handover,
+        for part in (self.sink, self.orders, self.live, self.instruments, self.control, self.handover,
                      *self.connections, *self.access_tokens):  # fmt: skip
             if part is not None:
                 part.health = self.health
 
     def _problems(self) -> dict[str, str]:
         """What each part of the publisher says is wrong now (for ``health``)."""
-        return {"ticks": self.sink.problem, "control": self.control.problem, "live": self.live.problem}
+        return {
+            "ticks": self.sink.problem, "control": self.control.problem, "live": self.live.problem,
+            "orders": self.orders.problem,
+        }  # fmt: skip
 
     async def _redis_reset(self) -> None:
         """Redis came back without its data: rewrite every hash, load the instruments again."""
@@ -177,6 +192,7 @@ class Publisher:
             len(self.book.placement), len(self.book.claims), self.book.capacity,
         )  # fmt: skip
         self.sink.start()
+        self.orders.start()
         for connection in self.connections:
             connection.start()
         if self.handover is not None:
@@ -204,6 +220,7 @@ class Publisher:
         await self.live.close()
         for connection in self.connections:
             await connection.close()
+        await self.orders.close(flush_timeout=0 if deposed else 2.0)  # what Kite sent last, written
         self.monitor.state = "failed" if self.health.fatal.is_set() else "stopped"
         await self.monitor.close()
         if deposed:
@@ -211,7 +228,7 @@ class Publisher:
             return
         try:
             async with asyncio.timeout(3):
-                async with bus.pipeline(self.redis) as pipe:
+                async with bus.fenced(self.redis, self.lease) as pipe:
                     pipe.delete(self.keys.token_conn)
                     pipe.delete(self.keys.token_mode)
                     pipe.hset(self.keys.status, mapping=self.monitor.status_fields())
@@ -285,3 +302,24 @@ async def _first_of(ended: asyncio.Event, *events: asyncio.Event) -> None:
     finally:
         for wait in waits:
             await cancel_and_wait(wait)
+
+
+def main() -> int:
+    """``kitebus publish`` (and ``python -m publisher``): run until SIGINT/SIGTERM. 0 after
+    a requested stop, 1 when a task kept crashing (so that compose or systemd restarts the
+    process), 2 on a bad setting."""
+    try:
+        settings = load_settings()
+        settings.require_credentials()
+    except SettingsError as exc:
+        print(f"kitebus: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        run_until_signal(lambda stop: run(settings, stop))
+    except PublisherFailed as exc:
+        print(f"kitebus publish: failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

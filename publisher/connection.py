@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -22,8 +23,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from kitewire import messages
 from kitewire.codec import MODES
 from publisher.health import Health
+from publisher.orders import Every
 from publisher.subscriptions import ConnectionChange
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.connection")
 # websockets logs the handshake's request line, access token included, at DEBUG: its logger
@@ -48,6 +51,37 @@ def _ignore(*_: object) -> None:
 
 class StalledError(Exception):
     """Nothing arrived on the socket for too long."""
+
+
+class TextListener(Protocol):
+    """Who takes a connection's text messages beside the connection's own figures (the
+    order feed): called in the reader, synchronous, no I/O."""
+
+    def opened(self, connection: KiteConnection) -> None: ...
+
+    def closed(self, connection: KiteConnection) -> None: ...
+
+    def order(self, connection: KiteConnection, data: dict[str, Any]) -> None: ...
+
+    def malformed_text(self, connection: KiteConnection, reason: str) -> None: ...
+
+    def kite_error(self, connection: KiteConnection, message: str) -> None: ...
+
+
+class _NoListener:
+    def opened(self, connection: KiteConnection) -> None:
+        pass
+
+    closed = opened
+
+    def order(self, connection: KiteConnection, data: dict[str, Any]) -> None:
+        pass
+
+    def malformed_text(self, connection: KiteConnection, reason: str) -> None:
+        pass
+
+    def kite_error(self, connection: KiteConnection, message: str) -> None:
+        pass
 
 
 class KiteConnection:
@@ -94,6 +128,14 @@ class KiteConnection:
         self.last_message_at = 0.0
         self.last_error = ""
         self.auth_failed_at = 0.0  # when Kite first refused the access token (0: it does not)
+        # Kite's text messages: order updates go to ``texts``; errors and messages are counted here
+        self.texts: TextListener = _NoListener()
+        self.kite_errors = 0
+        self.kite_messages = 0
+        self.last_kite_error = ""
+        self.last_kite_error_at = 0.0  # epoch seconds
+        self.last_kite_message = ""
+        self._quiet_texts = Every(1.0)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -236,7 +278,11 @@ class KiteConnection:
                 self.state = LIVE
                 self.auth_failed_at = 0.0
             log.info("connection=%d live tokens=%d", self.index, len(modes))
-            await self._read(socket)
+            self.texts.opened(self)
+            try:
+                await self._read(socket)
+            finally:
+                self.texts.closed(self)
 
     async def _read(self, socket: ClientConnection) -> None:
         """Read until the socket fails. While the sink asks for backpressure (``writable``
@@ -259,12 +305,31 @@ class KiteConnection:
                 if not writable.is_set():
                     await writable.wait()
                 continue
-            event = messages.parse_server_text(message)
-            if isinstance(event, messages.ServerError):
-                self.last_error = f"kite: {event.message}"[:200]
-                log.warning("connection=%d kite error=%r", self.index, event.message[:200])
-            elif isinstance(event, messages.ServerMessage):
-                log.info("connection=%d kite message=%r", self.index, event.message[:200])
+            self._take_text(message)
+
+    def _take_text(self, message: str) -> None:
+        event = messages.parse_server_text(message)
+        if isinstance(event, messages.OrderUpdate):
+            self.texts.order(self, event.data)
+        elif isinstance(event, messages.Malformed):
+            self.texts.malformed_text(self, event.reason)
+        elif isinstance(event, messages.ServerError):
+            self.kite_errors += 1
+            self.last_error = self.last_kite_error = f"kite: {event.message}"[:200]
+            self.last_kite_error_at = time.time()
+            self.texts.kite_error(self, event.message)
+            self._log_text(logging.WARNING, "error", event.message)
+        elif isinstance(event, messages.ServerMessage):
+            self.kite_messages += 1
+            self.last_kite_message = event.message[:200]
+            self._log_text(logging.INFO, "message", event.message)
+
+    def _log_text(self, level: int, kind: str, text: str) -> None:
+        """Kite's error and message texts, logged at most once a second per connection."""
+        held_back = self._quiet_texts.allow(time.monotonic())
+        if held_back is not None:
+            more = f" (and {held_back} more texts since the last line)" if held_back else ""
+            log.log(level, "connection=%d kite %s=%r%s", self.index, kind, text[:200], more)
 
 
 async def _send_batches(

@@ -1,28 +1,31 @@
 """The control flow: read ``{ns}:control``, apply, persist, answer, acknowledge.
 
 Entries are read through consumer group ``publisher``: first this consumer's pending
-entries (in flight when a previous run stopped), then new ones, in stream order, up to
-100 at a time. Each batch is applied entry by entry, then acknowledged in one MULTI/EXEC
-that also persists the effects and writes the results, so a crash at any point means
-those entries are applied again, which changes nothing; and a flood of garbage costs one
-round trip per batch, not per entry. Entries
-older than the last one answered are trimmed away (approximately, a macro node at a
-time): the results stream, capped too, is the record.
+entries (in flight when a previous run stopped, or read by a deposed leader: read again
+every ``PENDING_AGAIN`` seconds), then new ones, in stream order, up to 100 at a time.
+Each batch is applied entry by entry, then written as one ``_Batch``: its state, then
+its results, then the acknowledgements, in that order (``bus.OrderedWrites``: on one
+server a single transaction, under a lease a script Redis runs only while the lease is
+ours; on a cluster stage after stage). A crash or a failure at any point means those
+entries are applied again, which changes nothing; and a flood of garbage costs one
+round trip per batch, not per entry. Entries older than the last one answered are
+trimmed away (approximately, a macro node at a time): the results stream, capped too, is
+the record.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from redis.exceptions import ResponseError
 
 from config.keys import CONTROL_GROUP, RESULTS_MAXLEN, Keys
+from config.settings import DEFAULT_CLIENT_TIMEOUT
 from kitewire.instruments import UnknownInstrument
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.connection import KiteConnection
 from publisher.health import Health
 from publisher.instruments import InstrumentsLoader
@@ -31,8 +34,12 @@ from publisher.live import LiveWatch
 from publisher.moves import Moves
 from publisher.rebalance import Rebalancer
 from publisher.requests import RELEASES, Request, RequestError, parse_request
+from publisher.sessions import HeartbeatWatch
 from publisher.subscriptions import Outcome, RebalanceBusy, SubscriptionBook
-from publisher.tasks import Backoff, cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("kitebus.control")
 
@@ -40,6 +47,19 @@ CONSUMER = "kitebus"
 
 CLOCK_SKEW_MS = 60_000  # a result's id comes from its own node's clock on a cluster
 RESULTS_PAGE = 500  # results read per XRANGE when looking for ones already written
+# Seconds between reads of the pending entries: a deposed leader (same consumer name) may
+# have read some that it could then not answer, its writes refused.
+PENDING_AGAIN = 5.0
+HEARTBEAT_CHECK = 0.25  # seconds between reads of {ns}:client_heartbeat
+
+class _Batch(bus.OrderedWrites):
+    """The writes of a batch of requests, in the order they must land: the state they
+    change, then their results, then the acknowledgements of their entries."""
+
+    def __init__(self, client: bus.Client, fence: bus.Fenced | None) -> None:
+        super().__init__(client, 3, fence)
+        self.state, self.results, self.acks = self.stages
+
 
 def _tokens_text(tokens: Sequence[int]) -> str:
     return ",".join(map(str, tokens))
@@ -61,7 +81,11 @@ class ControlLoop:
         moves: Moves | None = None,
         instruments: InstrumentsLoader | None = None,
         fence: Fence | None = None,
+        client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
     ) -> None:
+        """``client_timeout``: this publisher's KITEBUS_CLIENT_TIMEOUT. A session client's
+        own timeout comes with its requests; this one only tells when the heartbeat of a
+        client that holds no claim is old enough to delete."""
         self._redis = client
         self._keys = keys
         self._book = book
@@ -73,7 +97,7 @@ class ControlLoop:
         self._instruments = instruments or InstrumentsLoader(client, keys, None)
         self._fence = fence or Fence()  # asked before each read and write: does this publisher lead?
         self._task: asyncio.Task[None] | None = None
-        self._batch: bus.OrderedWrites | None = None  # this batch's writes: state, results, XACK
+        self._batch: _Batch | None = None  # this batch's writes
         self._after_batch: list[Callable[[], None]] = []  # what waits for the batch's results
         self._acks: list[str] = []  # the batch's entries, acknowledged in one XACK at its end
         # Results of entries applied to the book whose batch was not written (Redis went
@@ -86,6 +110,9 @@ class ControlLoop:
         self._orphans: list[dict[str, str]] = []  # this batch's results of no entry (expiries)
         self._resend: list[dict[str, str]] = []  # such results of a batch that failed
         self._quiet = _RateLimitedLog(per_second=20)
+        self._client_timeout = client_timeout
+        self._heartbeats = HeartbeatWatch(time.monotonic())
+        self._heartbeat_check_at = 0.0  # monotonic time of the next read of the heartbeats
         self._stopping = False
         self._deposed = False  # another publisher leads: the loop has ended for good
         self.health = Health()  # the publisher's, once it is given one
@@ -103,9 +130,11 @@ class ControlLoop:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    async def load_claims(self) -> tuple[dict[str, dict[int, str]], dict[str, dict[int, float]]]:
-        """Every client's persisted claims and their deadlines, skipping (and logging)
-        entries that are not valid."""
+    async def load_claims(
+        self,
+    ) -> tuple[dict[str, dict[int, str]], dict[str, dict[int, float]], dict[str, float]]:
+        """Every client's persisted claims, their deadlines and the session clients'
+        timeouts, skipping (and logging) entries that are not valid."""
         claims: dict[str, dict[int, str]] = {}
         deadlines: dict[str, dict[int, float]] = {}
         for raw_client in await self._redis.smembers(self._keys.clients):
@@ -122,7 +151,13 @@ class ControlLoop:
                     deadlines.setdefault(client, {})[int(raw_token)] = float(raw_deadline)
                 except ValueError:
                     log.warning("ignoring bad claim deadline client=%s token=%r", client, raw_token[:20])
-        return claims, deadlines
+        sessions: dict[str, float] = {}
+        for raw_client, raw_timeout in (await self._redis.hgetall(self._keys.session_clients)).items():
+            try:
+                sessions[raw_client.decode()] = float(raw_timeout)
+            except ValueError:
+                log.warning("ignoring bad session client=%r timeout=%r", raw_client[:64], raw_timeout[:20])
+        return claims, deadlines, sessions
 
     async def write_all(self) -> None:
         """Rewrite every hash and claim from the book (at start, after Redis lost data and
@@ -137,11 +172,15 @@ class ControlLoop:
         held = book.placement
         stale = [k for k in await self._redis.hkeys(keys.last) if not k.isdigit() or int(k) not in held]
         gone = [c.decode() for c in await self._redis.smembers(keys.clients) if c.decode() not in book.claims]
-        async with bus.pipeline(self._redis) as pipe:
+        async with bus.fenced(self._redis, self._fence) as pipe:
+            # on a cluster: every slot this leader writes to is claimed by its fence from now on
+            pipe.stamp(keys.control, keys.control_results, keys.client_activity, keys.client_heartbeat,
+                       keys.status, *(keys.conn(c.index) for c in self._connections))  # fmt: skip
             for client in gone:  # released everything while the last write of it failed
                 pipe.delete(keys.claims(client))
                 pipe.delete(keys.deadlines(client))
-            for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients):
+            for key in (keys.token_conn, keys.token_mode, keys.token_status, keys.clients,
+                        keys.session_clients):  # fmt: skip
                 pipe.delete(key)
             if stale:
                 pipe.hdel(keys.last, *stale)
@@ -151,6 +190,8 @@ class ControlLoop:
                 streams = {str(t): c.stream for c in self._connections for t in c.modes}
                 if streams:
                     pipe.hset(keys.token_status, mapping=streams)
+            if book.sessions:
+                pipe.hset(keys.session_clients, mapping={c: f"{t:g}" for c, t in book.sessions.items()})
             for client, held in book.claims.items():
                 pipe.delete(keys.claims(client))
                 pipe.hset(keys.claims(client), mapping={str(t): m for t, m in held.items()})
@@ -164,13 +205,16 @@ class ControlLoop:
             log.error(
                 "claims no longer fit and were dropped client=%s tokens=%s", client, _tokens_text(tokens)
             )
-            await self._redis.hdel(self._keys.claims(client), *map(str, tokens))
-            if client not in self._book.claims:
-                await self._redis.srem(self._keys.clients, client)
+            async with bus.fenced(self._redis, self._fence) as pipe:
+                pipe.hdel(self._keys.claims(client), *map(str, tokens))
+                if client not in self._book.claims:
+                    pipe.srem(self._keys.clients, client)
+                await pipe.execute()
 
     # --- the task ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._heartbeats.restart(time.monotonic())  # every session client gets a whole timeout
         self._task = asyncio.create_task(
             supervised("control-loop", self._run, self.health, done=lambda: self._stopping or self._deposed),
             name="control-loop",
@@ -211,17 +255,23 @@ class ControlLoop:
                 await self._drain(pending=True)
                 self.problem = ""
                 backoff.reset()
-                while not self._stopping:
+                pending_at = time.monotonic() + PENDING_AGAIN
+                while not self._stopping and time.monotonic() < pending_at:
                     if bus.primary_moves(self._redis) != moves:
-                        # a failover: XACKs (and results) sent to the old primary in its last
-                        # moments may be missing on the new one. Read the pending again:
+                        # a failover: writes the old primary took in its last moments (XACKs,
+                        # results, claims, a released token's HDEL) may be missing on the new
+                        # one. Rewrite the state from the book and read the pending again:
                         # those answered are only acknowledged, the others applied.
-                        log.warning("redis primary moved: reading pending requests again")
+                        log.warning("redis primary moved: state written again, pending requests read again")
+                        self._dirty = True
+                        self._heartbeats.restart(time.monotonic())  # beats may be lost with the old one
                         break
                     await self._drain(pending=False)
                     await self._expire_due()
-            except LeaseLost:
+                    await self._expire_silent()
+            except (LeaseLost, bus.Deposed):  # Deposed: Redis refused a write, another leads
                 self._batch_failed()
+                self._heartbeats.restart(time.monotonic())
                 if self._fence.lapsed:
                     continue  # wait for the renewal at the top; the entries stay pending
                 log.warning("control loop stops: no longer the leader")
@@ -229,6 +279,7 @@ class ControlLoop:
                 return
             except REDIS_FAULTS as exc:
                 self._batch_failed()
+                self._heartbeats.restart(time.monotonic())  # no client could beat meanwhile
                 if isinstance(exc, ResponseError) and str(exc).startswith("UNBLOCKED"):
                     log.warning("control stream moved to another node; reading it there")
                     continue  # a cluster moved the stream's slot while we waited
@@ -311,13 +362,13 @@ class ControlLoop:
         """Write the batch (state, results, XACK), then run what waited for its results.
         If the write fails, what waited and the results stay for the retry."""
         if self._acks and self._batch is None:  # entries answered before (only acknowledged now)
-            self._batch = bus.OrderedWrites(self._redis, 3)
+            self._batch = _Batch(self._redis, self._fence)
         batch, acks = self._batch, self._acks
         if batch is not None:
             if not self._fence.valid():
                 raise LeaseLost("the lease is not valid: these entries wait (or are the next leader's)")
             if acks:
-                batch.stages[2].xack(self._keys.control, CONTROL_GROUP, *acks)
+                batch.acks.xack(self._keys.control, CONTROL_GROUP, *acks)
             await batch.execute()
         after = self._after_batch
         self._batch, self._after_batch, self._acks, self._orphans = None, [], [], []
@@ -340,6 +391,8 @@ class ControlLoop:
             await self._rebalance(entry_id, fields, request.client)
             return
         outcome = self._book.apply(request, time.time())
+        if request.session is not None:
+            self._heartbeats.seen(request.client, time.monotonic())
         live = self._live if request.op in ("subscribe", "set") and outcome.applied else None
         new = [t for change in outcome.plan.values() for t in change.subscribe]
         before = live.before(new) if live else {}  # before Kite hears of them: its first tick is quick
@@ -386,7 +439,35 @@ class ControlLoop:
                 request = Request("unsubscribe", tokens, client)
                 outcome = self._book.apply(request)
                 await self._execute(outcome)
-                self._answer(None, None, "", request, outcome)
+                self._answer(None, None, "", request, outcome, reason="ttl ran out")
+            await self._commit()
+
+    async def _expire_silent(self) -> None:
+        """Session clients whose heartbeat went silent lose every claim: a normal release,
+        recorded as op ``expire`` with the reason. The heartbeats of clients that hold no
+        claim are deleted once older than this publisher's client timeout."""
+        if time.monotonic() < self._heartbeat_check_at or not self._fence.valid():
+            return
+        self._heartbeat_check_at = time.monotonic() + HEARTBEAT_CHECK
+        async with self._writing:
+            beats, bad = _heartbeats(await self._redis.hgetall(self._keys.client_heartbeat))
+            wall, now = time.time(), time.monotonic()
+            for silent in self._heartbeats.silent(self._book.sessions, beats, wall, now):
+                log.warning(
+                    "client %s: %s; releasing its claims tokens=%d",
+                    silent.client, silent.reason, len(self._book.claims.get(silent.client, ())),
+                )  # fmt: skip
+                request = Request("release", (), silent.client)
+                outcome = self._book.apply(request)
+                self._heartbeats.forget(silent.client)
+                await self._execute(outcome)
+                self._answer(None, None, "", request, outcome, reason=silent.reason)
+            sessions = self._book.sessions
+            old = [c for c, at in beats.items() if c not in sessions and wall - at > self._client_timeout]
+            if old or bad:
+                if self._batch is None:
+                    self._batch = _Batch(self._redis, self._fence)
+                self._batch.state.hdel(self._keys.client_heartbeat, *old, *bad)
             await self._commit()
 
     def _answer(
@@ -396,9 +477,11 @@ class ControlLoop:
         error: str,
         request: Request | None = None,
         outcome: Outcome | None = None,
+        reason: str = "",
     ) -> None:
         """Queue the outcome's persistence (if any), the result and the XACK on the batch.
-        Without an entry id it is the publisher's own change (an expiry): nothing to XACK."""
+        Without an entry id it is the publisher's own change (an expiry, why in ``reason``):
+        nothing to XACK."""
         result = {
             "request": entry_id or "",
             "op": ("expire" if entry_id is None else request.op) if request else _field(fields, "op"),
@@ -410,10 +493,12 @@ class ControlLoop:
         }
         if outcome is not None and outcome.released:
             result["released"] = _tokens_text(outcome.released)
+        if reason:
+            result["reason"] = reason
         if self._batch is None:
-            self._batch = bus.OrderedWrites(self._redis, 3)
+            self._batch = _Batch(self._redis, self._fence)
         if request is not None and outcome is not None:
-            self._persist(self._batch.stages[0], request, outcome)
+            self._persist(self._batch.state, request, outcome)
         self._send(entry_id, result)
         if result["ok"] == "0" and not self._quiet.allow():
             return
@@ -427,8 +512,8 @@ class ControlLoop:
     def _send(self, entry_id: str | None, result: dict[str, str]) -> None:
         """Queue a result, and the entry's XACK, on the batch."""
         if self._batch is None:
-            self._batch = bus.OrderedWrites(self._redis, 3)
-        results = self._batch.stages[1]
+            self._batch = _Batch(self._redis, self._fence)
+        results = self._batch.results
         results.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
         if entry_id is not None:
             self._unwritten[entry_id] = result
@@ -436,7 +521,7 @@ class ControlLoop:
         else:
             self._orphans.append(result)
 
-    def _persist(self, pipe: bus.Pipeline, request: Request, outcome: Outcome) -> None:
+    def _persist(self, pipe: bus.Writes, request: Request, outcome: Outcome) -> None:
         keys, book = self._keys, self._book
         claims_key = keys.claims(request.client)
         released = outcome.applied if request.op in RELEASES else outcome.released
@@ -447,9 +532,15 @@ class ControlLoop:
             pipe.sadd(keys.clients, request.client)
         if request.client in book.claims:
             pipe.hset(keys.client_activity, request.client, f"{time.time():.3f}")
+            timeout = book.sessions.get(request.client)
+            if request.session is not None and timeout is not None:
+                pipe.hset(keys.session_clients, request.client, f"{timeout:g}")
+                pipe.hset(keys.client_heartbeat, request.client, f"{time.time():.3f}")  # a sign of life
         elif released:
             pipe.srem(keys.clients, request.client)
             pipe.hdel(keys.client_activity, request.client)
+            pipe.hdel(keys.session_clients, request.client)
+            pipe.hdel(keys.client_heartbeat, request.client)
         self._persist_deadlines(pipe, request.client)
         for change in outcome.plan.values():
             if change.unsubscribe:
@@ -463,7 +554,7 @@ class ControlLoop:
                 pipe.hset(keys.token_mode, mapping={str(t): m for t, m in modes.items()})
 
 
-    def _persist_deadlines(self, pipe: bus.Pipeline, client: str) -> None:
+    def _persist_deadlines(self, pipe: bus.Writes, client: str) -> None:
         """The client's claim deadlines, rewritten from the book (a handful of fields)."""
         pipe.delete(self._keys.deadlines(client))
         deadlines = self._book.deadlines.get(client)
@@ -493,6 +584,23 @@ class _RateLimitedLog:
             return True
         self._skipped += 1
         return False
+
+
+def _heartbeats(raw: Mapping[bytes, bytes]) -> tuple[dict[str, float], list[bytes]]:
+    """``{ns}:client_heartbeat`` as client -> epoch seconds, and the fields that are not."""
+    beats: dict[str, float] = {}
+    bad: list[bytes] = []
+    for raw_client, raw_at in raw.items():
+        try:
+            at = float(raw_at)
+            client = raw_client.decode()
+        except (ValueError, UnicodeDecodeError):
+            at = math.nan
+        if math.isfinite(at):
+            beats[client] = at
+        else:
+            bad.append(raw_client)
+    return beats, bad
 
 
 def _id_order(entry_id: bytes) -> tuple[int, int]:

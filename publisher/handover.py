@@ -18,12 +18,13 @@ import time
 from collections.abc import Sequence
 
 from config.keys import Keys
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.connection import KiteConnection
 from publisher.health import Health
 from publisher.lease import Lease
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.handover")
 

@@ -25,10 +25,11 @@ from pathlib import Path
 from config.keys import Keys
 from config.masking import mask_secrets
 from kitewire.instruments import InstrumentsError, UnknownInstrument, parse_instruments
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.health import Health
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.instruments")
 

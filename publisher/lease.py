@@ -11,13 +11,18 @@ A clean stop leaves the key saying ``released``, and a standby takes over at onc
 A leader trusts its lease only for ``0.8 * ttl`` from the moment it *sent* its last
 successful renewal (``valid``): the key cannot have expired before, so no other
 publisher can lead yet. It checks before every write to Redis and every frame it
-publishes. A lease that was not renewed in time has *lapsed*: the leader writes nothing
-and publishes nothing, but keeps its book and keeps trying to renew; it is *lost* only
-when Redis answers that another publisher holds the key. So an outage of Redis alone
-(down, paused, restarted empty) costs no claim: the leader renews (or takes the key
-back) as soon as Redis answers, and carries on from its own book. A standby that itself
-lost sight of Redis waits ``ttl`` after Redis answers it again before it takes a free
-key (``standby.py``), so the leader it could not see has the first chance.
+publishes. Redis checks too, since a leader can freeze between its check and its write:
+every state write (claims, hashes, results, acknowledgements, status) carries the lease
+(``guard``, ``bus.OrderedWrites``) and is refused unless ``{ns}:leader`` still holds
+this term's value (on a cluster: unless no higher fence wrote to the slot); a refusal
+ends the term at once (``depose``). The tick flow is checked by the leader alone. A
+lease that was not renewed in time has *lapsed*: the leader writes nothing and publishes
+nothing, but keeps its book and keeps trying to renew; it is *lost* only when Redis
+answers that another publisher holds the key. So an outage of Redis alone (down, paused,
+restarted empty) costs no claim: the leader renews (or takes the key back) as soon as
+Redis answers, and carries on from its own book. A standby that itself lost sight of
+Redis waits ``ttl`` after Redis answers it again before it takes a free key
+(``standby.py``), so the leader it could not see has the first chance.
 """
 
 from __future__ import annotations
@@ -29,10 +34,11 @@ import socket
 import time
 
 from config.keys import Keys
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.health import Health
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.lease")
 
@@ -88,6 +94,17 @@ class Fence:
     async def wait_valid(self) -> None:
         """Return once writes are allowed again, or the lease is lost for good."""
 
+    def guard(self) -> bus.Guard | None:
+        """What Redis is to check before it applies this publisher's state writes (None:
+        nothing, there is no lease)."""
+        return None
+
+    async def depose(self, why: str, seen: int | None = None) -> None:
+        """Redis refused a write: another publisher leads (``seen``: its fence, if known)."""
+
+    def renew_soon(self) -> None:
+        """Redis refused a write for want of any lease (it lost its data): renew now."""
+
 
 class Lease(Fence):
     """``await acquire()`` until it is True; then ``start()`` renews it; ``lost`` is set
@@ -95,6 +112,7 @@ class Lease(Fence):
 
     def __init__(self, client: bus.Client, keys: Keys, ttl: float = 3.0) -> None:
         self._redis = client
+        self._keys = keys
         self.key = keys.leader
         self._fence_key = f"{keys.ns}:leader_fence"
         self.ttl = ttl
@@ -107,6 +125,7 @@ class Lease(Fence):
         self.lapses = 0  # times the lease lapsed and was renewed or lost after
         self._lapsed_at = 0.0  # monotonic; 0 while the lease is trusted
         self._renewed = asyncio.Event()  # set on each renewal, and when the lease is lost
+        self._renew_now = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def valid(self) -> bool:
@@ -138,8 +157,27 @@ class Lease(Fence):
 
     def _lose(self, why: str) -> None:
         log.error("%s: stepping down fence=%d", why, self.fence)
+        self._trusted_until = 0.0
         self.lost.set()
         self._renewed.set()
+
+    def renew_soon(self) -> None:
+        self._renew_now.set()
+
+    def guard(self) -> bus.Guard:
+        return bus.Guard(self._keys, self.value, self.fence)
+
+    async def depose(self, why: str, seen: int | None = None) -> None:
+        if self.lost.is_set():
+            return
+        self._lose(why)
+        if seen is not None and seen > self.fence:
+            # the fence counter may have been lost (a cluster node restarted empty) while
+            # a slot kept a higher fence: the next term must be numbered above it
+            try:
+                await self._redis.eval(_FENCE_AT_LEAST, 1, self._fence_key, seen)
+            except REDIS_FAULTS:
+                pass  # then the next leader is refused once more, and this is tried again
 
     async def acquire(self) -> bool:
         """Take the lease if nobody holds it (absent, or released by a clean stop)."""
@@ -187,7 +225,12 @@ class Lease(Fence):
     async def _run(self) -> None:
         failing = False
         while not self.lost.is_set():
-            await asyncio.sleep(self.ttl / 3 if self.valid() else RETRY)
+            try:
+                async with asyncio.timeout(self.ttl / 3 if self.valid() else RETRY):
+                    await self._renew_now.wait()
+            except TimeoutError:
+                pass
+            self._renew_now.clear()
             try:
                 if not await self.renew():
                     self._lose("lease taken by another publisher")

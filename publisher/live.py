@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass, field
 
 from config.keys import RESULTS_MAXLEN, Keys
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.health import Health
 from publisher.lease import Fence
 from publisher.sink import TickSink
-from publisher.tasks import Backoff, cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("kitebus.live")
 
@@ -132,7 +133,7 @@ class LiveWatch:
 
     async def _write(self) -> None:
         """The follow-ups due, in order, in one transaction: all written or none."""
-        async with bus.pipeline(self._redis) as pipe:
+        async with bus.fenced(self._redis, self._fence) as pipe:
             for result in self._unsent:
                 pipe.xadd(self._keys.control_results, result, maxlen=RESULTS_MAXLEN, approximate=True)
             await pipe.execute()

@@ -15,16 +15,18 @@ from prometheus_client.registry import Collector
 
 from config.keys import Keys
 from kitewire.encoder import SPEEDUPS
-from publisher import bus
 from publisher.access_token import AccessTokenSource
-from publisher.bus import REDIS_FAULTS
 from publisher.connection import LIVE, KiteConnection
 from publisher.health import Health
 from publisher.instruments import InstrumentsLoader
 from publisher.lease import Fence, Lease
+from publisher.order_feed import OrderFeed
 from publisher.sink import TickSink
 from publisher.subscriptions import SubscriptionBook
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.monitor")
 
@@ -50,6 +52,7 @@ class Monitor:
         lease: Lease | None = None,
         health: Health | None = None,
         problems: Callable[[], dict[str, str]] | None = None,
+        orders: OrderFeed | None = None,
     ) -> None:
         """``problems``: what each component says is wrong now (name -> reason, "" for
         nothing), taken into ``health`` at every round."""
@@ -66,6 +69,7 @@ class Monitor:
         self._fence = fence or lease or Fence()
         self.health = health or Health()
         self._problems = problems or dict
+        self.orders = orders
         self.interval = interval
         self.started_at = time.time()
         self.state = "starting"
@@ -110,7 +114,18 @@ class Monitor:
             "redis_redirects": str(sink.redirects),
             **self._instruments_fields(),
             **self._lease_fields(),
+            **self._order_fields(),
         }
+
+    def _order_fields(self) -> dict[str, str]:
+        orders = self.orders
+        if orders is None:
+            return {}
+        return {
+            "order_updates": str(orders.published), "order_duplicates": str(orders.duplicates),
+            "order_malformed": str(orders.malformed), "order_given_up": str(orders.given_up),
+            "order_buffered": str(orders.buffered),
+        }  # fmt: skip
 
     def _lease_fields(self) -> dict[str, str]:
         lease = self.lease
@@ -143,11 +158,16 @@ class Monitor:
             "last_message_at": f"{connection.last_message_at:.3f}",
             "last_error": connection.last_error,
             "auth_failed_at": f"{connection.auth_failed_at:.3f}" if connection.auth_failed_at else "",
+            "kite_errors": str(connection.kite_errors),
+            "kite_messages": str(connection.kite_messages),
+            "last_kite_error": connection.last_kite_error,
+            "last_kite_error_at": f"{connection.last_kite_error_at:.3f}" if connection.kite_errors else "",
+            "last_kite_message": connection.last_kite_message,
         }
 
     async def write(self) -> None:
         """Write the status and connection hashes now."""
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with bus.fenced(self._redis, self._fence) as pipe:
             pipe.hset(self._keys.status, mapping=self.status_fields())
             for connection in self.connections:
                 pipe.hset(self._keys.conn(connection.index), mapping=self.connection_fields(connection))
@@ -240,7 +260,18 @@ class _Metrics(Collector):
             tokens.add_metric(label, len(connection.modes))
             if connection.last_message_at:
                 age.add_metric(label, now - connection.last_message_at)
-        yield from (ticks, reconnects, live, tokens, age)
+        kite_errors = CounterMetricFamily(
+            "kitebus_kite_errors", "Kite's error texts received", labels=["connection"]
+        )
+        kite_messages = CounterMetricFamily(
+            "kitebus_kite_messages", "Kite's message texts received", labels=["connection"]
+        )
+        for connection in monitor.connections:
+            kite_errors.add_metric([str(connection.index)], connection.kite_errors)
+            kite_messages.add_metric([str(connection.index)], connection.kite_messages)
+        yield from (ticks, reconnects, live, tokens, age, kite_errors, kite_messages)
+        if monitor.orders is not None:
+            yield from _order_metrics(monitor.orders)
         yield CounterMetricFamily("kitebus_published_ticks", "Ticks published to Redis", value=sink.published)
         yield CounterMetricFamily(
             "kitebus_conflated_ticks", "Ticks given up under overload, each token's newest kept",
@@ -282,3 +313,23 @@ class _Metrics(Collector):
         for task, count in sorted(monitor.health.restarts.items()):
             restarts.add_metric([task], count)
         yield restarts
+
+
+def _order_metrics(orders: OrderFeed) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    yield CounterMetricFamily(
+        "kitebus_order_updates", "Distinct order updates written to the stream and the channel",
+        value=orders.published,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "kitebus_order_duplicates", "Order updates dropped as copies another socket brought first",
+        value=orders.duplicates,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "kitebus_order_malformed", "Kite texts that are not Kite's JSON (an order without order_id, ...)",
+        value=orders.malformed,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "kitebus_order_given_up", "Order updates given up (buffer full, lease lost, stopped)",
+        value=orders.given_up,
+    )  # fmt: skip
+    yield GaugeMetricFamily("kitebus_order_buffered", "Order updates not written yet", value=orders.buffered)

@@ -18,13 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from config.keys import RESULTS_MAXLEN, Keys
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.connection import LIVE, KiteConnection
 from publisher.lease import Fence
 from publisher.moves import Moves
 from publisher.subscriptions import ConnectionChange, SubscriptionBook
-from publisher.tasks import Backoff, cancel_and_wait
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
+from rediswire.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("kitebus.rebalance")
 
@@ -116,7 +116,10 @@ class Rebalancer:
         for src, change in breaks.items():
             await self._connections[src].apply(change)
         moved = {str(t): str(ready[t][1]) for change in breaks.values() for t in change.unsubscribe}
-        if moved and not await self._retried(lambda: self._redis.hset(self._keys.token_conn, mapping=moved)):
+        token_conn = self._keys.token_conn
+        if moved and not await self._retried(
+            lambda: bus.write(self._redis, self._fence, lambda pipe: pipe.hset(token_conn, mapping=moved))
+        ):
             log.warning("token_conn not updated: another publisher leads")
 
     async def _report(self, request: str, client: str, moved: list[int]) -> None:
@@ -126,9 +129,11 @@ class Rebalancer:
             "applied": ",".join(map(str, moved)), "rejected": "", "loads": loads,
         }  # fmt: skip
         results = self._keys.control_results
-        if not await self._retried(
-            lambda: self._redis.xadd(results, result, maxlen=RESULTS_MAXLEN, approximate=True)
-        ):
+
+        def follow_up(pipe: bus.Writes) -> None:
+            pipe.xadd(results, result, maxlen=RESULTS_MAXLEN, approximate=True)
+
+        if not await self._retried(lambda: bus.write(self._redis, self._fence, follow_up)):
             log.warning("rebalance follow-up not written request=%s", request)
         log.info("rebalanced request=%s moved=%d loads=%s", request, len(moved), loads)
 

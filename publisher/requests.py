@@ -35,6 +35,8 @@ class Request:
     mode: str | None = None  # None only for unsubscribe
     ttl: float | None = None  # seconds until the claim lapses by itself (subscribe, mode, set)
     symbols: tuple[str, ...] = ()  # EXCHANGE:TRADINGSYMBOL items, for the publisher to resolve
+    # A session client's timeout (seconds): its claims live while its heartbeat is fresher
+    session: float | None = None
 
     def resolved(self, tokens: tuple[int, ...]) -> Request:
         """This request with its symbols replaced by their ``tokens``."""
@@ -95,7 +97,7 @@ def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
     if not _CLIENT.match(client):
         raise RequestError(f"bad client {client!r}: letters, digits and _ . : @ - only")
     if op in ("rebalance", "release"):  # they act on what is held
-        for name in ("tokens", "mode", "ttl"):
+        for name in ("tokens", "mode", "ttl", "session"):
             if _text(fields, name, MAX_TOKENS_FIELD) is not None:
                 raise RequestError(f"field '{name}' makes no sense for {op} (it acts on what is held)")
         return Request(op, (), client)
@@ -113,7 +115,8 @@ def parse_request(fields: Mapping[bytes | str, bytes | str]) -> Request:
     if op == "unsubscribe":
         mode = None
     ttl = _ttl(_text(fields, "ttl", MAX_FIELD) or None, op)
-    return Request(op, tokens, client, mode, ttl, symbols)
+    session = _seconds(_text(fields, "session", MAX_FIELD) or None, "session")
+    return Request(op, tokens, client, mode, ttl, symbols, session)
 
 
 def _ttl(text: str | None, op: str) -> float | None:
@@ -121,10 +124,16 @@ def _ttl(text: str | None, op: str) -> float | None:
         return None
     if op == "unsubscribe":
         raise RequestError("field 'ttl' makes no sense for unsubscribe")
+    return _seconds(text, "ttl")
+
+
+def _seconds(text: str | None, name: str) -> float | None:
+    if text is None:
+        return None
     try:
-        ttl = float(text)
+        seconds = float(text)
     except ValueError:
-        raise RequestError(f"bad ttl {text[:20]!r}: a number of seconds") from None
-    if not 0 < ttl <= MAX_TTL:  # also refuses nan and inf
-        raise RequestError(f"bad ttl {text[:20]!r}: more than 0 and at most {MAX_TTL} seconds (a week)")
-    return ttl
+        raise RequestError(f"bad {name} {text[:20]!r}: a number of seconds") from None
+    if not 0 < seconds <= MAX_TTL:  # also refuses nan and inf
+        raise RequestError(f"bad {name} {text[:20]!r}: more than 0 and at most {MAX_TTL} seconds (a week)")
+    return seconds

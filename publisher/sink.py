@@ -47,7 +47,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Container
+from collections.abc import Collection, Container
 from dataclasses import dataclass
 
 import msgpack
@@ -56,12 +56,13 @@ from config.keys import Keys
 from config.redisurl import is_sentinel_url
 from kitewire import codec
 from kitewire.encoder import Encoder, frame_encoder
-from publisher import bus
 from publisher.health import Health
 from publisher.inflight import Answers, Batch, Command, InFlight, Released, Source, tokens_of
 from publisher.lease import Fence
-from publisher.resp import RespConnection, RespError, pack_command
-from publisher.tasks import cancel_and_wait, supervised
+from publisher.supervisor import supervised
+from rediswire import bus
+from rediswire.resp import RespConnection, RespError, pack_command
+from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.sink")
 
@@ -130,6 +131,7 @@ class TickSink:
         self._flight = InFlight(1)  # sent, not yet answered; a lane per Redis node
         self.cache: dict[int, bytes] = {}  # the last-value cache: newest payload per token
         self._released: set[int] = set()  # to delete from {ns}:last
+        self._placed: set[int] = set()  # the tokens subscribed at the last ``prune``
         self._republish: set[int] = set()  # tokens whose newest payload was given up
         self._lost: set[int] = set()  # tokens of batches whose write failed
         self._given_up = 0  # ticks discarded since conflation began
@@ -218,6 +220,18 @@ class TickSink:
             self._queue(_Queued(command, b"", 0, 0, (), other=1, route=route, upto=self.queued))
         self._work.set()
 
+    def publish_notice(self, kind: str, connection: int, reason: str) -> None:
+        """A note about a connection's feed that names no token (``kite_error``: Kite's error
+        text): one message on ``{ns}:stream_status`` with ``tokens`` empty, in order with the
+        ticks; consumers that know only ``live`` and ``stale`` change nothing for it."""
+        event = msgpack.packb({
+            "status": kind, "connection": connection, "tokens": [], "reason": reason, "at": time.time(),
+        })  # fmt: skip
+        channel = self._keys.stream_status.encode()
+        command = pack_command(self._command, channel, event)
+        self._queue(_Queued(command, b"", 0, 0, (), other=1, route=channel, upto=self.queued))
+        self._work.set()
+
     @property
     def buffered(self) -> int:
         """Ticks queued or in flight, not yet acknowledged by Redis."""
@@ -238,13 +252,16 @@ class TickSink:
     def backlog_bytes(self) -> int:
         return self._pending_bytes + self._flight.bytes
 
-    def prune(self, subscribed: Container[int]) -> None:
+    def prune(self, subscribed: Collection[int]) -> None:
         """Forget tokens no longer subscribed: out of the cache, the encoder's sequence
         numbers (claimed again, a token starts at ``seq`` 1), ``{ns}:last`` and
         ``{ns}:token_status``."""
-        gone = [t for t in self.cache if t not in subscribed]
+        # the tokens subscribed last time too: one released before its first tick here (just
+        # after a takeover, say) has no cache entry, but the old leader's snapshot in {ns}:last
+        gone = [t for t in {*self.cache, *self._placed} if t not in subscribed]
+        self._placed = set(subscribed)
         for token in gone:
-            del self.cache[token]
+            self.cache.pop(token, None)
             self._republish.discard(token)
         if gone:
             self._encoder.release(gone)
@@ -681,7 +698,7 @@ class TickSink:
 
     def _channel(self, frame: bytes) -> bytes:
         """The channel of the first packet of a frame part (``split_frame`` puts a known one first)."""
-        return self._keys.ticks(int.from_bytes(frame[4:8], "big")).encode()
+        return self._keys.ticks(codec.first_token(frame)).encode()
 
     def _mark_down(self, error: str) -> None:
         if self.redis_up:

@@ -23,9 +23,9 @@ import time
 
 from config import Keys, Settings
 from config.keys import SERVING
-from publisher import bus
-from publisher.bus import REDIS_FAULTS
 from publisher.lease import Lease
+from rediswire import bus
+from rediswire.bus import REDIS_FAULTS
 
 log = logging.getLogger("kitebus.standby")
 

@@ -63,6 +63,9 @@ class SubscriptionBook:
         self.placement: dict[int, int] = {}  # token -> connection index
         self.in_force: dict[int, str] = {}  # token -> richest mode asked
         self.deadlines: dict[str, dict[int, float]] = {}  # client -> token -> when its claim lapses
+        # Session clients (their claims live while they heartbeat) -> timeout in seconds. A
+        # client is one from its first request that says so until it holds no claim.
+        self.sessions: dict[str, float] = {}
         self.moving: dict[int, int] = {}  # token -> the connection it is moving away from
         self.loads = [0] * connections  # tokens held per connection, a moving one on both
 
@@ -120,6 +123,8 @@ class SubscriptionBook:
         if request.op not in RELEASES:
             for token in outcome.applied:
                 self._set_deadline(request, token, now)
+        if request.session is not None and request.client in self.claims:
+            self.sessions[request.client] = request.session
         return outcome
 
     def _set_deadline(self, request: Request, token: int, now: float) -> None:
@@ -201,9 +206,11 @@ class SubscriptionBook:
         self,
         claims: Mapping[str, Mapping[int, str]],
         deadlines: Mapping[str, Mapping[int, float]] | None = None,
+        sessions: Mapping[str, float] | None = None,
     ) -> tuple[Plan, dict[str, list[int]]]:
-        """Load persisted claims and their deadlines (at start, before any request). Returns
-        the plan and, per client, the tokens that no longer fit (dropped from the claims)."""
+        """Load persisted claims, their deadlines and which clients are session clients (at
+        start, before any request). Returns the plan and, per client, the tokens that no
+        longer fit (dropped from the claims)."""
         plan: Plan = {}
         dropped: dict[str, list[int]] = {}
         for client in sorted(claims):
@@ -212,6 +219,7 @@ class SubscriptionBook:
                     dropped.setdefault(client, []).append(token)
                 elif deadlines and token in deadlines.get(client, {}):
                     self.deadlines.setdefault(client, {})[token] = deadlines[client][token]
+        self.sessions.update({c: timeout for c, timeout in (sessions or {}).items() if c in self.claims})
         return _nonempty(plan), dropped
 
     # --- the two state changes ----------------------------------------------------------
@@ -241,6 +249,7 @@ class SubscriptionBook:
         del held[token]
         if not held:
             del self.claims[client]
+            self.sessions.pop(client, None)
         deadlines = self.deadlines.get(client)
         if deadlines is not None and deadlines.pop(token, None) is not None and not deadlines:
             del self.deadlines[client]

@@ -3,7 +3,10 @@
 It speaks the wire protocol of ``kite-ticker-protocol.md``: credentials checked at the
 handshake (403 when wrong), at most 3 connections per api_key, at most 3000 instruments
 per connection, ``quote`` after a plain subscribe, binary frames batching packets, a
-1-byte heartbeat when idle.
+1-byte heartbeat when idle, and each account's order updates as text messages on every
+one of its sockets. Orders are made through plain HTTP GETs on the same port
+(``/orders/place?tradingsymbol=INFY&quantity=10``, ``/orders/fill?order_id=…``, …; see
+``_ORDER_ACTIONS``), or at random (``order_rate``).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import contextlib
 import itertools
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -23,8 +28,9 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from kitewire import codec
-from kitewire.codec import MODE_QUOTE, MODES
+from kitewire.codec import MODE_QUOTE, MODES, divisor_of
 from simulator.market import Market
+from simulator.orders import OrderDesk, OrderError
 
 log = logging.getLogger("kitebus.simulator")
 
@@ -63,6 +69,8 @@ class TickerServer:
     second per connection (instruments then take turns). ``snapshots`` off: no tick of
     its own at subscribe or mode time (a test that sends every tick itself). ``accounts``:
     more api_key -> access_token pairs it accepts, each with its own limit of 3 sockets.
+    ``order_rate``: random order updates per second (0: only those asked for), for the
+    default account.
     """
 
     def __init__(
@@ -78,6 +86,7 @@ class TickerServer:
         heartbeat_interval: float = 1.0,
         snapshots: bool = True,
         accounts: dict[str, str] | None = None,
+        order_rate: float = 0.0,
     ) -> None:
         if not 0 < rate <= 100:
             raise ValueError("rate must be in (0, 100] ticks per second per instrument")
@@ -90,6 +99,7 @@ class TickerServer:
         self.heartbeat_interval = heartbeat_interval
         self.snapshots = snapshots
         self.market = Market(seed)
+        self.market_seed = seed
         self.sessions: list[Session] = []
         self._ids = itertools.count()
         self._refuse_until = 0.0
@@ -101,6 +111,10 @@ class TickerServer:
         self.handshakes: list[float] = []  # when each handshake was attempted (epoch seconds)
         self.most_sessions = 0  # the most connections open at once
         self._server: Server | None = None
+        self.order_rate = order_rate
+        self.desks: dict[str, OrderDesk] = {}  # api_key -> that account's orders
+        self.order_updates: list[tuple[str, dict[str, Any]]] = []  # (api_key, data) of each sent, in order
+        self._random_orders: asyncio.Task[None] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -114,9 +128,16 @@ class TickerServer:
             ping_interval=None,  # Kite's server does not ping; the client checks liveness
         )
         self._port = self._server.sockets[0].getsockname()[1]
+        if self.order_rate > 0:
+            self._random_orders = asyncio.create_task(self._make_random_orders(), name="random-orders")
         log.info("simulator listening url=%s", self.url)
 
     async def close(self) -> None:
+        if self._random_orders is not None:
+            self._random_orders.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._random_orders
+            self._random_orders = None
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -139,7 +160,9 @@ class TickerServer:
 
     # --- handshake ------------------------------------------------------------------------
 
-    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        if urlsplit(request.path).path.startswith("/orders"):
+            return await self._order_request(connection, request)
         self.handshakes.append(time.time())
         query = parse_qs(urlsplit(request.path).query)
         api_key = query.get("api_key", [""])[0]
@@ -345,6 +368,64 @@ class TickerServer:
                 sent += len(ticks)
         return sent
 
+    # --- order updates --------------------------------------------------------------------
+
+    def desk(self, api_key: str | None = None) -> OrderDesk:
+        """The orders of the account ``api_key`` (the default account's by default)."""
+        api_key = api_key or self.api_key
+        desk = self.desks.get(api_key)
+        if desk is None:
+            user = f"KB{len(self.desks) + 1:04d}"
+            desk = self.desks[api_key] = OrderDesk(user, price_of=self._price_of, seed=len(self.desks))
+        return desk
+
+    def _price_of(self, token: int) -> float:
+        return self.market.quote(token).last / divisor_of(token)
+
+    async def send_order(self, data: dict[str, Any], api_key: str | None = None) -> int:
+        """Send ``{"type": "order", "data": data}`` on every socket of the account, as Kite
+        does; returns on how many."""
+        api_key = api_key or self.api_key
+        self.order_updates.append((api_key, data))
+        text = json.dumps({"type": "order", "data": data})
+        sent = 0
+        for session in [s for s in self.sessions if s.api_key == api_key]:
+            with contextlib.suppress(ConnectionClosed):
+                await session.websocket.send(text)
+                sent += 1
+        return sent
+
+    async def order(self, action: str, api_key: str | None = None, **params: Any) -> dict[str, Any]:
+        """Apply ``action`` (``place``, ``fill``, ``modify``, ``cancel``, ``reject``) to the
+        account's orders with the desk's arguments, send the update; returns it. Raises
+        OrderError for a request the desk refuses."""
+        if action not in _ORDER_ACTIONS:
+            raise OrderError(f"unknown action {action!r}: one of {', '.join(_ORDER_ACTIONS)}")
+        update = getattr(self.desk(api_key), action)(**params)
+        await self.send_order(update, api_key)
+        return update
+
+    async def _order_request(self, connection: ServerConnection, request: Request) -> Response:
+        """``GET /orders`` (every order's state), ``GET /orders/<action>?<arguments>``."""
+        parts = urlsplit(request.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        api_key = query.pop("api_key", None)
+        action = parts.path.removeprefix("/orders").strip("/")
+        try:
+            if not action:
+                body: Any = list(self.desk(api_key).orders.values())
+            else:
+                body = await self.order(action, api_key, **_order_arguments(action, query))
+        except (OrderError, TypeError, ValueError) as exc:
+            return _json_response(connection, HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+        return _json_response(connection, HTTPStatus.OK, body)
+
+    async def _make_random_orders(self) -> None:
+        rng = random.Random(self.market_seed)
+        while True:
+            await asyncio.sleep(rng.expovariate(self.order_rate))
+            await self.send_order(self.desk().random_step())
+
     async def rotate_access_token(self, access_token: str) -> int:
         """Kite's daily logout: from now on only ``access_token`` is valid, and every
         connection opened with another one is closed. Returns how many were closed."""
@@ -452,6 +533,35 @@ def _websocket_frames(frames: list[tuple[bytes, int]], chunk: int = 1 << 20) -> 
     if out:
         chunks.append(b"".join(out))
     return chunks, sum(ticks for _, ticks in frames)
+
+
+_ORDER_ACTIONS: dict[str, dict[str, type]] = {  # action -> its arguments and their types
+    "place": {
+        "tradingsymbol": str, "quantity": int, "exchange": str, "transaction_type": str, "order_type": str,
+        "price": float, "product": str, "tag": str, "reject": str,
+    },
+    "fill": {"order_id": str, "quantity": int, "price": float},
+    "modify": {"order_id": str, "quantity": int, "price": float},
+    "cancel": {"order_id": str},
+    "reject": {"order_id": str, "reason": str},
+}  # fmt: skip
+
+
+def _order_arguments(action: str, query: dict[str, str]) -> dict[str, Any]:
+    known = _ORDER_ACTIONS.get(action)
+    if known is None:
+        raise OrderError(f"unknown action {action!r}: one of {', '.join(_ORDER_ACTIONS)}")
+    unknown = set(query) - set(known)
+    if unknown:
+        raise OrderError(f"unknown argument(s) {', '.join(sorted(unknown))} for {action}")
+    return {name: known[name](value) for name, value in query.items()}
+
+
+def _json_response(connection: ServerConnection, status: HTTPStatus, body: Any) -> Response:
+    response = connection.respond(status, json.dumps(body) + "\n")
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
 
 
 def _tokens(value: object) -> list[int]:

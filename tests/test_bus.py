@@ -1,4 +1,4 @@
-"""publisher/bus.py: what tells a Redis Cluster from one server, without a server."""
+"""rediswire/bus.py: what tells a Redis Cluster from one server, without a server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from redis.crc import key_slot
 
 from config import load_settings
 from config.settings import SettingsError
-from publisher import bus
+from rediswire import bus
 
 
 def test_node_url_keeps_scheme_and_credentials_and_uses_db_0() -> None:

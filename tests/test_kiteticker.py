@@ -1,12 +1,14 @@
-"""The drop-in's pure parts: ticks as the official client shapes them, client ids."""
+"""The drop-in's pure parts: ticks as the official client shapes them, client ids, the
+account whose order updates it gets."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
-from consumers.kiteticker import KiteTicker, as_official, default_client_id
+from consumers.kiteticker import KiteTicker, account_of, as_official, default_client_id
 from kitewire import codec
 from simulator.market import Market
 
@@ -34,3 +36,15 @@ def test_modes_match_the_constants(mode: str) -> None:
 
 def test_the_default_client_id_is_a_valid_one() -> None:
     assert re.fullmatch(r"kiteticker-[A-Za-z0-9_.-]+-\d+", default_client_id())
+
+
+def test_the_order_updates_are_those_of_the_account_of_its_api_key(monkeypatch) -> None:
+    accounts = [{"name": "b", "api_key": "key-b", "access_token": "t"}]
+    monkeypatch.setenv("KITEBUS_ACCOUNTS", json.dumps(accounts))
+    assert account_of("key-b") == "b"
+    assert account_of("the-default-key") == "default" and account_of(None) == "default"
+    bus = {"redis_url": "redis://h", "namespace": "n", "redis_cluster": False}
+    assert KiteTicker("key-b", "x", **bus).account == "b"
+    assert KiteTicker("key-b", "x", **bus, account="c").account == "c"
+    monkeypatch.setenv("KITEBUS_ACCOUNTS", "not json")  # a broken environment is the default account
+    assert account_of("key-b") == "default"

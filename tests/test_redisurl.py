@@ -6,7 +6,7 @@ import pytest
 
 from config import SettingsError, load_settings
 from config.redisurl import SentinelURL, is_sentinel_url, parse_sentinel_url
-from publisher import bus
+from rediswire import bus
 
 
 @pytest.mark.parametrize(

@@ -71,13 +71,28 @@ def test_ttl_is_a_positive_number_of_seconds_up_to_a_week() -> None:
         parse_request({"op": "unsubscribe", "tokens": "1", "ttl": "5"})
 
 
+def test_session_is_a_client_timeout_in_seconds_on_any_op_but_release_and_rebalance() -> None:
+    from publisher.requests import MAX_TTL, RequestError, parse_request
+
+    for op in ("subscribe", "unsubscribe", "set"):
+        assert parse_request({"op": op, "tokens": "1", "session": "60"}).session == 60.0
+    assert parse_request({"op": "mode", "tokens": "1", "mode": "ltp", "session": "0.5"}).session == 0.5
+    assert parse_request({"op": "subscribe", "tokens": "1"}).session is None
+    for bad in ("0", "-1", "abc", "nan", "inf", str(MAX_TTL + 1)):
+        with pytest.raises(RequestError, match="bad session"):
+            parse_request({"op": "subscribe", "tokens": "1", "session": bad})
+    for op in ("release", "rebalance"):
+        with pytest.raises(RequestError, match="field 'session' makes no sense"):
+            parse_request({"op": op, "session": "60"})
+
+
 _CRAFTED = st.sampled_from(
     ["..", "*", "{", "}", "{kite}", "../../etc", "a\nb", "kite2:claims", "x y", "", " ", "\x00", "é", "ops"]
 )
 _LONG = st.text(min_size=65, max_size=300)
 _VALUES = st.one_of(st.binary(max_size=80), st.text(max_size=80), _CRAFTED, _LONG)
 _FIELDS = st.dictionaries(
-    st.one_of(st.sampled_from(["op", "tokens", "mode", "client", "ttl"]), st.text(max_size=10)),
+    st.one_of(st.sampled_from(["op", "tokens", "mode", "client", "ttl", "session"]), st.text(max_size=10)),
     _VALUES,
     max_size=6,
 )

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from config import Keys, SettingsError, load_settings
+from config import Keys, SettingsError, load_client_timeout, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +20,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         "KITEBUS_NAMESPACE",
         "KITEBUS_CONNECTIONS",
         "KITEBUS_TOKENS_PER_CONNECTION",
+        "KITEBUS_CLIENT_TIMEOUT",
     ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # no stray .env
@@ -107,3 +108,20 @@ def test_instruments_is_a_path_or_an_http_url(monkeypatch: pytest.MonkeyPatch) -
         load_settings()
     monkeypatch.setenv("KITEBUS_INSTRUMENTS", " https://api.kite.trade/instruments ")
     assert load_settings().instruments == "https://api.kite.trade/instruments"
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon", "nan", "inf", "604801"])
+def test_a_bad_client_timeout_is_a_clear_settings_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("KITEBUS_CLIENT_TIMEOUT", value)
+    for load in (load_settings, load_client_timeout):  # the library reads it alone, without Settings
+        with pytest.raises(SettingsError) as caught:
+            load()
+        message = str(caught.value)
+        assert message.startswith("invalid setting KITEBUS_CLIENT_TIMEOUT: must be a number of seconds")
+        assert repr(value) in message and "\n" not in message
+
+
+def test_the_client_timeout_defaults_to_a_minute(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    assert load_settings().client_timeout == load_client_timeout() == 60.0
+    (tmp_path / ".env").write_text("KITEBUS_CLIENT_TIMEOUT=2.5\n")
+    assert load_settings().client_timeout == load_client_timeout() == 2.5

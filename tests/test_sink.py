@@ -67,6 +67,19 @@ async def test_released_tokens_leave_the_cache_and_are_deleted_from_the_snapshot
     ]
 
 
+async def test_a_token_released_before_its_first_tick_here_is_deleted_from_the_snapshot() -> None:
+    """Found by the soak: just after a takeover, a token subscribed but not yet ticked (no
+    cache entry) was released; the old leader's snapshot of it stayed in {ns}:last."""
+    sink = _sink()
+    sink.prune({A, B})  # subscribed, no tick of either yet
+    sink.prune({A})  # B released
+    _, (data,) = sink._take_batch()
+    assert parse_commands(data) == [
+        [b"HDEL", b"paper:last", b"%d" % B],
+        [b"HDEL", b"paper:token_status", b"%d" % B],
+    ]
+
+
 async def test_a_released_tokens_hdel_waits_behind_every_queued_hset_of_it() -> None:
     """Found by the soak: with a backlog of several batches (after Redis came back), the HDEL
     went out in the first batch and an older HSET of the token re-created its snapshot."""

@@ -18,3 +18,13 @@ def test_seq_starting_again_after_a_release_is_neither_a_gap_nor_a_duplicate() -
     assert sub._accept(_tick(2, 11)) and sub.missed == 0 and not sub.gaps
     assert not sub._accept(_tick(1, 9))  # an older seq 1 is no restart
     assert sub._accept(_tick(4, 12)) and sub.gaps == {7: 1}  # a real gap still counts
+
+
+def test_a_claim_again_whose_first_ticks_were_lost_is_told_by_time_not_dropped() -> None:
+    """Ticks 1 and 2 of the new claim never came (Redis away): tick 3 is newer than the
+    last one seen, so it is delivered and the two count as missed, not taken for repeats."""
+    sub = TickSubscriber("redis://127.0.0.1:1/0")
+    assert all(sub._accept(_tick(s, s)) for s in range(1, 51))
+    assert sub._accept(_tick(3, 100)) and sub.missed == 2 and sub.gaps == {7: 2}
+    assert sub._accept(_tick(4, 101)) and sub.missed == 2
+    assert not sub._accept(_tick(3, 100))  # republished: the same tick again

@@ -195,6 +195,28 @@ def test_deadlines_survive_a_restore() -> None:
     assert book.deadlines == {"a": {2: 99.0}} and book.due(100) == {"a": (2,)}
 
 
+def test_a_session_client_is_one_from_its_first_session_request_until_it_holds_no_claim() -> None:
+    book = SubscriptionBook(3, 10)
+    book.apply(Request("subscribe", (1,), "ops", "quote"))  # straight to the stream: standing
+    book.apply(Request("subscribe", (1, 2), "lib", "quote", session=60.0))
+    book.apply(Request("subscribe", (9,), "lib", "full"))  # a request without it changes no kind
+    assert book.sessions == {"lib": 60.0}
+    book.apply(Request("unsubscribe", (1, 2), "lib", session=30.0))
+    assert book.sessions == {"lib": 30.0}  # it still holds 9; its latest timeout counts
+    book.apply(Request("release", (), "lib"))
+    assert book.sessions == {} and book.claims == {"ops": {1: "quote"}}
+    rejected = SubscriptionBook(1, 1)
+    rejected.apply(sub([1], client="other"))
+    rejected.apply(Request("subscribe", (2,), "lib", "quote", session=60.0))  # no room: no claim, no kind
+    assert rejected.sessions == {}
+
+
+def test_sessions_survive_a_restore_for_clients_that_still_hold_claims() -> None:
+    book = SubscriptionBook(1, 1)
+    _, dropped = book.restore({"a": {1: "quote"}, "b": {2: "quote"}}, {}, {"a": 5.0, "b": 7.0, "c": 9.0})
+    assert dropped == {"b": [2]} and book.sessions == {"a": 5.0}
+
+
 def test_rebalance_evens_out_make_before_break() -> None:
     book = SubscriptionBook(3, 4)
     book.apply(sub(range(1, 13)))

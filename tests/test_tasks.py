@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from publisher.health import Health
-from publisher.tasks import cancel_and_wait, describe_crash, run_until, supervised
+from publisher.supervisor import describe_crash, supervised
+from rediswire.tasks import cancel_and_wait, run_until
 from tests.integration.conftest import eventually
 
 

@@ -62,8 +62,10 @@ def keys() -> Keys:
 
 
 @pytest.fixture
-def control(rds: redis.Redis) -> ControlClient:
-    return ControlClient(rds, "kite")
+async def control(rds: redis.Redis) -> AsyncIterator[ControlClient]:
+    client = ControlClient(rds, "kite")  # its claims are a session's: this test's heartbeat keeps them
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

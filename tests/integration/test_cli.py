@@ -186,3 +186,40 @@ async def test_ctl_lists_clients_and_releases_a_vanished_one(publisher, control,
     assert not await rds.exists(keys.claims("gone"), keys.deadlines("gone"))
     assert await rds.smembers(keys.clients) == {b"alive"}
     assert await rds.hkeys(keys.client_activity) == [b"alive"]
+
+
+async def test_tail_orders_prints_order_updates_as_they_come(publisher, simulator, redis_url) -> None:
+    placed = await simulator.order("place", tradingsymbol="SBIN", quantity=10, price=960.0)
+    await simulator.order("fill", order_id=placed["order_id"], quantity=4)
+    await eventually(lambda: publisher.orders.published == 2)
+    code, out, _ = await kitebus(redis_url, "tail", "--orders", "--since", "0", "--json", "--count", "2")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [u["status"] for u in lines] == ["OPEN", "UPDATE"]
+    assert {u["account"] for u in lines} == {"default"} and lines[0]["id"] < lines[1]["id"]
+    assert lines[0]["data"] == placed and lines[1]["data"]["filled_quantity"] == 4
+    # from now on, as they come, one line each
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kitebus", "tail", "--orders", "--count", "2",
+        env={**os.environ, "REDIS_URL": redis_url, "KITEBUS_NAMESPACE": "kite"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    await eventually(lambda: _client_waits(redis_url, "xread"))
+    await simulator.order("fill", order_id=placed["order_id"])
+    await simulator.order("place", tradingsymbol="INFY", quantity=1, reject="RMS: margin exceeds")
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    first, second = out.decode().splitlines()
+    assert proc.returncode == 0, err.decode()
+    assert f"ORDER [default] {placed['order_id']} COMPLETE BUY SBIN 10/10 @ 960.00" in first
+    assert "REJECTED BUY INFY 0/1" in second and "'RMS: margin exceeds'" in second
+    code, _, err = await kitebus(redis_url, "tail")
+    assert code == 2 and "--orders" in err
+
+
+async def _client_waits(redis_url: str, command: str) -> bool:
+    import redis.asyncio as redis
+
+    client = redis.from_url(redis_url)
+    try:
+        return any(c["cmd"] == command for c in await client.client_list())
+    finally:
+        await client.aclose()

@@ -15,12 +15,14 @@ from config.keys import CONTROL_GROUP
 from consumers.control import ControlClient
 from consumers.subscriber import TickSubscriber
 from kitebus.localredis import LocalCluster
-from publisher import bus
 from publisher.app import Publisher
 from publisher.control import CONSUMER
+from publisher.lease import Lease
+from rediswire import bus
 from simulator.server import TickerServer
 from tests.integration.conftest import FAST, eventually
 from tests.integration.test_cli import kitebus
+from tests.integration.test_fence import StubFence
 
 KEYS = Keys("kite")
 
@@ -234,5 +236,98 @@ async def test_a_pending_request_already_answered_is_acknowledged_not_answered_a
         await running.stop()
 
 
+async def test_a_slot_a_newer_fence_wrote_to_refuses_the_older_ones_writes(crds) -> None:
+    """A script reaches one slot: each slot keeps the highest fence that wrote to it, and a
+    lower one's part of a batch is refused; where no newer fence wrote yet, it lands."""
+    old, new = StubFence("5:old:1", 5), StubFence("6:new:2", 6)
+    start = bus.OrderedWrites(crds, 1, new)  # what a new leader's start does
+    start.stages[0].stamp(KEYS.control, KEYS.control_results)
+    start.stages[0].hset(KEYS.token_conn, "1", "0")
+    await start.execute()
+    untouched = next(f"c{n}" for n in range(100) if key_slot(KEYS.claims(f"c{n}").encode()) not in
+                     {key_slot(k.encode()) for k in (KEYS.control, KEYS.control_results, KEYS.token_conn)})
+    batch = bus.OrderedWrites(crds, 3, old)
+    batch.stages[0].hset(KEYS.claims(untouched), "2", "ltp")
+    batch.stages[0].hset(KEYS.token_conn, "2", "0")
+    batch.stages[1].xadd(KEYS.control_results, {"request": "1-1"})
+    batch.stages[2].xack(KEYS.control, CONTROL_GROUP, "1-1")
+    with pytest.raises(bus.Deposed, match="DEPOSED 6 wrote to this slot after our fence 5"):
+        await batch.execute()
+    assert [seen for _, seen in old.deposed] == [6]
+    assert await crds.hgetall(KEYS.token_conn) == {b"1": b"0"}  # refused
+    assert await crds.xlen(KEYS.control_results) == 0  # the later stages were never sent
+    assert await crds.hgetall(KEYS.claims(untouched)) == {b"2": b"ltp"}  # the documented limit
+    again = bus.OrderedWrites(crds, 1, new)
+    again.stages[0].hset(KEYS.token_conn, "3", "0")
+    await again.execute()  # the newer fence writes on
+    assert await crds.hget(KEYS.token_conn, "3") == b"0" and not new.deposed
+
+
+async def test_a_leader_on_a_cluster_serves_with_fenced_writes_until_a_newer_fence_wrote(
+    cluster_settings, crds
+) -> None:
+    lease = Lease(crds, KEYS)
+    assert await lease.acquire()
+    leader = Publisher(cluster_settings, FAST, lease=lease)
+    lease.start(leader.health)
+    try:
+        await leader.start()
+        control = ControlClient(crds, "kite")
+        assert (await control.subscribe([408065], mode="ltp", client="a", timeout=10)).ok
+        assert await crds.hgetall(KEYS.claims("a")) == {b"408065": b"ltp"}
+        control_fence = KEYS.slot_fence(bus.slot_tag(key_slot(KEYS.control.encode())))
+        assert int(await crds.get(control_fence)) == lease.fence  # claimed at start
+        # a newer leader's start claims the slots of the control stream and its results
+        newer = bus.OrderedWrites(crds, 1, StubFence("99:new:2", lease.fence + 1))
+        newer.stages[0].stamp(KEYS.control, KEYS.control_results)
+        await newer.execute()
+        request = await crds.xadd(KEYS.control, _request("884737", "a"))
+        await eventually(lambda: lease.lost.is_set(), timeout=10)
+        assert request not in [f[b"request"] for _, f in await crds.xrange(KEYS.control_results)]
+        assert (await crds.xpending(KEYS.control, CONTROL_GROUP))["pending"] == 1  # never acknowledged
+    finally:
+        await leader.stop()
+        await lease.close(release=not lease.lost.is_set())
+
+
 def _request(tokens: str, client: str) -> dict[str, str]:
     return {"op": "subscribe", "tokens": tokens, "mode": "ltp", "client": client}
+
+
+async def test_order_updates_go_to_the_stream_and_out_sharded_on_a_cluster(
+    cluster, cluster_publisher, crds, simulator
+) -> None:
+    import msgpack
+
+    node = cluster.nodes[cluster.owner(key_slot(KEYS.orders.encode()))]  # the stream's and the channel's
+    listener = redis.from_url(node.url)
+    pubsub = listener.pubsub()
+    await pubsub.execute_command("SSUBSCRIBE", KEYS.orders)
+    async with TickSubscriber(crds, client="strat") as sub:
+        reader = sub.order_updates()
+        await reader.start()
+        placed = await simulator.order("place", tradingsymbol="SBIN", quantity=2, price=960.0)
+        filled = await simulator.order("fill", order_id=placed["order_id"])
+        got = [await reader.next(10) for _ in range(2)]
+    assert [u.data for u in got] == [placed, filled]  # type: ignore[union-attr]
+    assert [f[b"status"] for _, f in await crds.xrange(KEYS.orders)] == [b"OPEN", b"COMPLETE"]
+    heard: list[dict] = []
+    async with asyncio.timeout(10):
+        while len(heard) < 2:
+            message = await pubsub.parse_response(block=True)
+            if message[0] == b"smessage":
+                heard.append(msgpack.unpackb(message[2]))
+    assert heard == [{**placed, "account": "default"}, {**filled, "account": "default"}]
+    await pubsub.aclose()
+    await listener.aclose()
+
+
+async def test_order_writes_are_fenced_per_slot_on_a_cluster(cluster, crds) -> None:
+    from tests.integration.test_orders import _fenced_feed_writes_then_is_refused
+
+    node = cluster.nodes[cluster.owner(key_slot(KEYS.orders.encode()))]
+    listener = redis.from_url(node.url)
+    try:
+        await _fenced_feed_writes_then_is_refused(crds, listener, sharded=True)
+    finally:
+        await listener.aclose()

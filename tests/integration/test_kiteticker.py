@@ -93,7 +93,7 @@ async def test_ticks_arrive_in_batches_and_close_releases_the_claims(
     assert all(t["mode"] == "quote" and "received_at_ns" not in t for b in batches for t in b)
     assert await rds.hgetall(keys.claims("dropin-1")) == {b"408065": b"quote", b"256265": b"quote"}
 
-    ticker.close()
+    await asyncio.to_thread(ticker.close)  # it waits for the publisher, which runs in this loop
     await asyncio.to_thread(ticker.websocket_thread.join, 10)
     assert not ticker.websocket_thread.is_alive()
     assert closed == [(1000, "closed by the client")]
@@ -125,7 +125,7 @@ async def test_rejected_tokens_reach_on_error_by_name(simulator, settings) -> No
         await _run_threaded(ticker)
         await eventually(lambda: errors)
         assert "subscribe rejected by the publisher" in errors[0] and str(TCS) in errors[0]
-        ticker.close()
+        await asyncio.to_thread(ticker.close)
         await asyncio.to_thread(ticker.websocket_thread.join, 10)
     finally:
         await running.stop()
@@ -154,11 +154,11 @@ async def test_a_stopped_publisher_is_a_close_then_a_reconnect_that_resubscribes
             await eventually(lambda: events.count("connect") >= 2, timeout=30)
             await eventually(lambda: INFY in seen)
         finally:
-            ticker.close()
+            await asyncio.to_thread(ticker.close)
             await asyncio.to_thread(ticker.websocket_thread.join, 10)
             await second.stop()
     finally:
-        ticker.close()
+        await asyncio.to_thread(ticker.close)
 
 
 async def test_a_dropped_kite_connection_at_the_publisher_is_an_error_and_not_connected(
@@ -178,5 +178,42 @@ async def test_a_dropped_kite_connection_at_the_publisher_is_an_error_and_not_co
         seen.clear()
         await eventually(lambda: INFY in seen and ticker.is_connected())  # back once the publisher is
     finally:
-        ticker.close()
+        await asyncio.to_thread(ticker.close)
         await asyncio.to_thread(ticker.websocket_thread.join, 10)
+
+
+ORDER_CLIENT = Path(__file__).with_name("order_client.py")
+
+
+async def test_on_order_update_gets_what_kiteconnect_gets_from_kite(simulator, settings) -> None:
+    """The official client on its own socket and the drop-in on the bus, the same updates:
+    the drop-in's come from the publisher's two sockets (the third is kiteconnect's), once
+    each, as Kite's dicts."""
+    publisher = Publisher(settings.model_copy(update={"connections": 2}), FAST)
+    await publisher.start()
+    env = {**os.environ, "REDIS_URL": settings.redis_url, "KITEBUS_NAMESPACE": "kite"}
+    runs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, str(ORDER_CLIENT), *command, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        for command in (["official", simulator.url, "6"], ["bus", "6"])
+    ]  # fmt: skip
+    try:
+        async with asyncio.timeout(40):
+            for run in runs:
+                assert run.stdout is not None
+                assert (await run.stdout.readline()).strip() == b"connected"
+            placed = await simulator.order("place", tradingsymbol="INFY", quantity=10, price=1500.0)
+            for quantity in (2, 2, 3):  # three partial fills, two of them alike but for the figures
+                await simulator.order("fill", order_id=placed["order_id"], quantity=quantity)
+            await simulator.order("cancel", order_id=placed["order_id"])
+            await simulator.order("place", tradingsymbol="TCS", quantity=1, reject="RMS: blocked")
+            (official_out, official_err), (bus_out, bus_err) = [await run.communicate() for run in runs]
+    finally:
+        await publisher.stop()
+    assert runs[0].returncode == 0, official_err.decode()[-2000:]
+    assert runs[1].returncode == 0, bus_err.decode()[-2000:]
+    official, bus = json.loads(official_out), json.loads(bus_out)
+    assert [u["status"] for u in official] == ["OPEN", "UPDATE", "UPDATE", "UPDATE", "CANCELLED", "REJECTED"]
+    assert bus == official  # the same dicts, in the same order, each once

@@ -12,8 +12,8 @@ import websockets
 
 from config import Keys
 from consumers.control import ControlClient
-from publisher import bus
 from publisher.app import Publisher, Tuning
+from rediswire import bus
 from simulator.server import TickerServer, subscribed
 from tests.integration.conftest import FAST, eventually
 
@@ -303,7 +303,7 @@ async def test_a_request_whose_write_failed_gets_the_result_of_its_one_applicati
     back pending. Applied again, a ``set`` would release nothing and answer so; the client
     must get the result of its one application (which released INDEX), exactly once, and
     Redis must end up as the book says."""
-    from publisher import bus
+    from rediswire import bus
 
     assert (await control.subscribe([EQUITY, INDEX], mode="ltp", client="c")).ok
     real, failures = bus.OrderedWrites.execute, []
@@ -323,6 +323,29 @@ async def test_a_request_whose_write_failed_gets_the_result_of_its_one_applicati
     assert publisher.book.in_force == {EQUITY: "ltp"}
     results = await rds.xrange(keys.control_results)
     assert [f[b"request"] for _, f in results].count(result.request.encode()) == 1
+
+
+async def test_a_request_a_deposed_leader_read_is_answered_by_the_leader(
+    publisher, control, monkeypatch
+) -> None:
+    """A deposed leader reads with the same consumer name; its writes are refused, so the
+    entries it took stay pending, and the leader reads its pending entries again now and
+    then rather than only after a fault."""
+    from publisher import control as control_module
+
+    monkeypatch.setattr(control_module, "PENDING_AGAIN", 0.3)
+    real, taken = publisher.redis.xreadgroup, []
+
+    async def losing_the_race(groupname, consumername, streams, *args, **kwargs):
+        reply = await real(groupname, consumername, streams, *args, **kwargs)
+        if reply and not taken and list(streams.values()) == [">"]:
+            taken.append(reply)
+            return []  # the other process got it
+        return reply
+
+    monkeypatch.setattr(publisher.redis, "xreadgroup", losing_the_race)
+    result = await control.subscribe([EQUITY], mode="ltp", client="c", timeout=10)
+    assert taken and result.ok and result.applied == (EQUITY,)
 
 
 async def test_results_already_written_are_looked_up_page_by_page(settings, rds, keys, monkeypatch) -> None:
@@ -367,19 +390,12 @@ async def test_a_rewrite_from_the_book_never_brings_back_a_claim_released_meanwh
     put the claim back in Redis, where the next publisher would restore it."""
     assert (await control.subscribe([EQUITY, INDEX], client="a")).ok
     built, go = asyncio.Event(), asyncio.Event()
-    real_pipeline = bus.pipeline
+    real_execute = bus.OrderedWrites.execute
 
-    def held_pipeline(client):  # the rewrite's pipeline, held between being built and sent
-        pipe = real_pipeline(client)
-        execute = pipe.execute
-
-        async def execute_later(*args, **kwargs):
-            built.set()
-            await go.wait()
-            return await execute(*args, **kwargs)
-
-        pipe.execute = execute_later
-        return pipe
+    async def execute_later(writes):  # the rewrite's writes, held between being built and sent
+        built.set()
+        await go.wait()
+        return await real_execute(writes)
 
     lock = publisher.control._writing  # the control loop waits for it, or (the bug) goes on
     waited = asyncio.Event()
@@ -391,10 +407,10 @@ async def test_a_rewrite_from_the_book_never_brings_back_a_claim_released_meanwh
         return await acquire()
 
     monkeypatch.setattr(lock, "acquire", noted_acquire)
-    monkeypatch.setattr(bus, "pipeline", held_pipeline)
+    monkeypatch.setattr(bus.OrderedWrites, "execute", execute_later)
     rewrite = asyncio.create_task(publisher.control.write_all())
     await asyncio.wait_for(built.wait(), 5)
-    monkeypatch.setattr(bus, "pipeline", real_pipeline)
+    monkeypatch.setattr(bus.OrderedWrites, "execute", real_execute)
     release = asyncio.create_task(control.unsubscribe([INDEX], client="a"))
     await eventually(lambda: waited.is_set() or release.done())
     go.set()
@@ -402,3 +418,20 @@ async def test_a_rewrite_from_the_book_never_brings_back_a_claim_released_meanwh
     assert (await release).applied == (INDEX,)
     assert await rds.hgetall(keys.claims("a")) == {str(EQUITY).encode(): b"quote"}
     assert publisher.book.claims["a"] == {EQUITY: "quote"}
+
+
+async def test_after_the_primary_moved_the_state_is_written_again_from_the_book(
+    publisher, control, rds, keys, monkeypatch
+) -> None:
+    """A failover: what the old primary took in its last moments (a claim, a released
+    token's HDEL) may be missing on the new one. The control loop writes it all again."""
+    assert (await control.subscribe([EQUITY], client="a")).ok
+    moves = [0]
+    monkeypatch.setattr(bus, "primary_moves", lambda client: moves[0])
+    await rds.delete(keys.claims("a"), keys.token_conn)  # lost with the old primary
+    await rds.hset(keys.last, "999", b"stale")  # a released token's snapshot, its HDEL lost
+    moves[0] += 1
+    await eventually(lambda: rds.hgetall(keys.claims("a")))
+    assert await rds.hgetall(keys.claims("a")) == {str(EQUITY).encode(): b"quote"}
+    assert await rds.hget(keys.token_conn, str(EQUITY)) is not None
+    assert not await rds.hexists(keys.last, "999")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from bench.redis_faults import measure
-from publisher import bus
+from rediswire import bus
 from tests.integration.conftest import eventually
 
 TOKENS = 100  # per fault; the benchmark runs 3,000

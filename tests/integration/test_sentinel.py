@@ -17,8 +17,8 @@ from config import load_settings
 from consumers.control import ControlClient
 from consumers.subscriber import TickSubscriber
 from kitebus.localredis import LocalSentinelSet
-from publisher import bus
 from publisher.app import Publisher
+from rediswire import bus
 from tests.integration.conftest import FAST, INSTRUMENTS_CSV, eventually
 from tests.integration.test_cli import kitebus
 

@@ -208,3 +208,67 @@ async def test_line_rate_flood_delivers_whole_frames_and_waiting_sockets_keep_th
         for received, longest_gap in counts:
             assert received == per_connection
             assert longest_gap < 3 * server.heartbeat_interval + 1  # never silent for long
+
+
+async def _texts(ws: ClientConnection, n: int, timeout: float = 5.0) -> list[dict]:
+    """The next ``n`` text messages, parsed."""
+    out: list[dict] = []
+    async with asyncio.timeout(timeout):
+        while len(out) < n:
+            message = await ws.recv()
+            if isinstance(message, str):
+                out.append(json.loads(message))
+    return out
+
+
+def _get(url: str) -> tuple[int, str, object]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.headers["Content-Type"], json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], json.loads(exc.read())
+
+
+async def test_orders_made_over_http_reach_every_socket_of_their_account_and_no_other() -> None:
+    async with TickerServer(accounts={"other": "secret"}, heartbeat_interval=0.1) as server:
+        ours = [await connect(_url(server)) for _ in range(3)]
+        theirs = await connect(_url(server, "other", "secret"))
+        base = f"http://127.0.0.1:{server.port}/orders"
+        place = f"{base}/place?tradingsymbol=SBIN&quantity=10&price=960"
+        status, kind, placed = await asyncio.to_thread(_get, place)
+        assert (status, kind) == (200, "application/json")
+        order_id = placed["order_id"]  # type: ignore[index]
+        status, _, filled = await asyncio.to_thread(_get, f"{base}/fill?order_id={order_id}&quantity=4")
+        assert status == 200 and filled["status"] == "UPDATE"  # type: ignore[index]
+        await asyncio.to_thread(_get, f"{base}/cancel?order_id={order_id}")
+        for ws in ours:
+            messages = await _texts(ws, 3)
+            assert [m["type"] for m in messages] == ["order"] * 3
+            assert [m["data"]["status"] for m in messages] == ["OPEN", "UPDATE", "CANCELLED"]
+            assert messages[0]["data"] == placed and messages[1]["data"]["filled_quantity"] == 4
+        with pytest.raises(TimeoutError):
+            await _texts(theirs, 1, timeout=0.5)
+        status, _, listed = await asyncio.to_thread(_get, base)
+        assert status == 200 and [o["status"] for o in listed] == ["CANCELLED"]  # type: ignore[union-attr]
+        bad_requests = (
+            f"{base}/fill?order_id={order_id}", f"{base}/place?tradingsymbol=NOPE&quantity=1",
+            f"{base}/place?tradingsymbol=INFY&quantity=x", f"{base}/explode", f"{base}/fill?bogus=1",
+        )  # fmt: skip
+        for bad in bad_requests:
+            status, kind, body = await asyncio.to_thread(_get, bad)
+            assert (status, kind) == (400, "application/json") and body["error"], bad  # type: ignore[index]
+        assert len(server.handshakes) == 4  # HTTP requests are not handshakes
+        for ws in (*ours, theirs):
+            await ws.close()
+
+
+async def test_random_orders_come_on_every_socket_of_the_account() -> None:
+    async with TickerServer(order_rate=50, heartbeat_interval=0.1) as server:
+        sockets = [await connect(_url(server)) for _ in range(2)]
+        first, second = [await _texts(ws, 10) for ws in sockets]
+        assert first == second and all(m["type"] == "order" and m["data"]["order_id"] for m in first)
+        for ws in sockets:
+            await ws.close()

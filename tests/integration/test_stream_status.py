@@ -23,7 +23,7 @@ from consumers.control import ControlClient
 from consumers.subscriber import StreamStatus, TickSubscriber
 from kitebus.localredis import LocalRedis, free_port
 from publisher.app import Publisher
-from publisher.resp import pack_command
+from rediswire.resp import pack_command
 from tests.integration.conftest import FAST, eventually
 
 KEYS = Keys("kite")

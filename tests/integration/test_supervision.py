@@ -18,10 +18,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from config import Keys, Settings, load_settings
 from consumers.control import ControlClient
-from publisher import bus
 from publisher.app import Publisher
 from publisher.lease import Lease
 from publisher.monitor import _Metrics
+from rediswire import bus
 from simulator.server import TickerServer
 from tests.integration.conftest import FAST, INSTRUMENTS_CSV, eventually
 
@@ -41,6 +41,10 @@ async def _subscribe_new(pub: Publisher, sim: TickerServer, control: ControlClie
     await control.subscribe([NIFTY], mode="ltp", client="during")  # its `live` follow-up crashes the watch
 
 
+async def _place_an_order(pub: Publisher, sim: TickerServer, control: ControlClient, path: Path) -> None:
+    await sim.order("place", tradingsymbol="SBIN", quantity=1)  # its write crashes the order feed
+
+
 def _rewrite_token_file(pub: Publisher, sim: TickerServer, control: ControlClient, path: Path) -> None:
     path.write_text("simulator\n")
 
@@ -55,6 +59,7 @@ CASES = [
     Case("access-token-watch", lambda p: p.access_tokens[0], "reload", _rewrite_token_file),
     Case("handover", lambda p: p.handover, "_look"),
     Case("kite-connection-0", lambda p: p.connections[0], "_pause", lambda p, sim, *_: sim.drop()),
+    Case("orders", lambda p: p.orders, "_write", _place_an_order),
 ]
 
 
@@ -162,6 +167,8 @@ async def test_a_crashed_task_is_restarted_and_the_publisher_serves_on(
     assert result.ok and result.applied == (TCS,)
     await _ticks_arrive(rds, keys, TCS)
     await _ticks_arrive(rds, keys, INFY)
+    if case.task == "orders":  # the update whose write the crash hit is written after the restart
+        await eventually(lambda: rds.xlen(keys.orders))
     if case.trigger is _subscribe_new:  # the follow-up of the request the crash hit still comes
         async def followed_up() -> bool:
             results = [fields for _, fields in await rds.xrange(keys.control_results)]

@@ -1,5 +1,5 @@
-"""Owned background tasks: the object that starts one cancels and awaits it; and the
-supervisor every long-lived one runs under (``supervised``)."""
+"""The supervisor every long-lived task of the publisher runs under (``supervised``):
+a crash is restarted on the same objects and reported; one that keeps crashing gives up."""
 
 from __future__ import annotations
 
@@ -10,55 +10,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from rediswire.tasks import Backoff
+
 if TYPE_CHECKING:
     from publisher.health import Health
 
 log = logging.getLogger("kitebus.tasks")
-
-
-async def cancel_and_wait(task: asyncio.Future[None] | None, retry: float = 0.5) -> None:
-    """Cancel ``task`` (if any) and wait until it has finished.
-
-    The cancel is repeated every ``retry`` seconds: redis-py's asyncio client can
-    swallow a CancelledError that lands inside a command, and the task would then run
-    on; the next cancel lands elsewhere (a sleep, a socket read) and ends it.
-    """
-    if task is None:
-        return
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=retry)
-    if not task.cancelled():
-        task.exception()  # retrieved: the owner decides whether it matters
-
-
-async def run_until(work: Awaitable[None], stop: asyncio.Event) -> None:
-    """Run ``work`` until it ends or ``stop`` is set (then it is cancelled); its error is raised."""
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        await cancel_and_wait(stopper)
-        await cancel_and_wait(task)
-    if not task.cancelled():
-        task.result()
-
-
-class Backoff:
-    """Growing waits between retries of a failing call, from ``base`` to ``cap`` seconds,
-    back to ``base`` after a success (``reset``): Redis back means work resumes at once."""
-
-    def __init__(self, base: float = 0.1, cap: float = 1.0) -> None:
-        self.base, self.cap = base, cap
-        self.delay = base
-
-    def reset(self) -> None:
-        self.delay = self.base
-
-    async def wait(self) -> None:
-        await asyncio.sleep(self.delay)
-        self.delay = min(self.cap, self.delay * 2)
 
 
 class PublisherFailed(Exception):

@@ -6,6 +6,9 @@ Everything that differs between the two lives here, so no other module asks whic
 - ``connect`` gives a redis-py client (``RedisCluster`` follows MOVED and ASK by itself);
 - ``pipeline`` is one MULTI/EXEC on a server; on a cluster the contract's keys sit in
   different slots, so it is a plain pipeline, split per node, in order per key;
+- ``OrderedWrites``: the leader's state writes, in stages, fenced by its lease: one
+  script on a server, which applies them only while ``{ns}:leader`` is ours; on a cluster
+  one per slot, which applies its part only if no higher fence wrote to that slot;
 - ``PUBLISH`` or ``SPUBLISH`` (sharded pub/sub, Redis >= 7) and the matching subscribe;
 - ``Topology``: which master serves the slot of a channel or key, for the RESP sockets of
   the tick flow and of the library's pub/sub reader, which redis-py does not carry;
@@ -19,10 +22,13 @@ Everything that differs between the two lives here, so no other module asks whic
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import hiredis
@@ -32,10 +38,17 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import (
+    ClusterDownError,
+    NoScriptError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 
+from config.keys import Keys
 from config.redisurl import SentinelURL, is_sentinel_url, parse_sentinel_url
-from publisher.resp import RespConnection, RespError, pack_command
+from rediswire.resp import RespConnection, RespError, pack_command
 
 Client = redis.Redis | RedisCluster
 Pipeline = Any  # redis-py's Pipeline or ClusterPipeline: the same queuing methods
@@ -301,29 +314,293 @@ async def topology(url: str, cluster: bool) -> Topology:
     return Topology.single(url)
 
 
-class OrderedWrites:
-    """Writes queued in ``stages``, applied in that order: one MULTI/EXEC for all of them on
-    one server; on a cluster, where keys of different slots cannot share a transaction, each
-    stage is a pipeline sent once the stage before it has been answered. A failure part way
-    then leaves the earlier stages applied, never a later one without them."""
+# --- fenced writes: the leader's state, refused by Redis from a deposed one ------------
 
-    def __init__(self, client: Client, stages: int) -> None:
-        if is_cluster(client):
-            self.stages = [client.pipeline(transaction=False) for _ in range(stages)]
-        else:
-            self.stages = [client.pipeline(transaction=True)] * stages
+CHUNK = 1000  # words per queued command at most: a script unpacks each onto Lua's stack (< 8000)
+
+# The queued commands, each as its number of words and its words, after the script's own
+# ARGV[1]. A command that fails stops the script with the ones before it applied, as a
+# failure part way through a batch on a cluster; "#!lua" (Redis 7) has Redis refuse the
+# whole script up front for what would refuse its first write (OOM, READONLY, MISCONF).
+_APPLY = """
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+# One server (or Sentinel's primary): nothing is written unless the lease KEYS[1] holds
+# ARGV[1], our ``<fence>:<host>:<pid>``. A lease that is gone (Redis lost its data) is no
+# deposition: the leader takes it back at its next renewal, and writes wait for that.
+_LEASE_SCRIPT = """#!lua
+local holder = redis.call('get', KEYS[1])
+if holder ~= ARGV[1] then
+  if holder then return redis.error_reply('DEPOSED ' .. holder .. ' holds the lease') end
+  return redis.error_reply('NOLEASE the lease is gone (redis lost it?): writes wait for its renewal')
+end
+""" + _APPLY
+# A cluster, where one script reaches one slot: KEYS[1] holds the highest fence that wrote
+# to this slot (KEYS[2..] are the keys written, all of that slot); a lower fence writes
+# nothing, a higher one raises it.
+_SLOT_SCRIPT = """#!lua
+local seen = tonumber(redis.call('get', KEYS[1]) or '0')
+local ours = tonumber(ARGV[1])
+if seen > ours then
+  return redis.error_reply('DEPOSED ' .. seen .. ' wrote to this slot after our fence ' .. ours)
+end
+if seen < ours then redis.call('set', KEYS[1], ARGV[1]) end
+""" + _APPLY
+
+
+@dataclass(frozen=True)
+class _Script:
+    body: str
+
+    @property
+    def sha(self) -> str:
+        return hashlib.sha1(self.body.encode()).hexdigest()
+
+
+LEASE_SCRIPT, SLOT_SCRIPT = _Script(_LEASE_SCRIPT), _Script(_SLOT_SCRIPT)
+
+
+class Deposed(ResponseError):
+    """Redis refused a fenced write: another publisher leads (or led after us). A
+    ResponseError, so every writer that waits out Redis saying no waits this out too,
+    while the lease (told by ``Fenced.depose``) ends the term."""
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What Redis checks before it applies the leader's writes: the lease ``keys.leader``
+    holds ``value``; on a cluster, no fence above ``fence`` wrote to the slot."""
+
+    keys: Keys
+    value: str
+    fence: int
+
+
+class Fenced(Protocol):
+    """Who writes under a lease (``lease.Fence``): the guard to check, if any, and what to
+    do when Redis says the lease is another's."""
+
+    def guard(self) -> Guard | None: ...
+
+    async def depose(self, why: str, seen: int | None = None) -> None: ...
+
+    def renew_soon(self) -> None: ...
+
+
+class Writes:
+    """Commands queued for one stage of ``OrderedWrites``: the few the publisher's state
+    writes use, called as redis-py's are. Each is on one key (a cluster groups them by
+    slot); a long one is cut into several of at most ``CHUNK`` words."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+        self.stamped: list[str] = []  # keys whose slots the fence claims though nothing writes them
+
+    def __len__(self) -> int:
+        return len(self.commands)
+
+    def _add(self, head: tuple[Any, ...], words: Sequence[Any], step: int = 1) -> None:
+        per = CHUNK - CHUNK % step
+        for start in range(0, len(words), per):
+            self.commands.append((*head, *words[start : start + per]))
+
+    def hset(
+        self, name: str, key: Any = None, value: Any = None, mapping: Mapping[Any, Any] | None = None
+    ) -> None:
+        words = [] if key is None else [key, value]
+        for pair in (mapping or {}).items():
+            words.extend(pair)
+        self._add(("HSET", name), words, 2)
+
+    def hdel(self, name: str, *keys: Any) -> None:
+        self._add(("HDEL", name), keys)
+
+    def sadd(self, name: str, *values: Any) -> None:
+        self._add(("SADD", name), values)
+
+    def srem(self, name: str, *values: Any) -> None:
+        self._add(("SREM", name), values)
+
+    def delete(self, *names: str) -> None:
+        for name in names:
+            self.commands.append(("DEL", name))
+
+    def xadd(
+        self, name: str, fields: Mapping[Any, Any], maxlen: int | None = None, approximate: bool = True
+    ) -> None:
+        trim = ("MAXLEN", "~" if approximate else "=", maxlen) if maxlen is not None else ()
+        self.commands.append(("XADD", name, *trim, "*", *(w for pair in fields.items() for w in pair)))
+
+    def xack(self, name: str, group: str, *ids: Any) -> None:
+        self._add(("XACK", name, group), ids)
+
+    def publish(self, channel: str, message: Any, *, sharded: bool = False) -> None:
+        """PUBLISH, or SPUBLISH (``sharded``, on a cluster: in the slot of ``channel``)."""
+        self.commands.append((publish_command(sharded).decode(), channel, message))
+
+    def stamp(self, *keys: str) -> None:
+        """Nothing to write to ``keys`` now, but on a cluster their slots are claimed by our
+        fence (a new leader does so at start, before a deposed one's writes could land)."""
+        self.stamped.extend(keys)
+
+    async def reset(self) -> None:
+        self.commands.clear()
+        self.stamped.clear()
+
+
+class OrderedWrites:
+    """Writes queued in ``stages``, applied in that order. Without a lease: one MULTI/EXEC
+    for all of them on one server; on a cluster, where keys of different slots cannot share
+    a transaction, each stage is a pipeline sent once the stage before it has been
+    answered, so a failure part way leaves the earlier stages applied, never a later one
+    without them. Under a lease (``fence`` with a guard) the writes are fenced: one script
+    on one server, which applies them all only while the lease is ours; on a cluster one
+    script per slot and stage, which applies its part only if no higher fence wrote there.
+    A refusal tells the fence (``depose``) and raises ``Deposed``."""
+
+    def __init__(self, client: Client, stages: int, fence: Fenced | None = None) -> None:
+        self._client = client
+        self._fence = fence
+        self.stages = [Writes() for _ in range(stages)]
+
+    def __len__(self) -> int:
+        return sum(map(len, self.stages))
 
     async def execute(self) -> None:
-        done: list[Any] = []
+        fence = self._fence
         try:
-            for pipe in self.stages:
-                if not any(pipe is other for other in done):
-                    done.append(pipe)
-                    if len(pipe):
-                        await pipe.execute()
+            guard = fence.guard() if fence is not None else None
+            if fence is None or guard is None:
+                await self._unfenced()
+            elif is_cluster(self._client):
+                for stage in self.stages:
+                    await self._fenced_by_slot(stage, guard, fence)
+            elif len(self):
+                words = [w for stage in self.stages for cmd in stage.commands for w in (len(cmd), *cmd)]
+                await self._run(LEASE_SCRIPT, [([guard.keys.leader], [guard.value, *words])], fence)
         finally:
-            for pipe in self.stages:
-                await pipe.reset()
+            for stage in self.stages:
+                await stage.reset()
+
+    async def _unfenced(self) -> None:
+        cluster = is_cluster(self._client)
+        every = [command for stage in self.stages for command in stage.commands]
+        groups = [stage.commands for stage in self.stages] if cluster else [every]
+        for commands in groups:
+            if commands:
+                async with self._client.pipeline(transaction=not cluster) as pipe:
+                    for command in commands:
+                        pipe.execute_command(*command)
+                    await pipe.execute()
+
+    async def _fenced_by_slot(self, stage: Writes, guard: Guard, fence: Fenced) -> None:
+        slots: dict[int, tuple[dict[Any, None], list[Any]]] = {}
+        for key in stage.stamped:
+            slots.setdefault(key_slot(_encoded(key)), ({}, []))[0][key] = None
+        for command in stage.commands:
+            keys, words = slots.setdefault(key_slot(_encoded(command[1])), ({}, []))
+            keys[command[1]] = None
+            words += (len(command), *command)
+        calls = [
+            ([guard.keys.slot_fence(slot_tag(slot)), *keys], [guard.fence, *words])
+            for slot, (keys, words) in slots.items()
+        ]  # fmt: skip
+        if calls:
+            await self._run(SLOT_SCRIPT, calls, fence)
+
+    async def _run(self, script: _Script, calls: list[tuple[list[Any], list[Any]]], fence: Fenced) -> None:
+        """Each call (keys, args) of ``script``, pipelined; a refusal is the fence's to hear."""
+        replies = await _evalsha(self._client, script, calls)
+        for reply in replies:
+            if isinstance(reply, ResponseError) and str(reply).startswith("DEPOSED"):
+                why = f"redis refused a write: {reply}"
+                holder = str(reply).split()[1].partition(":")[0]
+                await fence.depose(why, int(holder) if holder.isdigit() else None)
+                raise Deposed(why)
+        for reply in replies:
+            if isinstance(reply, ResponseError) and str(reply).startswith("NOLEASE"):
+                fence.renew_soon()
+            if isinstance(reply, BaseException):
+                raise reply
+
+
+class FencedPipeline(Writes):
+    """One stage of ``OrderedWrites`` in the shape of redis-py's pipeline: ``async with
+    fenced(client, fence) as pipe:``, queue, ``await pipe.execute()``."""
+
+    def __init__(self, client: Client, fence: Fenced | None) -> None:
+        super().__init__()
+        self._writes = OrderedWrites(client, 1, fence)
+        self._writes.stages[0] = self
+
+    async def execute(self) -> None:
+        await self._writes.execute()
+
+    async def __aenter__(self) -> FencedPipeline:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.reset()
+
+
+def fenced(client: Client, fence: Fenced | None) -> FencedPipeline:
+    """Writes sent together, fenced by ``fence`` as ``OrderedWrites`` does (without a
+    lease: one MULTI/EXEC on a server, a pipeline on a cluster)."""
+    return FencedPipeline(client, fence)
+
+
+async def write(client: Client, fence: Fenced | None, queue: Callable[[Writes], object]) -> None:
+    """The writes ``queue`` puts on a ``fenced`` pipeline, sent."""
+    async with fenced(client, fence) as pipe:
+        queue(pipe)
+        await pipe.execute()
+
+
+async def _evalsha(client: Client, script: _Script, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+    """Replies (or errors) of ``script`` for each call; where the server does not have the
+    script yet (NOSCRIPT: nothing ran), it is sent again whole."""
+    async with client.pipeline(transaction=False) as pipe:
+        for keys, args in calls:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies = await pipe.execute(raise_on_error=False)
+    missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        async with client.pipeline(transaction=False) as pipe:
+            for i in missing:
+                keys, args = calls[i]
+                pipe.eval(script.body, len(keys), *keys, *args)
+            for i, reply in zip(missing, await pipe.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+    return replies
+
+
+def _encoded(key: str | bytes) -> bytes:
+    return key.encode() if isinstance(key, str) else key
+
+
+@functools.cache
+def _slot_tags() -> tuple[str, ...]:
+    """For each slot the smallest number whose name hashes to it (0.1 s, once)."""
+    tags = [""] * SLOTS
+    left, n = SLOTS, 0
+    while left:
+        slot = key_slot(b"%d" % n)
+        if not tags[slot]:
+            tags[slot] = str(n)
+            left -= 1
+        n += 1
+    return tuple(tags)
+
+
+def slot_tag(slot: int) -> str:
+    """A hash tag that puts a key in ``slot`` (for the per-slot fence of a cluster)."""
+    return _slot_tags()[slot]
 
 
 async def run_id(client: Client) -> str:
