@@ -12,9 +12,10 @@ import redis.asyncio as redis
 
 from config import Keys
 from config.keys import CONTROL_GROUP
-from publisher import app, bus
+from publisher import app
 from publisher.app import Publisher, Tuning
 from publisher.lease import Lease
+from rediswire import bus
 from tests.integration.conftest import eventually
 
 KEYS = Keys("kite")
