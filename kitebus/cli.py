@@ -152,7 +152,7 @@ def _print_clients(clients: dict[str, ClientInfo], as_json: bool) -> None:
 
 def _write_access_token(settings: Settings, args: argparse.Namespace) -> int:
     """``kitebus ctl token``: the access token from standard input into KITE_ACCESS_TOKEN_FILE."""
-    from publisher.access_token import AccessTokenError, write_token_file
+    from publisher.access_token import AccessTokenError, write_access_token_file
 
     path = Path(args.file).expanduser().absolute() if args.file else settings.kite_access_token_file
     if path is None:
@@ -165,7 +165,7 @@ def _write_access_token(settings: Settings, args: argparse.Namespace) -> int:
     if sys.stdin.isatty():
         print("kitebus ctl token: paste the access token, then Enter and Ctrl-D", file=sys.stderr)
     try:
-        write_token_file(path, sys.stdin.read())
+        write_access_token_file(path, sys.stdin.read())
     except AccessTokenError as exc:
         print(f"kitebus ctl token: not written: {exc}", file=sys.stderr)
         return 2

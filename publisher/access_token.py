@@ -33,37 +33,37 @@ class AccessTokenError(ValueError):
     """The text is not one access token; the message never contains the text."""
 
 
-def parse_token(text: str) -> str:
+def parse_access_token(text: str) -> str:
     """One line, not empty, no spaces inside; a trailing newline is fine."""
     lines = text.splitlines()
     if not lines or not lines[0].strip():
         raise AccessTokenError("it is empty")
     if len([line for line in lines if line.strip()]) > 1:
         raise AccessTokenError("it holds more than one line")
-    token = lines[0].strip()
-    if len(token) > MAX_LENGTH or any(c.isspace() or not c.isprintable() for c in token):
+    access_token = lines[0].strip()
+    if len(access_token) > MAX_LENGTH or any(c.isspace() or not c.isprintable() for c in access_token):
         raise AccessTokenError("it is not an access token (spaces, control characters or too long)")
-    return token
+    return access_token
 
 
-def read_token_file(path: Path) -> str:
+def read_access_token_file(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise AccessTokenError("the file is missing") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise AccessTokenError(f"the file cannot be read ({exc.__class__.__name__})") from None
-    return parse_token(text)
+    return parse_access_token(text)
 
 
-def write_token_file(path: Path, token: str) -> None:
+def write_access_token_file(path: Path, access_token: str) -> None:
     """Replace the file atomically (a temporary file in the same folder, then a rename),
     readable by its owner only."""
-    token = parse_token(token)
+    access_token = parse_access_token(access_token)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(token + "\n")
+            out.write(access_token + "\n")
             out.flush()
             os.fsync(out.fileno())
         os.chmod(temporary, 0o600)
@@ -77,9 +77,9 @@ class AccessTokenSource:
     """The access token in use. With a file, ``start`` watches it until ``close``."""
 
     def __init__(
-        self, token: str | None, path: Path | None, on_change: Callable[[str], None] | None = None
+        self, access_token: str | None, path: Path | None, on_change: Callable[[str], None] | None = None
     ) -> None:
-        self.token = token
+        self.access_token = access_token
         self.path = path
         self.on_change = on_change
         self.error = ""  # what is wrong with the file now ("" when it is fine)
@@ -94,19 +94,19 @@ class AccessTokenSource:
         """Read the file again; True when it held a new valid token."""
         assert self.path is not None
         try:
-            token = read_token_file(self.path)
+            access_token = read_access_token_file(self.path)
         except AccessTokenError as exc:
             self.error = f"{self.path}: {exc}"
             log.error("access token file %s: %s; keeping the last good token", self.path, exc)
             return False
         self.error = ""
-        if token == self.token:
+        if access_token == self.access_token:
             return False
-        self.token = token
+        self.access_token = access_token
         self.changed_at = time.time()
         log.warning("access token changed path=%s", self.path)
         if notify and self.on_change is not None:
-            self.on_change(token)
+            self.on_change(access_token)
         return True
 
     def start(self) -> None:

@@ -116,14 +116,14 @@ class Publisher:
         self.access_tokens: list[AccessTokenSource] = []
         for name, api_key, access_token, token_file in accounts:
             first = len(self.connections)
-            source = AccessTokenSource(access_token, token_file, partial(self._new_token, first))
+            source = AccessTokenSource(access_token, token_file, partial(self._new_access_token, first))
             self.access_tokens.append(source)
             for index in range(first, first + settings.connections):
                 connection = KiteConnection(
                     index,
                     settings.kite_ws_url,
                     api_key,
-                    source.token,
+                    source.access_token,
                     self.moves.handler(index, publish),
                     self.sink.writable,
                     self.sink.publish_status,
@@ -173,7 +173,7 @@ class Publisher:
         await self.control.write_all()
         self.instruments.reload()
 
-    def _new_token(self, first: int, access_token: str) -> None:
+    def _new_access_token(self, first: int, access_token: str) -> None:
         """A new access token for the account whose connections start at ``first``."""
         for connection in self.connections[first : first + self.settings.connections]:
             connection.set_access_token(access_token)

@@ -45,7 +45,7 @@ async def _place_an_order(pub: Publisher, sim: TickerServer, control: ControlCli
     await sim.order("place", tradingsymbol="SBIN", quantity=1)  # its write crashes the order feed
 
 
-def _rewrite_token_file(pub: Publisher, sim: TickerServer, control: ControlClient, path: Path) -> None:
+def _rewrite_access_token_file(pub: Publisher, sim: TickerServer, control: ControlClient, path: Path) -> None:
     path.write_text("simulator\n")
 
 
@@ -56,7 +56,7 @@ CASES = [
     Case("lease", lambda p: p.lease, "renew"),
     Case("live-watch", lambda p: p.live, "_progress", _subscribe_new),
     Case("instruments", lambda p: p.instruments, "load", lambda p, *_: p.instruments.reload()),
-    Case("access-token-watch", lambda p: p.access_tokens[0], "reload", _rewrite_token_file),
+    Case("access-token-watch", lambda p: p.access_tokens[0], "reload", _rewrite_access_token_file),
     Case("handover", lambda p: p.handover, "_look"),
     Case("kite-connection-0", lambda p: p.connections[0], "_pause", lambda p, sim, *_: sim.drop()),
     Case("orders", lambda p: p.orders, "_write", _place_an_order),

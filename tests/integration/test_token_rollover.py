@@ -87,7 +87,7 @@ async def test_a_bad_token_file_is_reported_and_the_last_good_token_stays(simula
         token_file.write_text("one\ntwo\n")
         await eventually(lambda: publisher.access_token.error)
         assert "more than one line" in publisher.access_token.error
-        assert publisher.access_token.token == "simulator"
+        assert publisher.access_token.access_token == "simulator"
         _, out, _ = await _kitebus(settings, "status", "--sample", "0.1")
         assert "ACCESS TOKEN FILE" in out and "the last good token stays in use" in out
         simulator.drop()  # a reconnect still uses the last good token
