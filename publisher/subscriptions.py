@@ -119,11 +119,15 @@ class SubscriptionBook:
 
     def apply(self, request: Request, now: float = 0.0) -> Outcome:
         """Apply a request; ``now`` (epoch seconds) dates the deadlines of ``ttl`` claims."""
+        # A client holding standing claims stays standing: a session request under its id
+        # (the library's default client id, a script's cleanup of ctl claims) must not make
+        # claims that were to stay until released die with that script.
+        standing = request.client in self.claims and request.client not in self.sessions
         outcome = self._apply(request)
         if request.op not in RELEASES:
             for token in outcome.applied:
                 self._set_deadline(request, token, now)
-        if request.session is not None and request.client in self.claims:
+        if request.session is not None and request.client in self.claims and not standing:
             self.sessions[request.client] = request.session
         return outcome
 

@@ -270,3 +270,15 @@ def test_release_drops_every_claim_of_one_client_only() -> None:
     assert book.claims == {"alive": {2: "ltp", 3: "ltp"}} and book.deadlines == {}
     assert book.in_force == {2: "ltp", 3: "ltp"}
     assert book.apply(Request("release", (), "gone")).applied == ()
+
+
+def test_a_standing_client_stays_standing_whatever_session_requests_come_under_its_id() -> None:
+    """Found by review: ops' claims under "default" (a raw XADD), then a library client with
+    the default id, or a script tidying up ctl claims: the standing claims must not expire."""
+    book = SubscriptionBook(3, 10)
+    book.apply(Request("subscribe", (1,), "default", "quote"))  # redis-cli XADD without a client
+    book.apply(Request("subscribe", (2,), "default", "quote", session=60.0))  # the library's default id
+    book.apply(Request("subscribe", (3, 4), "ops", "quote"))  # kitebus ctl
+    book.apply(Request("unsubscribe", (4,), "ops", session=60.0))  # a script's cleanup
+    assert book.sessions == {}
+    assert book.claims == {"default": {1: "quote", 2: "quote"}, "ops": {3: "quote"}}
