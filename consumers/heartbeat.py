@@ -41,6 +41,7 @@ class Heartbeat:
         # have expired the claims meanwhile (this process cut off from Redis alone)
         self.on_resumed: list[Callable[[], Awaitable[object]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._resuming: asyncio.Task[None] | None = None
 
     def add(self, client: str) -> None:
         """Beat for ``client`` too, from now on (starts the task in the running loop)."""
@@ -53,6 +54,8 @@ class Heartbeat:
         if self._task is not None:
             await cancel_and_wait(self._task)
             self._task = None
+        await cancel_and_wait(self._resuming)
+        self._resuming = None
         if not self.clients:
             return
         try:
@@ -65,12 +68,15 @@ class Heartbeat:
 
     async def _run(self) -> None:
         failing_since = 0.0
+        # wall time of the last beat written: a process stopped (SIGSTOP), suspended or
+        # blocked raises nothing, it just comes back to a gap between two beats
+        beat_at = 0.0
         while True:
             try:
                 async with asyncio.timeout(max(self.interval, RETRY)):  # a hung socket is a failed beat
-                    now = f"{time.time():.3f}"
+                    stamp = f"{time.time():.3f}"
                     if self.clients:
-                        await self._redis.hset(self._key, mapping=dict.fromkeys(sorted(self.clients), now))
+                        await self._redis.hset(self._key, mapping=dict.fromkeys(sorted(self.clients), stamp))
             except Exception as exc:  # never the end of the heartbeat: the claims depend on it
                 if not failing_since:
                     failing_since = time.monotonic()
@@ -80,14 +86,20 @@ class Heartbeat:
                 await asyncio.sleep(min(self.interval, RETRY))
                 continue
             self.beats += 1
-            if failing_since:
-                silent = time.monotonic() - failing_since
+            now = time.time()
+            silent = now - beat_at if beat_at else 0.0
+            beat_at = now
+            if failing_since or silent >= self.timeout:
                 level = logging.WARNING if silent >= self.timeout else logging.INFO
                 log.log(level, "heartbeat written again after %.1fs (timeout %gs)", silent, self.timeout)
                 failing_since = 0.0
-                if silent >= self.timeout:
-                    await self._resumed()
+            if silent >= self.timeout and self.on_resumed and not self._resuming_now():
+                # in a task of its own: the beats go on while the claims are made again
+                self._resuming = asyncio.create_task(self._resumed(), name="kitebus-claim-again")
             await asyncio.sleep(self.interval)
+
+    def _resuming_now(self) -> bool:
+        return self._resuming is not None and not self._resuming.done()
 
     async def _resumed(self) -> None:
         for callback in list(self.on_resumed):

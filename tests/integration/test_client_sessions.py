@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -205,3 +206,23 @@ async def test_a_subscriber_cut_off_past_its_timeout_claims_again_once_it_is_bac
         await eventually(lambda: _at_kite(simulator) == {A: "full", B: "ltp"}, timeout=15)
         assert publisher.book.claims["cut"] == {A: "full", B: "ltp"}
         assert await rds.hgetall(keys.claims("cut")) == {str(A).encode(): b"full", str(B).encode(): b"ltp"}
+
+
+async def test_a_strategy_stopped_past_its_timeout_claims_again_once_it_runs_on(
+    simulator, publisher, redis_url, rds, keys
+) -> None:
+    """Found by review: a strategy stopped (SIGSTOP, a paused container, a stalled VM) gets
+    no error, only a gap between two beats; the publisher rightly expired it meanwhile. Once
+    it runs on it must claim again, not beat on while subscribed to nothing."""
+    proc = await _strategy(redis_url, "subscriber", "stopped", [A], timeout=1.0)
+    try:
+        await eventually(lambda: publisher.book.claims.get("stopped") == {A: "quote"})
+        os.kill(proc.pid, signal.SIGSTOP)
+        await eventually(lambda: "stopped" not in publisher.book.claims, timeout=15)
+        await eventually(lambda: not _at_kite(simulator))
+        os.kill(proc.pid, signal.SIGCONT)
+        await eventually(lambda: publisher.book.claims.get("stopped") == {A: "quote"}, timeout=15)
+        await eventually(lambda: _at_kite(simulator) == {A: "quote"})
+    finally:
+        proc.kill()
+        await proc.wait()
