@@ -270,6 +270,11 @@ async def run(settings: Settings, stop: asyncio.Event) -> None:
     standby = Standby(client, settings, lease)
     try:
         while await standby.wait_for_lease(stop):
+            try:
+                await bus.require_version(client)
+            except bus.RedisTooOld:
+                await lease.close(release=True)
+                raise
             await _lead(settings, lease, stop)
     finally:
         await client.aclose()
@@ -320,6 +325,9 @@ def main() -> int:
     except PublisherFailed as exc:
         print(f"kitebus publish: failed: {exc}", file=sys.stderr)
         return 1
+    except bus.RedisTooOld as exc:
+        print(f"kitebus publish: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0

@@ -65,6 +65,33 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
 REDIS_FAULTS: tuple[type[BaseException], ...] = (*REDIS_DOWN, ResponseError)
 
 
+MIN_VERSION = (7, 0)  # the fenced writes' scripts are marked ``#!lua``, which Redis 7 runs
+
+
+class RedisTooOld(RuntimeError):
+    """The server is older than ``MIN_VERSION``."""
+
+
+def version_of(info: dict[str, Any]) -> tuple[int, ...]:
+    """The oldest ``redis_version`` in an ``INFO server`` reply (a cluster's: one per node)."""
+    replies = [info] if "redis_version" in info else [v for v in info.values() if isinstance(v, dict)]
+    versions = [tuple(int(p) for p in str(r["redis_version"]).split(".")[:2]) for r in replies]
+    return min(versions) if versions else (0,)
+
+
+async def require_version(client: Client) -> None:
+    """Raise ``RedisTooOld`` naming the version when the server (any node) is older than
+    ``MIN_VERSION``; Redis away or saying no here is left to the writes that follow."""
+    try:
+        info = await client.info("server")
+    except REDIS_FAULTS:
+        return
+    found = version_of(info)
+    if found < MIN_VERSION:
+        have, need = ".".join(map(str, found)), ".".join(map(str, MIN_VERSION))
+        raise RedisTooOld(f"Redis {have} is too old: kitebus needs Redis {need} or later")
+
+
 def describe(exc: BaseException) -> str:
     """A short reason for a Redis fault, for logs and ``{ns}:status``: the error reply's
     text (Redis never quotes a password in one), else the exception's class."""

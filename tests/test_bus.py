@@ -51,3 +51,23 @@ def test_a_cluster_needs_a_tcp_url_and_a_bad_flag_names_its_variable(monkeypatch
     monkeypatch.setenv("KITEBUS_REDIS_CLUSTER", "perhaps")
     with pytest.raises(SettingsError, match=r"^invalid setting KITEBUS_REDIS_CLUSTER"):
         load_settings()
+
+
+class _Info:
+    def __init__(self, reply: dict) -> None:
+        self.reply = reply
+
+    async def info(self, section: str) -> dict:
+        assert section == "server"
+        return self.reply
+
+
+async def test_a_redis_older_than_7_is_named_and_refused() -> None:
+    """The fenced writes' scripts need Redis 7: an older server must be a clear error at
+    start, not a publisher retrying its first write for ever (found by review)."""
+    with pytest.raises(bus.RedisTooOld, match=r"Redis 6\.2 is too old: kitebus needs Redis 7\.0 or later"):
+        await bus.require_version(_Info({"redis_version": "6.2.14"}))
+    await bus.require_version(_Info({"redis_version": "7.0.15"}))
+    cluster = {"127.0.0.1:7000": {"redis_version": "7.2.4"}, "127.0.0.1:7001": {"redis_version": "6.0.16"}}
+    with pytest.raises(bus.RedisTooOld, match="6.0"):
+        await bus.require_version(_Info(cluster))  # every node counts
