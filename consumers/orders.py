@@ -24,14 +24,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from config import Keys
 from rediswire import bus
 
 log = logging.getLogger("kitebus.orders")
-_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 @dataclass(frozen=True)
@@ -100,10 +96,10 @@ class OrderReader:
             try:
                 await self._read(left)
                 backoff = 0.1
-            except _DOWN as exc:
+            except bus.REDIS_FAULTS as exc:  # away, a cluster's failover, or saying no for now
                 self.reconnects += 1
                 self._check = True
-                log.warning("order updates: redis away, reading again after %s (%s)", self._cursor, exc)
+                log.warning("order updates: reading again after %s (%s)", self._cursor, bus.describe(exc))
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
         return self._take()
