@@ -50,8 +50,11 @@ def then(*steps: Setup) -> Setup:
 
 
 def write(method: str, key: str, *args: Any, mapping: dict | None = None) -> Setup:
-    extra = {} if mapping is None else {"mapping": _now(mapping)}
-    return lambda rds: getattr(rds, method)(key, *(_now(a) for a in args), **extra)
+    def setup(rds: redis.Redis) -> Any:  # the times are the write's, not the import's
+        extra = {} if mapping is None else {"mapping": _now(mapping)}
+        return getattr(rds, method)(key, *(_now(a) for a in args), **extra)
+
+    return setup
 
 
 def _now(value: Any) -> Any:
