@@ -4,6 +4,7 @@ and a lost master."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -130,6 +131,18 @@ async def test_ticks_go_out_sharded_to_every_master_and_keys_keep_their_names(
     # the contract's keys, under their own names, spread over the slots
     assert {int(t) for t in await crds.hkeys(KEYS.token_conn)} == set()  # released on exit
     assert await crds.exists(KEYS.status) and await crds.exists(KEYS.conn(0))
+
+
+async def test_kites_heartbeats_pass_through_the_cluster_sink(cluster_publisher, simulator) -> None:
+    """A 1-byte heartbeat, dealt out by node, is a part with no packet and no channel: it
+    must not end the connection."""
+    simulator.paused = True  # the market holds still: heartbeats only, every 0.2 s
+    connections = cluster_publisher.connections
+    reconnects = [c.reconnects for c in connections]
+    since = time.time()
+    await eventually(lambda: all(c.last_message_at > since + 0.5 for c in connections))
+    assert [c.reconnects for c in connections] == reconnects
+    assert all(c.state == "live" and c.last_error == "" for c in connections)
 
 
 async def test_snapshot_claims_and_ops_commands_work_unchanged(cluster, cluster_publisher, crds) -> None:
