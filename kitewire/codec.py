@@ -183,9 +183,10 @@ def token_at(frame: bytes, body: int) -> int:
     return _U32.unpack_from(frame, body)[0]
 
 
-def first_token(frame: bytes) -> int:
-    """The token of a frame's first packet (``split_frame`` puts a known one first)."""
-    return token_at(frame, 4)
+def first_token(frame: bytes) -> int | None:
+    """The token of a frame's first packet (``split_frame`` puts a known one first); None
+    for a frame too short to hold one (a heartbeat)."""
+    return token_at(frame, 4) if len(frame) >= 8 else None
 
 
 def frame_tokens(frame: bytes) -> list[int]:

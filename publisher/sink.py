@@ -699,7 +699,8 @@ class TickSink:
     def _channel(self, frame: bytes) -> bytes:
         """The channel of the first packet of a frame part (``split_frame`` puts a known one
         first); none for a part too short to hold a packet (a heartbeat: it publishes nothing)."""
-        return self._keys.ticks(codec.first_token(frame)).encode() if len(frame) >= 8 else b""
+        token = codec.first_token(frame)
+        return self._keys.ticks(token).encode() if token is not None else b""
 
     def _mark_down(self, error: str) -> None:
         if self.redis_up:
