@@ -203,6 +203,7 @@ async def read_status(client: redis.Redis, keys: Keys, sample: float = 1.0) -> d
             "conflated": status.count("conflated"),
             "dropped": status.count("dropped"),
             "malformed": status.count("malformed"),
+            "unclaimed": status.count("unclaimed"),
             "backpressure": status.text("backpressure") == "1",
             "access_token_error": status.text("access_token_error"),
             "instruments": status.count("instruments"),
@@ -254,7 +255,7 @@ def render_status(data: dict[str, Any], console: Console) -> None:
         f"publisher {escape('[' + data['namespace'] + ']')}: {escape(pub['state'])} {health}, "
         f"heartbeat {_age(pub['heartbeat_age'])} ago, "
         f"pid {pub['pid'] or '-'}; published {pub['published']:,}, conflated {pub['conflated']:,}, "
-        f"dropped {pub['dropped']:,}, malformed {pub['malformed']:,}"
+        f"dropped {pub['dropped']:,}, malformed {pub['malformed']:,}, unclaimed {pub['unclaimed']:,}"
         + (" [yellow]waiting for Redis (backpressure)[/]" if pub["backpressure"] else ""),
         soft_wrap=True,  # one line for scripts and pipes, whatever the console's width
     )

@@ -158,7 +158,7 @@ async def test_status_into_a_closed_pipe_ends_quietly_and_its_first_line_is_whol
     code, out, _ = await kitebus(redis_url, "status", "--sample", "0.1")
     first = out.splitlines()[0]
     assert code == 0 and first.startswith("publisher [kite]: running")
-    assert first.rstrip().endswith("malformed 0")  # not wrapped at 80 columns
+    assert first.rstrip().endswith("malformed 0, unclaimed 0")  # not wrapped at 80 columns
 
 
 async def test_ctl_rebalance_waits_for_the_moves_and_takes_no_tokens(publisher, control, redis_url) -> None:

@@ -16,6 +16,7 @@ import redis.asyncio as redis
 
 from config import Keys, Settings
 from consumers.control import ControlClient
+from consumers.status import read_status
 from kitebus.localredis import LocalRedis, free_port
 from publisher.app import Publisher, Tuning
 from simulator.server import TickerServer
@@ -229,5 +230,6 @@ async def test_ticks_of_tokens_no_one_claims_are_counted_and_not_published(
                 return await rds.hget(KEYS.status, "unclaimed") == str(sent).encode()
 
             await eventually(status_counts)
+            assert (await read_status(rds, KEYS, sample=0))["publisher"]["unclaimed"] == sent
         finally:
             await pubsub.aclose()
