@@ -315,21 +315,16 @@ class _Metrics(Collector):
         yield restarts
 
 
+_ORDER_COUNTERS = (
+    ("kitebus_order_updates", "Distinct order updates written to the stream and the channel", "published"),
+    ("kitebus_order_duplicates", "Order updates dropped: copies another socket brought first", "duplicates"),
+    ("kitebus_order_malformed", "Kite texts that are not Kite's JSON (an order without order_id, ...)",
+     "malformed"),
+    ("kitebus_order_given_up", "Order updates given up (buffer full, lease lost, stopped)", "given_up"),
+)  # fmt: skip
+
+
 def _order_metrics(orders: OrderFeed) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-    yield CounterMetricFamily(
-        "kitebus_order_updates", "Distinct order updates written to the stream and the channel",
-        value=orders.published,
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        "kitebus_order_duplicates", "Order updates dropped as copies another socket brought first",
-        value=orders.duplicates,
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        "kitebus_order_malformed", "Kite texts that are not Kite's JSON (an order without order_id, ...)",
-        value=orders.malformed,
-    )  # fmt: skip
-    yield CounterMetricFamily(
-        "kitebus_order_given_up", "Order updates given up (buffer full, lease lost, stopped)",
-        value=orders.given_up,
-    )  # fmt: skip
+    for name, text, attribute in _ORDER_COUNTERS:
+        yield CounterMetricFamily(name, text, value=getattr(orders, attribute))
     yield GaugeMetricFamily("kitebus_order_buffered", "Order updates not written yet", value=orders.buffered)
