@@ -3,7 +3,8 @@
 One table of packet layouts (``LAYOUTS``) drives every direction:
 
 * ``decode_frame``   frame bytes -> tick dicts (the contract's payload, minus ``received_at_ns``)
-* ``frame_payloads`` frame bytes -> ready-to-publish ``(token, msgpack bytes)`` pairs (hot path)
+* ``PAYLOAD_WRITERS``  compiled payload programs: a packet -> its msgpack payload, which
+  ``kitewire/encoder.py`` (the hot path) and its C speed-up run
 * ``encode_packet`` / ``encode_frame``  tick dicts -> packets -> a frame (used by the simulator)
 
 Pure code: no I/O, standard library only. A truncated frame or a packet of unknown
@@ -281,7 +282,7 @@ class _PayloadWriter:
     divide the prices and drop the values into the slots.
     """
 
-    def __init__(self, layout: PacketLayout, *, sequenced: bool = False) -> None:
+    def __init__(self, layout: PacketLayout) -> None:
         self.unpack_from = layout.struct.unpack_from
         nraw = len(layout.fields)
         price_idx = [i for i, f in enumerate(layout.fields) if f.price]
@@ -309,9 +310,8 @@ class _PayloadWriter:
             if spec.path == ("ohlc", "close"):
                 shape["change"] = ("d", change)
         shape["received_at_ns"] = ("Q", received)
-        if sequenced:  # the publisher's per-token sequence number and its epoch id
-            shape["seq"] = ("Q", seq)
-            shape["epoch"] = ("Q", epoch)
+        shape["seq"] = ("Q", seq)  # the publisher's per-token sequence number
+        shape["epoch"] = ("Q", epoch)  # and its epoch id
 
         chunks: list[bytearray] = [bytearray()]
         slots: list[tuple[str, int]] = []
@@ -396,21 +396,7 @@ def _str_header(n: int) -> bytes:
     return bytes([0xA0 | n])
 
 
-_WRITERS = {length: _PayloadWriter(layout) for length, layout in LAYOUTS.items()}
-SEQUENCED_WRITERS = {length: _PayloadWriter(layout, sequenced=True) for length, layout in LAYOUTS.items()}
-
-
-def frame_payloads(frame: bytes, received_at_ns: int) -> tuple[list[tuple[int, bytes]], int]:
-    """Decode a frame straight to ``(token, msgpack payload)`` pairs, ready to publish.
-
-    Each payload unpacks to exactly ``decode_frame``'s tick plus ``received_at_ns``.
-    Returns ``(payloads, malformed packet count)``.
-    """
-    packets, malformed = scan_frame(frame)
-    writers = _WRITERS
-    return [
-        writers[layout.length].write(frame, offset, received_at_ns) for layout, offset in packets
-    ], malformed
+PAYLOAD_WRITERS = {length: _PayloadWriter(layout) for length, layout in LAYOUTS.items()}
 
 
 # --- encoding ------------------------------------------------------------------------------

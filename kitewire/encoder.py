@@ -5,9 +5,9 @@
 ``PUBLISH {prefix}{token} <payload>`` per known packet, in frame order; ``fields`` the same
 ticks as ``<token> <payload>`` bulk-string pairs, to follow an ``HSET {ns}:last`` header;
 ``latest`` (a dict the caller owns) gets each token's newest payload (the last-value
-cache). Payloads are ``codec.frame_payloads``' msgpack maps plus ``seq``, the token's
-sequence number (1, 2, 3, …), and ``epoch``, the publisher's epoch id, so a consumer can
-tell a gap (seq jumps) from a restart (epoch changes).
+cache). Payloads are msgpack maps of ``codec.decode_frame``'s tick plus ``received_at_ns``,
+``seq``, the token's sequence number (1, 2, 3, …), and ``epoch``, the publisher's epoch
+id, so a consumer can tell a gap (seq jumps) from a restart (epoch changes).
 
 State is bounded by the tokens claimed. ``set_claimed(container)`` names the tokens whose
 packets are published (``None``: all); a packet of any other token is skipped and counted
@@ -27,7 +27,7 @@ import os
 from collections.abc import Container, Iterable
 from typing import Protocol
 
-from kitewire.codec import SEQUENCED_WRITERS, scan_frame, token_at
+from kitewire.codec import PAYLOAD_WRITERS, scan_frame, token_at
 
 log = logging.getLogger("kitebus.encoder")
 
@@ -70,7 +70,7 @@ class PyFrameEncoder:
         self._seqs: dict[int, int] = {}  # token -> the last sequence number given
         self._prefix = channel_prefix
         self._heads: dict[int, tuple[bytes, bytes]] = {}  # token -> (PUBLISH head, HSET field name)
-        self._bulk = {length: b"$%d\r\n" % w.payload_length for length, w in SEQUENCED_WRITERS.items()}
+        self._bulk = {length: b"$%d\r\n" % w.payload_length for length, w in PAYLOAD_WRITERS.items()}
         self._claimed: Container[int] | None = None
         self.unclaimed = 0
 
@@ -89,7 +89,7 @@ class PyFrameEncoder:
         self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
     ) -> tuple[bytes, bytes, int, int]:
         packets, malformed = scan_frame(frame)
-        heads, writers, bulk = self._heads, SEQUENCED_WRITERS, self._bulk
+        heads, writers, bulk = self._heads, PAYLOAD_WRITERS, self._bulk
         seqs, epoch, claimed = self._seqs, self._epoch, self._claimed
         publishes: list[bytes] = []
         fields: list[bytes] = []
@@ -119,7 +119,7 @@ class PyFrameEncoder:
         return b"".join(publishes), b"".join(fields), ticks, malformed
 
 
-def _programs(writers: dict = SEQUENCED_WRITERS) -> dict[int, tuple]:
+def _programs(writers: dict = PAYLOAD_WRITERS) -> dict[int, tuple]:
     """The codec's compiled payload programs, in the shape the C encoder takes."""
     return {
         length: (w.field_offsets, w.price_fields, w.has_ohlc, w.last_k, w.close_k, w.chunks, w.slot_specs)

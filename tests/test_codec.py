@@ -42,14 +42,20 @@ def test_decode_agrees_with_the_official_client_on_every_field(batch: list[dict]
     assert decoded == _official(frame)
 
 
-@given(st.lists(ticks(), min_size=1, max_size=10), st.integers(0, 2**63))
-def test_payloads_are_the_decoded_ticks_plus_receive_time(batch: list[dict], now: int) -> None:
+@given(st.lists(ticks(), min_size=1, max_size=10), st.integers(0, 2**63), st.integers(0, 2**63))
+def test_payloads_are_the_decoded_ticks_plus_receive_time_seq_and_epoch(
+    batch: list[dict], now: int, epoch: int
+) -> None:
     frame = codec.encode_frame(codec.encode_packet(tick) for tick in batch)
-    payloads, malformed = codec.frame_payloads(frame, now)
+    packets, malformed = codec.scan_frame(frame)
     assert malformed == 0
-    assert [token for token, _ in payloads] == [tick["instrument_token"] for tick in batch]
-    assert [msgpack.unpackb(body) for _, body in payloads] == [
-        tick | {"received_at_ns": now} for tick in batch
+    written = [
+        codec.PAYLOAD_WRITERS[layout.length].write(frame, offset, now, seq, epoch)
+        for seq, (layout, offset) in enumerate(packets, 1)
+    ]
+    assert [token for token, _ in written] == [tick["instrument_token"] for tick in batch]
+    assert [msgpack.unpackb(body) for _, body in written] == [
+        tick | {"received_at_ns": now, "seq": seq, "epoch": epoch} for seq, tick in enumerate(batch, 1)
     ]
 
 
@@ -83,7 +89,7 @@ def test_index_packet_reads_high_low_open_close_in_that_order() -> None:
 def test_heartbeat_and_empty_frames_yield_nothing() -> None:
     for frame in (b"", codec.HEARTBEAT, b"\x00\x00"):
         assert codec.decode_frame(frame) == ([], 0)
-        assert codec.frame_payloads(frame, 1) == ([], 0)
+        assert codec.scan_frame(frame) == ([], 0)
 
 
 @given(st.lists(ticks(), min_size=1, max_size=5), st.data())
@@ -99,7 +105,7 @@ def test_truncation_at_any_byte_keeps_whole_packets_and_counts_the_rest(batch, d
     whole = sum(end <= cut for end in ends)
     assert decoded == batch[:whole]
     assert malformed == len(batch) - whole
-    assert codec.frame_payloads(frame[:cut], 0)[1] == malformed
+    assert codec.scan_frame(frame[:cut])[1] == malformed
 
 
 def test_every_truncation_of_a_full_frame_is_handled() -> None:
