@@ -27,7 +27,7 @@ from config import Keys
 from kitebus.localredis import LocalRedis
 from kitewire import codec
 from kitewire.encoder import frame_encoder
-from rediswire.resp import pack_command
+from rediswire import resp
 from simulator.market import Market
 
 NS = "bench"
@@ -60,7 +60,7 @@ def consume(port: int, tokens: int, conflate_ms: float, raw: bool) -> None:
     """Listen to every token until 3 s of quiet; print {"ticks": n, "cpu": s}."""
     if raw:
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
+        sock.sendall(resp.command("PSUBSCRIBE", Keys(NS).ticks_pattern))
         sock.settimeout(3.0)
         reader, count = hiredis.Reader(), 0
         print("ready", flush=True)

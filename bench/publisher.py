@@ -60,8 +60,7 @@ from consumers.control import ControlClient
 from kitebus.localredis import LocalCluster, LocalRedis
 from kitewire import codec
 from kitewire.encoder import SPEEDUPS, frame_encoder
-from rediswire import bus
-from rediswire.resp import pack_command
+from rediswire import bus, resp
 
 NS = "bench"
 HERE = os.path.abspath(__file__)
@@ -146,8 +145,8 @@ class NullEncoder:
             keys = Keys(NS)
             tokens = [((start + i) % self._tokens + 1) << 8 | 1 for i in range(count)]
             command = bus.publish_command(bus.cluster_from_env())
-            publishes = b"".join(pack_command(command, keys.ticks(t), self._payload) for t in tokens)
-            fields = b"".join(pack_command(b"%d" % t, self._payload)[4:] for t in tokens)
+            publishes = b"".join(resp.command(command, keys.ticks(t), self._payload) for t in tokens)
+            fields = resp.bulk_pairs(dict.fromkeys(tokens, self._payload))
             chunk = self._chunks[(count, start)] = (publishes, fields)
         return chunk[0], chunk[1], count, 0
 
@@ -188,11 +187,11 @@ def consume(port: int, expected: int, idle: float, latency: bool, channels: list
         owner = _cluster_owners(port)
         socks = {p: socket.create_connection(("127.0.0.1", p)) for p in set(owner)}
         for name in channels:
-            socks[owner[key_slot(name.encode())]].sendall(pack_command("SSUBSCRIBE", name))
+            socks[owner[key_slot(name.encode())]].sendall(resp.command("SSUBSCRIBE", name))
         confirmations = len(channels)
     else:
         socks = {port: socket.create_connection(("127.0.0.1", port))}
-        socks[port].sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
+        socks[port].sendall(resp.command("PSUBSCRIBE", Keys(NS).ticks_pattern))
         confirmations = 1
     readers = {sock: hiredis.Reader() for sock in socks.values()}
     selector = selectors.DefaultSelector()

@@ -72,8 +72,7 @@ from config.redisurl import parse_sentinel_url
 from consumers.control import ControlClient, ControlTimeout
 from kitebus.localredis import LocalCluster, LocalRedis, LocalSentinelSet, free_port
 from kitewire.codec import MODE_RANK
-from rediswire import bus
-from rediswire.resp import pack_command
+from rediswire import bus, resp
 from rediswire.tasks import cancel_and_wait
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, TickerServer
 
@@ -279,7 +278,7 @@ def _subscribe(ports: list[int], universe: int) -> list[socket.socket]:
     """Subscribed sockets: one PSUBSCRIBE on a server; a socket per master of a cluster."""
     if len(ports) == 1:
         sock = socket.create_connection(("127.0.0.1", ports[0]), timeout=1)
-        sock.sendall(pack_command("PSUBSCRIBE", Keys(NS).ticks_pattern))
+        sock.sendall(resp.command("PSUBSCRIBE", Keys(NS).ticks_pattern))
         return [sock]
     owner = None
     for port in ports:  # any node that answers and serves every slot
@@ -299,7 +298,7 @@ def _subscribe(ports: list[int], universe: int) -> list[socket.socket]:
     commands: dict[int, list[bytes]] = {p: [] for p in sockets}
     for i in range(universe):
         channel = Keys(NS).ticks(_token(i))
-        commands[owner[key_slot(channel.encode())]].append(pack_command("SSUBSCRIBE", channel))
+        commands[owner[key_slot(channel.encode())]].append(resp.command("SSUBSCRIBE", channel))
     for port, sock in sockets.items():
         sock.sendall(b"".join(commands[port]))
     return list(sockets.values())

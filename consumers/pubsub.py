@@ -19,12 +19,11 @@ from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import quote
 
-import hiredis
 import redis.asyncio as redis
 
 from config.redisurl import is_sentinel_url
-from rediswire import bus
-from rediswire.resp import RespConnection, RespError, pack_command
+from rediswire import bus, resp
+from rediswire.resp import RespConnection, RespError
 from rediswire.tasks import cancel_and_wait
 
 Message = tuple[bytes, bytes]  # (channel, data)
@@ -71,7 +70,7 @@ class FastPubSub:
         readers, set when messages arrive; ``moved``: returns when this server is no longer
         the primary (Sentinel), and the reader then fails as if cut off."""
         self._connection = connection
-        self._parser = hiredis.Reader()
+        self._replies = resp.Replies()
         self._ready: deque[Message] = deque()
         self._sharded = sharded
         self._message = b"smessage" if sharded else b"message"
@@ -122,7 +121,7 @@ class FastPubSub:
         self._awaiting |= expected
         batch = 1 if self._sharded else SUBSCRIBE_BATCH  # one slot per SSUBSCRIBE
         for start in range(0, len(names), batch):
-            self._connection.write(pack_command(command, *names[start : start + batch]))
+            self._connection.write(resp.command(command, *names[start : start + batch]))
         await self._connection.drain()
         while expected & self._awaiting:
             if self._failure is not None:
@@ -169,11 +168,10 @@ class FastPubSub:
         self._confirmed.set()
 
     def _parse(self, data: bytes) -> None:
-        parser = self._parser
-        parser.feed(data)
+        self._replies.feed(data)
         arrived = confirmed = False
-        while (reply := parser.gets()) is not False:
-            if isinstance(reply, hiredis.ReplyError):
+        for reply in self._replies:
+            if resp.is_error(reply):
                 raise RespError(f"Redis refused a pub/sub command: {reply}")
             if reply[0] == self._message:
                 self._ready.append((reply[1], reply[2]))

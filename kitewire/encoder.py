@@ -57,7 +57,9 @@ class Encoder(Protocol):
 
 
 def command_header(command: bytes) -> bytes:
-    """The RESP array header and command name of a 3-argument command."""
+    """The RESP array header and command name of a 3-argument command. RESP is built in
+    ``rediswire/resp.py``; the encoder, below that floor and fused for speed, writes the
+    few pieces it needs itself, and its tests read them back with ``resp.Replies``."""
     return b"*3\r\n$%d\r\n%b\r\n" % (len(command), command)
 
 

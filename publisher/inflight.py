@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from kitewire import codec
+from rediswire import resp
 
 Source = bytes | tuple[int, ...]  # a frame, or the tokens of a republish
 REDIRECTS = (b"MOVED", b"ASK", b"CLUSTERDOWN", b"TRYAGAIN")  # a cluster's slots moved or are not served
@@ -118,13 +119,13 @@ class InFlight:
         are known."""
         if self._careful[lane] is not None:
             return self._read_each(lane, data)
-        errors = data.count(b"\n-") + (self._line_start[lane] and data[:1] == b"-")
+        errors = resp.errors_in(data, self._line_start[lane])
         if errors and careful:
             self._careful[lane] = b"" if self._line_start[lane] else b"+"  # "+": a reply under way
             return self._read_each(lane, data)
         self._line_start[lane] = data.endswith(b"\n")
         answers = Answers(errors=errors, last_error=f"redis answered {errors} error(s)" if errors else "")
-        owing, replies = self._owing[lane], data.count(b"\n")
+        owing, replies = self._owing[lane], resp.replies_in(data)
         while replies and owing:
             head = owing[0]
             taken = min(replies, head.replies[lane])
@@ -146,7 +147,7 @@ class InFlight:
                 break
             head = owing[0]
             what, index = head.command_at(lane, head.expected[lane] - head.replies[lane])
-            error = line.startswith(b"-")
+            error = resp.is_error_line(line)
             if error:
                 head.failed.add((lane, head.expected[lane] - head.replies[lane]))
                 answers.errors += 1

@@ -60,8 +60,8 @@ from publisher.health import Health
 from publisher.inflight import Answers, Batch, Command, InFlight, Released, Source, tokens_of
 from publisher.lease import Fence
 from publisher.supervisor import supervised
-from rediswire import bus
-from rediswire.resp import RespConnection, RespError, pack_command
+from rediswire import bus, resp
+from rediswire.resp import RespConnection, RespError
 from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.sink")
@@ -215,8 +215,8 @@ class TickSink:
         names = [b"%d" % t for t in tokens]
         hset = [v for name in names for v in (name, status.encode())]
         channel, key = self._keys.stream_status.encode(), self._keys.token_status.encode()
-        for route, command in ((channel, pack_command(self._command, channel, event)),
-                               (key, pack_command(b"HSET", key, *hset))):  # fmt: skip
+        for route, command in ((channel, resp.command(self._command, channel, event)),
+                               (key, resp.command(b"HSET", key, *hset))):  # fmt: skip
             self._queue(_Queued(command, b"", 0, 0, (), other=1, route=route, upto=self.queued))
         self._work.set()
 
@@ -228,7 +228,7 @@ class TickSink:
             "status": kind, "connection": connection, "tokens": [], "reason": reason, "at": time.time(),
         })  # fmt: skip
         channel = self._keys.stream_status.encode()
-        command = pack_command(self._command, channel, event)
+        command = resp.command(self._command, channel, event)
         self._queue(_Queued(command, b"", 0, 0, (), other=1, route=channel, upto=self.queued))
         self._work.set()
 
@@ -573,7 +573,7 @@ class TickSink:
         if nfields:
             key = self._last_key
             lane = self._lane(key)
-            parts[lane].append(b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%b\r\n" % (2 + 2 * nfields, len(key), key))
+            parts[lane].append(resp.command_head(2 + 2 * nfields, b"HSET", key))
             parts[lane] += fields
             replies[lane] += 1
             commands[lane].append((1, None))
@@ -588,7 +588,7 @@ class TickSink:
                 names = [b"%d" % t for t in released.tokens]
                 for key in (self._last_key, self._keys.token_status.encode()):
                     lane = self._lane(key)
-                    parts[lane].append(pack_command(b"HDEL", key, *names))
+                    parts[lane].append(resp.command(b"HDEL", key, *names))
                     replies[lane] += 1
                     commands[lane].append((1, released))
                     positions[lane].append(0)
@@ -685,7 +685,7 @@ class TickSink:
     # --- RESP ----------------------------------------------------------------------------
 
     def _republish_command(self, token: int, payload: bytes) -> bytes:
-        return pack_command(self._command, self._keys.ticks(token), payload)
+        return resp.command(self._command, self._keys.ticks(token), payload)
 
     def _token_lane(self, token: int) -> int:
         """The lane of a token's channel, in the map of slots in force."""
@@ -710,10 +710,4 @@ class TickSink:
         self.last_error = error
 
 
-def _fields(latest: dict[int, bytes]) -> bytes:
-    """``<token> <payload>`` bulk-string pairs for an HSET of ``{ns}:last``."""
-    out = []
-    for token, payload in latest.items():
-        name = b"%d" % token
-        out += (b"$%d\r\n%b\r\n$%d\r\n" % (len(name), name, len(payload)), payload, b"\r\n")
-    return b"".join(out)
+_fields = resp.bulk_pairs  # ``<token> <payload>`` pairs for an HSET of ``{ns}:last``

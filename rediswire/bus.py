@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import hiredis
 import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -48,7 +47,8 @@ from redis.exceptions import (
 
 from config.keys import Keys
 from config.redisurl import SentinelURL, is_sentinel_url, parse_sentinel_url
-from rediswire.resp import RespConnection, RespError, pack_command
+from rediswire import resp
+from rediswire.resp import RespConnection, RespError
 
 Client = redis.Redis | RedisCluster
 Pipeline = Any  # redis-py's Pipeline or ClusterPipeline: the same queuing methods
@@ -296,18 +296,14 @@ class Topology:
         """``CLUSTER SLOTS`` asked of the node ``seed`` names. Raises RespError."""
         connection = await RespConnection.open(seed)
         try:
-            connection.write(pack_command(b"CLUSTER", b"SLOTS"))
-            await connection.drain()
-            parser = hiredis.Reader()
-            while (reply := parser.gets()) is False:
-                parser.feed(await connection.read())
+            reply = await connection.call(b"CLUSTER", b"SLOTS")
         finally:
             await connection.close()
-        if isinstance(reply, hiredis.ReplyError):
+        if resp.is_error(reply):
             raise RespError(f"CLUSTER SLOTS failed: {reply} (is it a cluster node?)")
         nodes: list[str] = []
         owner = [-1] * SLOTS
-        for start, end, master, *_replicas in reply:
+        for start, end, master, *_replicas in reply:  # type: ignore[union-attr]
             url = node_url(seed, (master[0] or b"127.0.0.1").decode(), int(master[1]))
             if url not in nodes:
                 nodes.append(url)

@@ -1,15 +1,22 @@
-"""A minimal Redis connection for the tick flow: pipelined writes of pre-encoded RESP.
+"""Redis's wire format (RESP) for the fast paths, and a minimal connection that speaks it.
+
+The one place RESP is built and read outside redis-py: ``bulk``, ``command``,
+``command_head`` and ``bulk_pairs`` build it; ``Replies`` (hiredis) parses replies, and
+``replies_in`` / ``errors_in`` count the one-line replies the tick flow's commands get
+(PUBLISH and HSET answer with an integer, or an error) without parsing them. The compiled
+encoder (``kitewire/encoder.py``) writes RESP's bulk strings itself, inside its hot loop;
+its tests read its output back with ``Replies``.
 
 redis-py's pipeline objects cost ~15 us per command in Python; the tick flow writes
-batches of ready RESP and counts the replies itself (``publisher/sink.py``). Setup
-commands are answered through hiredis. Everything else (control, monitoring) uses
-redis-py's asyncio client.
+batches of ready RESP and counts the replies itself (``publisher/sink.py``). Everything
+else (control, monitoring) uses redis-py's asyncio client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Iterator
 from urllib.parse import unquote, urlsplit
 
 import hiredis
@@ -19,13 +26,69 @@ class RespError(ConnectionError):
     """The Redis connection failed or answered a setup command with an error."""
 
 
-def pack_command(*args: bytes | str) -> bytes:
-    """One command in RESP: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+def bulk(data: bytes) -> bytes:
+    """One bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def command(*args: bytes | str) -> bytes:
+    """One command: an array of bulk strings."""
+    return command_head(len(args), *args)
+
+
+def command_head(total: int, *first: bytes | str) -> bytes:
+    """The start of a command of ``total`` arguments: its array header and its ``first``
+    arguments; the caller appends the other ``total - len(first)`` as bulk strings."""
+    out = [b"*%d\r\n" % total]
+    out += (bulk(arg.encode() if isinstance(arg, str) else arg) for arg in first)
     return b"".join(out)
+
+
+def bulk_pairs(items: dict[int, bytes]) -> bytes:
+    """``<token> <value>`` bulk-string pairs, as the field/value arguments of an HSET."""
+    return b"".join(bulk(b"%d" % token) + bulk(value) for token, value in items.items())
+
+
+def replies_in(data: bytes) -> int:
+    """One-line replies (integers, statuses, errors) that end in ``data``."""
+    return data.count(b"\n")
+
+
+def errors_in(data: bytes, at_line_start: bool) -> int:
+    """Error replies that begin in ``data`` (one-line replies only); ``at_line_start``: the
+    bytes before ``data`` ended a reply."""
+    return data.count(b"\n-") + (at_line_start and data[:1] == b"-")
+
+
+def is_error_line(line: bytes) -> bool:
+    """Whether one reply line (``replies_in``'s unit) is an error reply."""
+    return line.startswith(b"-")
+
+
+class Replies:
+    """Replies parsed from the bytes fed in, in order (hiredis); an error reply comes out as
+    ``hiredis.ReplyError`` (``is_error``)."""
+
+    def __init__(self) -> None:
+        self._parser = hiredis.Reader()
+
+    def feed(self, data: bytes) -> None:
+        self._parser.feed(data)
+
+    def next(self) -> object:
+        """The next complete reply, or ``INCOMPLETE`` when more bytes are needed."""
+        return self._parser.gets()
+
+    def __iter__(self) -> Iterator[object]:
+        while (reply := self._parser.gets()) is not False:
+            yield reply
+
+
+INCOMPLETE = False  # ``Replies.next`` when no whole reply has arrived
+
+
+def is_error(reply: object) -> bool:
+    return isinstance(reply, hiredis.ReplyError)
 
 
 class RespConnection:
@@ -34,7 +97,7 @@ class RespConnection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
-        self._parser = hiredis.Reader()
+        self._replies = Replies()
 
     @classmethod
     async def open(cls, url: str, timeout: float = 5.0) -> RespConnection:
@@ -53,10 +116,10 @@ class RespConnection:
                 setup = []
                 if parts.password:
                     user = unquote(parts.username) if parts.username else "default"
-                    setup.append(pack_command("AUTH", user, unquote(parts.password)))
+                    setup.append(command("AUTH", user, unquote(parts.password)))
                 db = parts.path.strip("/") if parts.scheme != "unix" else ""
                 if db and db != "0":
-                    setup.append(pack_command("SELECT", db))
+                    setup.append(command("SELECT", db))
                 if setup and await connection.execute(b"".join(setup), len(setup)):
                     await connection.close()
                     raise RespError("Redis refused AUTH or SELECT")
@@ -71,23 +134,19 @@ class RespConnection:
         self.write(commands)
         await self.drain()
         errors = 0
-        parser = self._parser
-        while replies:
-            reply = parser.gets()
-            if reply is False:
-                parser.feed(await self.read())
-                continue
-            replies -= 1
-            if isinstance(reply, hiredis.ReplyError):
-                errors += 1
+        for _ in range(replies):
+            errors += is_error(await self._reply())
         return errors
 
     async def call(self, *args: bytes | str) -> object:
         """One command and its reply, parsed (an error reply comes back as hiredis.ReplyError)."""
-        self.write(pack_command(*args))
+        self.write(command(*args))
         await self.drain()
-        while (reply := self._parser.gets()) is False:
-            self._parser.feed(await self.read())
+        return await self._reply()
+
+    async def _reply(self) -> object:
+        while (reply := self._replies.next()) is INCOMPLETE:
+            self._replies.feed(await self.read())
         return reply
 
     def write(self, data: bytes) -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hiredis
+from rediswire import resp
 
 
 def parse_commands(data: bytes) -> list[list[bytes]]:
-    """Every command in ``data``, each as its list of arguments."""
-    reader = hiredis.Reader()
+    """Every command in ``data``, each as its list of arguments (read as replies are)."""
+    reader = resp.Replies()
     reader.feed(data)
-    out = []
-    while (command := reader.gets()) is not False:
-        out.append(command)
-    return out
+    return list(reader)  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from consumers.control import ControlClient
 from consumers.subscriber import StreamStatus, TickSubscriber
 from kitebus.localredis import LocalRedis, free_port
 from publisher.app import Publisher
-from rediswire.resp import pack_command
+from rediswire import resp
 from tests.integration.conftest import FAST, eventually
 
 KEYS = Keys("kite")
@@ -90,7 +90,7 @@ async def _all_status(sub: TickSubscriber, tokens, wanted: str) -> bool:
 def _count_everything(port: int, stop: threading.Event, counts: dict) -> None:
     """A fast consumer of every tick channel (hiredis in a thread), to show it is unaffected."""
     sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(pack_command("PSUBSCRIBE", KEYS.ticks_pattern))
+    sock.sendall(resp.command("PSUBSCRIBE", KEYS.ticks_pattern))
     sock.settimeout(0.2)
     reader = hiredis.Reader()
     while not stop.is_set():
