@@ -46,9 +46,7 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Collection, Container
-from dataclasses import dataclass
 
 import msgpack
 
@@ -56,8 +54,9 @@ from config.keys import Keys
 from config.redisurl import is_sentinel_url
 from kitewire import codec
 from kitewire.encoder import Encoder, frame_encoder
+from publisher.backlog import Backlog, Lanes, Queued
 from publisher.health import Health
-from publisher.inflight import Answers, Batch, Command, InFlight, Released, Source, tokens_of
+from publisher.inflight import Answers, Batch, InFlight, Released, Source, tokens_of
 from publisher.lease import Fence
 from publisher.supervisor import supervised
 from rediswire import bus, resp
@@ -65,24 +64,6 @@ from rediswire.resp import RespConnection, RespError
 from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.sink")
-
-@dataclass(slots=True)
-class _Queued:
-    """Ticks waiting to be written: their PUBLISHes, their ``{ns}:last`` HSET fields."""
-
-    publishes: bytes
-    fields: bytes
-    ticks: int  # PUBLISHes
-    nfields: int
-    source: Source  # what to tell their tokens from, should they be given up
-    other: int = 0  # commands in ``publishes`` that are not ticks (stream status)
-    route: bytes = b""  # on a cluster: a channel or key whose node all of ``publishes`` goes to
-    upto: int = 0  # ``queued`` once these ticks were handed in: ticks after a watch's mark are newer
-
-    @property
-    def size(self) -> int:
-        return len(self.publishes) + len(self.fields)
-
 
 class TickSink:
     """Owns the tick flow's Redis socket, its writer and reply tasks, and the last-value cache."""
@@ -110,32 +91,22 @@ class TickSink:
         self._cluster = cluster
         self._sentinel = is_sentinel_url(redis_url)
         self._command = bus.publish_command(cluster)
-        self._topology = bus.Topology.single(redis_url)
-        self._lanes_of_tokens: dict[int, int] = {}  # token -> the lane of its channel
+        self._lanes = Lanes(keys, bus.Topology.single(redis_url))
         self._fence = fence or Fence()  # asked before each batch: does this publisher lead?
         self.health = Health()  # the publisher's, once it is given one
         self._keys = keys
         self._encoder = encoder or frame_encoder(keys.ticks("").encode(), self._command, epoch=epoch)
         self._claimed = claimed
         self._encoder.set_claimed(claimed)
-        self._last_key = keys.last.encode()
         self.max_backlog = max_backlog
         self.max_in_flight = max_in_flight
         self.batch_bytes = batch_bytes
         self.conflate_after = conflate_after
         self.write_timeout = write_timeout
 
-        self._pending: deque[_Queued] = deque()
-        self._pending_bytes = 0
-        self._pending_ticks = 0
+        self.backlog = Backlog(keys, self._command, self._lanes)  # queued, not yet sent
         self._flight = InFlight(1)  # sent, not yet answered; a lane per Redis node
-        self.cache: dict[int, bytes] = {}  # the last-value cache: newest payload per token
-        self._released: set[int] = set()  # to delete from {ns}:last
-        self._placed: set[int] = set()  # the tokens subscribed at the last ``prune``
-        self._republish: set[int] = set()  # tokens whose newest payload was given up
-        self._lost: set[int] = set()  # tokens of batches whose write failed
-        self._given_up = 0  # ticks discarded since conflation began
-        self.conflating = False
+        self.cache = self.backlog.cache  # the last-value cache: newest payload per token
         self.writable = asyncio.Event()  # cleared while the connections must not read
         self.writable.set()
         self._work = asyncio.Event()
@@ -144,8 +115,6 @@ class TickSink:
         # figures for status and metrics
         self.published = 0
         self.queued = 0  # ticks handed in, in order (for "has this tick reached Redis yet?")
-        self._discarded = 0  # ticks given up under overload, in all
-        self.conflated = 0
         self.dropped = 0
         self.malformed = 0
         self.unclaimed = 0  # packets of tokens no client claims: not published
@@ -171,11 +140,11 @@ class TickSink:
         """Encode a frame and queue its PUBLISHes; returns how many ticks it held.
         Callers wait for ``writable`` before reading their next frame. On a cluster the
         frame is first dealt out by node, so that each part's SPUBLISHes go to one node."""
-        nodes = len(self._topology.nodes)
+        nodes = self._lanes.count
         if nodes == 1:
             return self._publish(frame, received_at_ns)
         ticks = 0
-        for part in codec.split_frame(frame, self._token_lane, nodes):
+        for part in codec.split_frame(frame, self._lanes.of_token, nodes):
             if part:
                 ticks += self._publish(part, received_at_ns, self._channel(part))
         return ticks
@@ -194,10 +163,10 @@ class TickSink:
         if not ticks:
             return 0
         self.queued += ticks
-        if self.conflating:
-            self._give_up(ticks, source)
+        if self.backlog.conflating:
+            self.backlog.give_up(ticks, source)
         else:
-            self._queue(_Queued(publishes, fields, ticks, ticks, source, route=route, upto=self.queued))
+            self.backlog.queue(Queued(publishes, fields, ticks, ticks, source, route=route, upto=self.queued))
             if self.backlog_bytes > self.max_backlog and self.writable.is_set():
                 self._pause()
         self._work.set()
@@ -217,7 +186,7 @@ class TickSink:
         channel, key = self._keys.stream_status.encode(), self._keys.token_status.encode()
         for route, command in ((channel, resp.command(self._command, channel, event)),
                                (key, resp.command(b"HSET", key, *hset))):  # fmt: skip
-            self._queue(_Queued(command, b"", 0, 0, (), other=1, route=route, upto=self.queued))
+            self.backlog.queue(Queued(command, b"", 0, 0, (), other=1, route=route, upto=self.queued))
         self._work.set()
 
     def publish_notice(self, kind: str, connection: int, reason: str) -> None:
@@ -229,19 +198,19 @@ class TickSink:
         })  # fmt: skip
         channel = self._keys.stream_status.encode()
         command = resp.command(self._command, channel, event)
-        self._queue(_Queued(command, b"", 0, 0, (), other=1, route=channel, upto=self.queued))
+        self.backlog.queue(Queued(command, b"", 0, 0, (), other=1, route=channel, upto=self.queued))
         self._work.set()
 
     @property
     def buffered(self) -> int:
         """Ticks queued or in flight, not yet acknowledged by Redis."""
-        return self._pending_ticks + self._flight.ticks
+        return self.backlog.ticks + self._flight.ticks
 
     @property
     def acknowledged(self) -> int:
         """Ticks done with: published (Redis answered), given up, or lost in a failed write.
         A tick handed in when ``queued`` was N is done with once this reaches N."""
-        return self.published + self._discarded + self.dropped
+        return self.published + self.backlog.discarded + self.dropped
 
     @property
     def nodes(self) -> int:
@@ -250,22 +219,15 @@ class TickSink:
 
     @property
     def backlog_bytes(self) -> int:
-        return self._pending_bytes + self._flight.bytes
+        return self.backlog.bytes + self._flight.bytes
 
     def prune(self, subscribed: Collection[int]) -> None:
         """Forget tokens no longer subscribed: out of the cache, the encoder's sequence
         numbers (claimed again, a token starts at ``seq`` 1), ``{ns}:last`` and
         ``{ns}:token_status``."""
-        # the tokens subscribed last time too: one released before its first tick here (just
-        # after a takeover, say) has no cache entry, but the old leader's snapshot in {ns}:last
-        gone = [t for t in {*self.cache, *self._placed} if t not in subscribed]
-        self._placed = set(subscribed)
-        for token in gone:
-            self.cache.pop(token, None)
-            self._republish.discard(token)
+        gone = self.backlog.prune(subscribed)
         if gone:
             self._encoder.release(gone)
-            self._released.update(gone)
             self._work.set()
 
     # --- what went out: for the live follow-ups -------------------------------------------
@@ -308,14 +270,6 @@ class TickSink:
 
     # --- overload ------------------------------------------------------------------------
 
-    def _queue(self, item: _Queued, *, front: bool = False) -> None:
-        if front:
-            self._pending.appendleft(item)
-        else:
-            self._pending.append(item)
-        self._pending_bytes += item.size
-        self._pending_ticks += item.ticks
-
     def _pause(self) -> None:
         self.writable.clear()
         self.pauses += 1
@@ -330,59 +284,26 @@ class TickSink:
     def _conflate(self) -> None:
         """The backlog stayed over its bound too long: give it up, keep each token's newest."""
         self._overload_timer = None
-        self.conflating = True
         log.warning(
             "redis is not keeping up; conflating backlog_bytes=%d redis_up=%s",
             self.backlog_bytes, self.redis_up,
         )  # fmt: skip
-        kept: deque[_Queued] = deque()  # stream status and snapshot rewrites are never given up
-        for queued in self._pending:
-            if queued.ticks:
-                self._give_up(queued.ticks, queued.source)
-            else:
-                kept.append(queued)
-        self._pending = kept
-        self._pending_bytes = sum(item.size for item in kept)
-        self._pending_ticks = 0
+        self.backlog.conflate()
         self._resume()
-
-    def _give_up(self, ticks: int, source: Source) -> None:
-        self._given_up += ticks
-        self._discarded += ticks
-        self._republish.update(tokens_of(source))
 
     def _end_conflation(self) -> None:
         """Redis takes writes again: publish each given-up token's newest payload once."""
-        self.conflating = False
-        given_up = [t for t in self._republish if self.cache.get(t) is not None]
-        self.conflated += max(0, self._given_up - len(given_up))
-        self._given_up = 0
-        self._republish.clear()
-        self._queue_republish({*given_up, *self._lost})
-        self._lost.clear()
-        log.warning("redis keeps up again; republished tokens=%d", len(given_up))
+        republished = self.backlog.end_conflation(self.queued)
+        log.warning("redis keeps up again; republished tokens=%d", republished)
 
-    def _requeue_lost(self) -> None:
-        """After a failed write: publish again the newest payload of each token whose last
-        tick may have been lost, unless a newer tick of it is still queued (no reordering)."""
-        if not self._lost or self.conflating:
-            return  # the end of conflation covers them
-        queued = {t for item in self._pending for t in tokens_of(item.source)}
-        self._queue_republish(self._lost - queued)
-        self._lost.clear()
+    @property
+    def conflating(self) -> bool:
+        return self.backlog.conflating
 
-    def _queue_republish(self, tokens: set[int]) -> None:
-        lanes: dict[int, dict[int, bytes]] = {}
-        for token in tokens:
-            if (payload := self.cache.get(token)) is not None:
-                lanes.setdefault(self._token_lane(token), {})[token] = payload
-        for items in lanes.values():
-            publishes = b"".join(self._republish_command(token, payload) for token, payload in items.items())
-            route = self._keys.ticks(next(iter(items))).encode()
-            queued = _Queued(
-                publishes, _fields(items), len(items), len(items), tuple(items), route=route, upto=self.queued
-            )
-            self._queue(queued, front=True)
+    @property
+    def conflated(self) -> int:
+        """Ticks given up under overload and not made good by a newer one published."""
+        return self.backlog.conflated
 
     # --- the tasks -----------------------------------------------------------------------
 
@@ -395,7 +316,7 @@ class TickSink:
             return
         try:
             async with asyncio.timeout(flush_timeout if self._fence.valid() else 0):
-                while (self._pending or self._flight.batches or self.conflating) and self.redis_up:
+                while (self.backlog.pending or self._flight.batches or self.conflating) and self.redis_up:
                     await asyncio.sleep(0.01)
         except TimeoutError:
             pass
@@ -409,9 +330,8 @@ class TickSink:
         if unsent:
             self.dropped += unsent
             log.warning("sink closed with unsent ticks dropped=%d", unsent)
-        self._pending.clear()
+        self.backlog.clear()
         self._flight.reset(self._flight.lanes)
-        self._pending_bytes = self._pending_ticks = 0
         self.writable.set()
 
     async def _run(self) -> None:
@@ -426,8 +346,8 @@ class TickSink:
                 delay = min(0.5, max(0.1, delay * 2))  # Redis back: ticks flow within half a second
                 continue
             delay = 0.1
-            if not first and self.cache:  # Redis may have restarted empty: rewrite all of {ns}:last
-                self._queue(_Queued(b"", _fields(self.cache), 0, len(self.cache), ()), front=True)
+            if not first:  # Redis may have restarted empty: rewrite all of {ns}:last
+                self.backlog.queue_snapshot()
             first = False
             self.redis_up = True
             log.info("sink connected to redis nodes=%d", len(connections))
@@ -435,7 +355,7 @@ class TickSink:
                 connection.set_write_limit(self.max_in_flight + self.batch_bytes)
             self._flight.reset(len(connections))
             self._reopen = ""
-            self._requeue_lost()
+            self.backlog.requeue_lost(self.queued)
             self._work.set()
             crash: Exception | None = None
             try:
@@ -462,7 +382,7 @@ class TickSink:
         """With Sentinel: once it names another primary, finish what is in flight on this
         one and open the socket to the new one (a demoted primary takes writes for seconds
         before Sentinel reconfigures it, and its subscribers are moving away)."""
-        why = await bus.primary_moved(self._url, self._topology.nodes[0])
+        why = await bus.primary_moved(self._url, self._lanes.topology.nodes[0])
         log.warning("sink follows the primary: %s", why)
         self._reopen = self._reopen or why
         self._work.set()
@@ -470,36 +390,18 @@ class TickSink:
     async def _open(self) -> list[RespConnection]:
         """A socket per node: one for a server; on a cluster one per master, from a fresh
         read of which master serves which slot."""
-        before = self._topology
-        self._topology = await bus.topology(self._url, self._cluster)
-        self._lanes_of_tokens.clear()
-        if self._topology != before and self._topology.cluster:
-            self._reroute_pending()
+        topology = await bus.topology(self._url, self._cluster)
+        if self._lanes.use(topology) and topology.cluster:
+            self.dropped += self.backlog.reroute()
         connections: list[RespConnection] = []
         try:
-            for url in self._topology.nodes:
+            for url in topology.nodes:
                 connections.append(await RespConnection.open(url))
         except ConnectionError:
             for connection in connections:
                 await connection.close()
             raise
         return connections
-
-    def _reroute_pending(self) -> None:
-        """The map of slots changed: a queued part whose ticks now belong to more than one
-        node cannot go out as one; its ticks are given up and their tokens' newest published
-        again (they never went out, so nothing is sent twice)."""
-        kept: deque[_Queued] = deque()
-        for item in self._pending:
-            tokens = tokens_of(item.source) if item.ticks else ()
-            if len({self._token_lane(t) for t in tokens}) > 1:
-                self.dropped += item.ticks
-                self._pending_ticks -= item.ticks
-                self._pending_bytes -= item.size
-                self._lost.update(tokens)
-            else:
-                kept.append(item)
-        self._pending = kept
 
     async def _write(self, connections: list[RespConnection]) -> None:
         while True:
@@ -510,9 +412,7 @@ class TickSink:
                 raise RespError(f"{self._reopen}; opening the socket(s) again")
             if self.conflating and self._flight.bytes <= self.max_backlog // 2:
                 self._end_conflation()
-            if self._flight.bytes >= self.max_in_flight or not (
-                self._pending or self._released
-            ):
+            if self._flight.bytes >= self.max_in_flight or not self.backlog:
                 self._work.clear()
                 await self._work.wait()
                 continue
@@ -541,66 +441,12 @@ class TickSink:
         if self._fence.lapsed:
             await self._fence.wait_valid()
             return
-        self.dropped += self._pending_ticks
-        self._pending.clear()
-        self._pending_bytes = self._pending_ticks = 0
+        self.dropped += self.backlog.clear()
         await asyncio.Future()  # until closed
 
     def _take_batch(self) -> tuple[Batch, list[bytes]]:
-        """Queued PUBLISHes up to ``batch_bytes``, then one HSET of ``{ns}:last`` with the same
-        ticks (and an HDEL of released tokens): the snapshot never runs ahead of the channel
-        (on a cluster: of the channels on its own node). The bytes for each lane."""
-        lanes = self._flight.lanes
-        parts: list[list[bytes]] = [[] for _ in range(lanes)]
-        replies, ticks = [0] * lanes, [0] * lanes
-        fields: list[bytes] = []
-        commands: list[list[Command]] = [[] for _ in range(lanes)]
-        positions: list[list[int]] = [[] for _ in range(lanes)]
-        size = nfields = 0
-        while self._pending and size < self.batch_bytes:
-            item = self._pending.popleft()
-            lane = 0 if lanes == 1 else self._lane(item.route)
-            parts[lane].append(item.publishes)
-            replies[lane] += item.ticks + item.other
-            ticks[lane] += item.ticks
-            commands[lane].append((item.ticks + item.other, item.source if item.ticks else None))
-            positions[lane].append(item.upto)
-            fields.append(item.fields)
-            size += item.size
-            nfields += item.nfields
-        self._pending_bytes -= size
-        self._pending_ticks -= sum(ticks)
-        if nfields:
-            key = self._last_key
-            lane = self._lane(key)
-            parts[lane].append(resp.command_head(2 + 2 * nfields, b"HSET", key))
-            parts[lane] += fields
-            replies[lane] += 1
-            commands[lane].append((1, None))
-            positions[lane].append(0)
-        if self._released and not self._pending:
-            # Only behind every queued tick: an older HSET of a released token, sent after
-            # its HDEL, would leave its snapshot in {ns}:last for good. A token back in the
-            # cache by now (subscribed again) keeps its snapshot.
-            released = Released(tuple(t for t in self._released if t not in self.cache))
-            self._released.clear()
-            if released.tokens:
-                names = [b"%d" % t for t in released.tokens]
-                for key in (self._last_key, self._keys.token_status.encode()):
-                    lane = self._lane(key)
-                    parts[lane].append(resp.command(b"HDEL", key, *names))
-                    replies[lane] += 1
-                    commands[lane].append((1, released))
-                    positions[lane].append(0)
-        data = [b"".join(part) for part in parts]
-        return Batch(sum(map(len, data)), replies, ticks, commands, positions=positions), data
-
-    def _lane(self, name: bytes) -> int:
-        """The lane of a channel or key (once per queued part; tokens are cached below)."""
-        try:
-            return self._topology.node_of(name)
-        except RespError:  # a slot nobody serves: its node's error reply brings a re-read
-            return 0
+        """The next batch, cut into one part per lane (``Backlog.take_batch``)."""
+        return self.backlog.take_batch(self._flight.lanes, self.batch_bytes)
 
     async def _count_replies(self, connection: RespConnection, lane: int) -> None:
         """Read ``lane``'s replies as they come (``InFlight`` matches them to the batches)."""
@@ -635,8 +481,8 @@ class TickSink:
             self.error_at = time.monotonic()
             if not reopen and not answers.redirected and not answers.not_primary:
                 self._retry_soon()  # the reopen covers these
-        self._lost |= answers.lost
-        self._released |= answers.released
+        self.backlog.lost |= answers.lost
+        self.backlog.released |= answers.released
         if self._flight.completed:
             self._note_went_out(self._flight.completed)
             self._flight.completed = []
@@ -660,10 +506,10 @@ class TickSink:
 
     def _retry(self) -> None:
         self._retry_timer = None
-        self._requeue_lost()
+        self.backlog.requeue_lost(self.queued)
         if self._snapshot_stale and self.cache and self.redis_up:
             self._snapshot_stale = False
-            self._queue(_Queued(b"", _fields(self.cache), 0, len(self.cache), ()), front=True)
+            self.backlog.queue_snapshot()
         self._work.set()
 
     @property
@@ -682,20 +528,6 @@ class TickSink:
         self._settle(self._flight.fail_all())
         self._mark_down(error)
 
-    # --- RESP ----------------------------------------------------------------------------
-
-    def _republish_command(self, token: int, payload: bytes) -> bytes:
-        return resp.command(self._command, self._keys.ticks(token), payload)
-
-    def _token_lane(self, token: int) -> int:
-        """The lane of a token's channel, in the map of slots in force."""
-        lane = self._lanes_of_tokens.get(token)
-        if lane is None:
-            if len(self._lanes_of_tokens) >= 100_000:
-                self._lanes_of_tokens.clear()
-            lane = self._lanes_of_tokens[token] = self._lane(self._keys.ticks(token).encode())
-        return lane
-
     def _channel(self, frame: bytes) -> bytes:
         """The channel of the first packet of a frame part (``split_frame`` puts a known one
         first); none for a part too short to hold a packet (a heartbeat: it publishes nothing)."""
@@ -708,6 +540,3 @@ class TickSink:
             self.redis_reconnects += 1
         self.redis_up = False
         self.last_error = error
-
-
-_fields = resp.bulk_pairs  # ``<token> <payload>`` pairs for an HSET of ``{ns}:last``

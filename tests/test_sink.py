@@ -88,7 +88,7 @@ async def test_a_released_tokens_hdel_waits_behind_every_queued_hset_of_it() -> 
         sink.publish_frame(_frame((A, float(price)), (B, float(price))), price)  # five batches' worth
     sink.prune({B})  # A released
     commands = []
-    while sink._pending or sink._released:
+    while sink.backlog:
         commands += parse_commands(sink._take_batch()[1][0])
     hdel = next(i for i, c in enumerate(commands) if c[:2] == [b"HDEL", b"paper:last"])
     assert commands[hdel][2:] == [b"%d" % A]
@@ -133,7 +133,7 @@ async def test_live_does_not_count_ticks_conflated_or_lost_in_a_failed_write() -
     _send(sink)
     sink._settle(sink._flight.fail_all())  # ... and lost with the socket
     assert sink.acknowledged == 2 and not live._progress(waiter)
-    sink._requeue_lost()
+    sink.backlog.requeue_lost(sink.queued)
     _send(sink)
     sink._settle(sink._flight.read(0, b":1\r\n:1\r\n", careful=False))
     assert live._progress(waiter) and waiter.live == [A]
