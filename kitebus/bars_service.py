@@ -1,0 +1,111 @@
+"""``kitebus bars``: bars built from the bus's ticks, published back onto the bus.
+
+Listens (claims nothing) to the named tokens, or to every token the publisher carries
+(``{ns}:token_conn``, read again every ``follow`` seconds so new subscriptions join).
+Each closed bar goes out msgpack-encoded on the channel ``{ns}:bars:{interval}:{token}``
+(SPUBLISH on a cluster) and is RPUSHed onto the list of the same name, trimmed to the
+newest ``keep`` (oldest first), in one pipeline. See docs/bars.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgpack
+from redis.exceptions import RedisError
+
+from config import Keys, Settings
+from consumers.bars import DEFAULT_GRACE, Bar, BarBuilder, bars_key
+from consumers.subscriber import TickSubscriber
+from rediswire import bus
+
+log = logging.getLogger("kitebus.bars")
+
+
+@dataclass
+class BarsOptions:
+    """What ``kitebus bars`` is asked for."""
+
+    intervals: Sequence[str] = ("1m",)
+    tokens: Sequence[int | str] = ()  # none: every token the publisher carries
+    keep: int = 500  # bars kept per list
+    grace: float = DEFAULT_GRACE
+    follow: float = 1.0  # seconds between looks at {ns}:token_conn
+    flush: float = 0.5  # seconds between flushes by the clock
+
+
+class BarsService:
+    """The loop: ticks in, bars out. ``published`` counts bars written to Redis."""
+
+    def __init__(self, settings: Settings, options: BarsOptions) -> None:
+        if options.keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.settings = settings
+        self.options = options
+        self.keys = Keys(settings.namespace)
+        self.builder = BarBuilder(options.intervals, options.grace)
+        self.published = 0
+        self._unsent: list[Bar] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until ``stop`` is set; bars still open then are not published (they are partial)."""
+        client = bus.connect(self.settings.redis_url, self.settings.redis_cluster)
+        sharded = bus.is_cluster(client)
+        try:
+            async with TickSubscriber(
+                self.settings, client=f"bars-{os.getpid()}", snapshot=False, session=False,
+                release_on_exit=False,
+            ) as sub:  # fmt: skip
+                if self.options.tokens:
+                    await sub.listen(self.options.tokens)
+                next_look = 0.0
+                while not stop.is_set():
+                    if not self.options.tokens and time.monotonic() >= next_look:
+                        await self._follow(client, sub)
+                        next_look = time.monotonic() + self.options.follow
+                    for tick in await sub.batch(wait=self.options.flush):
+                        self._unsent += self.builder.add(tick)
+                    self._unsent += self.builder.flush(time.time())
+                    if self._unsent:
+                        await self._publish(client, sharded)
+        finally:
+            await client.aclose()
+            log.info(
+                "bars stopped: published=%d late=%d open=%d unsent=%d",
+                self.published, self.builder.late, len(self.builder.pending()), len(self._unsent),
+            )  # fmt: skip
+
+    async def _follow(self, client: bus.Client, sub: TickSubscriber) -> None:
+        """Listen to the tokens the publisher carries that are not listened to yet."""
+        try:
+            carried = {int(t) for t in await client.hkeys(self.keys.token_conn)}  # type: ignore[misc]
+            new = sorted(carried - sub.listened)
+            if new:
+                log.info("bars: following %d new token(s)", len(new))
+                await sub.listen(new)
+        except (RedisError, ConnectionError) as exc:  # tried again at the next look
+            log.warning("bars: cannot follow %s: %s", self.keys.token_conn, bus.describe(exc))
+
+    async def _publish(self, client: bus.Client, sharded: bool) -> None:
+        """Publish and keep the closed bars; on a Redis fault they wait for the next round."""
+        command = bus.publish_command(sharded).decode()
+        keep = self.options.keep
+        pipe = bus.pipeline(client)
+        for bar in self._unsent:
+            name = bars_key(self.keys.ns, bar["interval"], bar["token"])
+            data = msgpack.packb(bar)
+            pipe.execute_command(command, name, data)
+            pipe.rpush(name, data)
+            pipe.ltrim(name, -keep, -1)
+        try:
+            await pipe.execute()
+        except RedisError as exc:
+            log.warning("bars: %d bar(s) not published yet: %s", len(self._unsent), bus.describe(exc))
+            return
+        self.published += len(self._unsent)
+        self._unsent.clear()

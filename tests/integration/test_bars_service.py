@@ -1,0 +1,125 @@
+"""``kitebus bars`` on a real redis-server: ticks published on the bus, bars read back
+from their channel (BarReader, live and as a late joiner) and from the kept list."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import msgpack
+import redis.asyncio as redis
+
+from config import Keys, load_settings
+from consumers.bars import BarReader, bars_key
+from kitebus.bars_service import BarsOptions, BarsService
+from tests.integration.conftest import eventually
+
+KEYS = Keys("kite")
+TOKEN = (4242 << 8) | 1  # an NSE instrument
+LATER = (4343 << 8) | 7  # an MCX one, carried once the service runs
+
+
+class Feed:
+    """Ticks published as the publisher does: msgpack on ``{ns}:ticks:{token}``, with seq."""
+
+    def __init__(self, rds: redis.Redis) -> None:
+        self.rds = rds
+        self.seq: dict[int, int] = {}
+
+    async def tick(self, token: int, at: float, price: float, volume: int) -> None:
+        self.seq[token] = self.seq.get(token, 0) + 1
+        payload = {
+            "instrument_token": token, "mode": "full", "tradable": True, "last_price": price,
+            "volume_traded": volume, "exchange_timestamp": int(at), "received_at_ns": time.time_ns(),
+            "seq": self.seq[token], "epoch": 1,
+        }  # fmt: skip
+        await self.rds.publish(KEYS.ticks(token), msgpack.packb(payload))
+
+
+async def _listened(rds: redis.Redis, token: int) -> bool:
+    return bool((await rds.pubsub_numsub(KEYS.ticks(token)))[0][1])
+
+
+def _bar(token: int, start: float, o: float, h: float, lo: float, c: float, volume: int, ticks: int) -> dict:
+    return {
+        "token": token, "interval": "1m", "start": int(start), "end": int(start) + 60, "open": o,
+        "high": h, "low": lo, "close": c, "volume": volume, "ticks": ticks,
+    }  # fmt: skip
+
+
+async def _take(reader: BarReader, n: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while len(got) < n:
+        got += await reader.batch(wait=0.5)
+    return got
+
+
+async def test_bars_from_published_ticks_reach_the_channel_and_the_kept_list(redis_url: str) -> None:
+    rds = redis.from_url(redis_url)
+    await rds.hset(KEYS.token_conn, str(TOKEN), "0")
+    settings = load_settings(redis_url=redis_url, namespace="kite")
+    # bars of minutes ten minutes ahead: the service's clock (flush) never closes them, ticks do
+    m = (int(time.time()) // 60 + 10) * 60
+    service = BarsService(settings, BarsOptions(intervals=["1m"], keep=2, grace=2.0, follow=0.1))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    feed = Feed(rds)
+    try:
+        await eventually(lambda: _listened(rds, TOKEN))  # it followed {ns}:token_conn
+        async with BarReader(redis_url, [TOKEN, LATER], ["1m"]) as live:
+            await feed.tick(TOKEN, m + 1, 100.0, 1000)  # first tick: the volume base
+            await feed.tick(TOKEN, m + 20, 104.0, 1100)
+            await feed.tick(TOKEN, m + 59, 99.0, 1150)
+            await feed.tick(TOKEN, m + 61, 101.0, 1200)
+            await feed.tick(TOKEN, m + 62, 102.0, 1260)  # past m + 60 + grace: bar m closes
+            await feed.tick(TOKEN, m + 125, 103.0, 1300)
+            await feed.tick(TOKEN, m + 190, 104.0, 1400)
+            expected = [
+                _bar(TOKEN, m, 100.0, 104.0, 99.0, 99.0, 150, 3),
+                _bar(TOKEN, m + 60, 101.0, 102.0, 101.0, 102.0, 110, 2),
+                _bar(TOKEN, m + 120, 103.0, 103.0, 103.0, 103.0, 40, 1),
+            ]
+            assert await asyncio.wait_for(_take(live, 3), 10) == expected
+
+            kept = [msgpack.unpackb(raw) for raw in await rds.lrange(bars_key("kite", "1m", TOKEN), 0, -1)]
+            assert kept == expected[1:]  # the newest keep=2, oldest first
+
+            async with BarReader(redis_url, [TOKEN], ["1m"]) as late:
+                assert await late.batch(wait=0.1) == expected[1:]  # a late joiner: the history first
+                await feed.tick(TOKEN, m + 250, 105.0, 1450)  # closes bar m + 180
+                assert await asyncio.wait_for(_take(late, 1), 10) == [
+                    _bar(TOKEN, m + 180, 104.0, 104.0, 104.0, 104.0, 100, 1)
+                ]
+
+            await rds.hset(KEYS.token_conn, str(LATER), "1")  # a new subscription at the publisher
+            await eventually(lambda: _listened(rds, LATER))
+            await feed.tick(LATER, m + 5, 7000.0, 10)
+            await feed.tick(LATER, m + 70, 7001.0, 15)
+            got = await asyncio.wait_for(_take(live, 2), 10)
+            assert got[-1] == _bar(LATER, m, 7000.0, 7000.0, 7000.0, 7000.0, 0, 1)
+        assert service.builder.late == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await rds.aclose()
+
+
+async def test_the_command_ends_cleanly_on_sigterm(redis_url: str) -> None:
+    env = {**os.environ, "REDIS_URL": redis_url, "KITEBUS_NAMESPACE": "kite"}
+    rds = redis.from_url(redis_url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kitebus", "bars", str(TOKEN), "--interval", "1m", "--interval", "5m", env=env
+    )
+    try:
+        await eventually(lambda: _listened(rds, TOKEN), timeout=20)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await rds.aclose()
