@@ -281,6 +281,9 @@ def _bars(args: argparse.Namespace) -> int:
     except (UnknownInstrument, ValueError) as exc:
         print(f"kitebus bars: {exc}", file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # the pub/sub socket's own error (redis-py's are caught in main)
+        print(f"kitebus bars: cannot reach Redis: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
