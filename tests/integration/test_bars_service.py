@@ -14,7 +14,7 @@ import msgpack
 import redis.asyncio as redis
 
 from config import Keys, load_settings
-from consumers.bars import BarReader, bars_key
+from consumers.bars import BarReader, bar_start, bars_key
 from kitebus.bars_service import BarsOptions, BarsService
 from tests.integration.conftest import eventually
 
@@ -123,3 +123,33 @@ async def test_the_command_ends_cleanly_on_sigterm(redis_url: str) -> None:
             proc.kill()
             await proc.wait()
         await rds.aclose()
+
+
+async def test_bars_build_from_the_real_publishers_ticks(publisher: Any, control: Any, settings: Any) -> None:
+    """Simulator -> publisher -> bus -> the service: the payload's fields make bars (full
+    mode: exchange time and volume; ltp: receive time)."""
+    full_token, ltp_token = (408065, 884737)
+    await control.subscribe([full_token], mode="full", client="bars-test")
+    await control.subscribe([ltp_token], mode="ltp", client="bars-test")
+    service = BarsService(settings, BarsOptions(intervals=["1m", "day"], follow=0.1))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+
+    def open_bars() -> dict[tuple[int, str], dict[str, Any]]:
+        bars = {(b["token"], b["interval"]): b for b in service.builder.pending()}
+        ready = all(bars.get((t, "1m"), {}).get("ticks", 0) >= 3 for t in (full_token, ltp_token))
+        return bars if ready else {}
+
+    try:
+        bars = await eventually(open_bars, timeout=20)
+        now = time.time()
+        for token in (full_token, ltp_token):
+            minute = bars[(token, "1m")]
+            assert minute["start"] % 60 == 0 and now - 125 < minute["start"] <= now
+            assert minute["low"] <= minute["close"] <= minute["high"] and minute["volume"] >= 0
+            assert bars[(token, "day")]["start"] == bar_start(token, "day", now)
+        assert bars[(ltp_token, "1m")]["volume"] == 0  # ltp carries no volume_traded
+        assert service.builder.late == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
