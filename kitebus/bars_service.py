@@ -10,6 +10,7 @@ newest ``keep`` (oldest first), in one pipeline. See docs/bars.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from consumers.subscriber import TickSubscriber
 from rediswire import bus
 
 log = logging.getLogger("kitebus.bars")
+RETRY_BASE, RETRY_CAP = 0.2, 5.0  # seconds between tries to reach a lost Redis
 
 
 @dataclass
@@ -50,35 +52,54 @@ class BarsService:
         self.keys = Keys(settings.namespace)
         self.builder = BarBuilder(options.intervals, options.grace)
         self.published = 0
+        self.connected = False  # reached Redis at least once
+        self.outages = 0  # times Redis was lost while running
         self._unsent: list[Bar] = []
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Until ``stop`` is set; bars still open then are not published (they are partial)."""
+        """Until ``stop`` is set; bars still open then are not published (they are partial).
+        Redis lost once running, it reconnects (the open bars kept); never reached, it raises."""
         client = bus.connect(self.settings.redis_url, self.settings.redis_cluster)
-        sharded = bus.is_cluster(client)
+        delay = RETRY_BASE
         try:
-            async with TickSubscriber(
-                self.settings, client=f"bars-{os.getpid()}", snapshot=False, session=False,
-                release_on_exit=False,
-            ) as sub:  # fmt: skip
-                if self.options.tokens:
-                    await sub.listen(self.options.tokens)
-                next_look = 0.0
-                while not stop.is_set():
-                    if not self.options.tokens and time.monotonic() >= next_look:
-                        await self._follow(client, sub)
-                        next_look = time.monotonic() + self.options.follow
-                    for tick in await sub.batch(wait=self.options.flush):
-                        self._unsent += self.builder.add(tick)
-                    self._unsent += self.builder.flush(time.time())
-                    if self._unsent:
-                        await self._publish(client, sharded)
+            while not stop.is_set():
+                try:
+                    await self._listen(client, stop)
+                except (ConnectionError, RedisError) as exc:
+                    if not self.connected:
+                        raise
+                    self.outages += 1
+                    log.warning("bars: Redis lost (%s); trying again in %.1fs", bus.describe(exc), delay)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                    delay = min(RETRY_CAP, delay * 2)
+                else:
+                    delay = RETRY_BASE
         finally:
             await client.aclose()
             log.info(
                 "bars stopped: published=%d late=%d open=%d unsent=%d",
                 self.published, self.builder.late, len(self.builder.pending()), len(self._unsent),
             )  # fmt: skip
+
+    async def _listen(self, client: bus.Client, stop: asyncio.Event) -> None:
+        sharded = bus.is_cluster(client)
+        async with TickSubscriber(
+            self.settings, client=f"bars-{os.getpid()}", snapshot=False, session=False, release_on_exit=False,
+        ) as sub:  # fmt: skip
+            if self.options.tokens:
+                await sub.listen(self.options.tokens)
+            self.connected = True
+            next_look = 0.0
+            while not stop.is_set():
+                if not self.options.tokens and time.monotonic() >= next_look:
+                    await self._follow(client, sub)
+                    next_look = time.monotonic() + self.options.follow
+                for tick in await sub.batch(wait=self.options.flush):
+                    self._unsent += self.builder.add(tick)
+                self._unsent += self.builder.flush(time.time())
+                if self._unsent:
+                    await self._publish(client, sharded)
 
     async def _follow(self, client: bus.Client, sub: TickSubscriber) -> None:
         """Listen to the tokens the publisher carries that are not listened to yet."""

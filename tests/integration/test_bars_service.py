@@ -16,6 +16,7 @@ import redis.asyncio as redis
 from config import Keys, load_settings
 from consumers.bars import BarReader, bar_start, bars_key
 from kitebus.bars_service import BarsOptions, BarsService
+from kitebus.localredis import LocalRedis, free_port
 from tests.integration.conftest import eventually
 
 KEYS = Keys("kite")
@@ -153,3 +154,41 @@ async def test_bars_build_from_the_real_publishers_ticks(publisher: Any, control
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_a_redis_restart_keeps_the_open_bars(tmp_path: Any) -> None:
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    server = LocalRedis(tmp_path / "first", port=free_port())
+    server.start()
+    m = (int(time.time()) // 60 + 10) * 60
+    service = BarsService(
+        load_settings(redis_url=server.url, namespace="kite"), BarsOptions(tokens=[TOKEN], grace=2.0)
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        rds = redis.from_url(server.url)
+        await eventually(lambda: _listened(rds, TOKEN))
+        feed = Feed(rds)
+        await feed.tick(TOKEN, m + 1, 100.0, 1000)
+        await feed.tick(TOKEN, m + 20, 104.0, 1100)
+        await eventually(lambda: service.builder.pending())
+        await rds.aclose()
+        server.stop()
+        await eventually(lambda: service.outages)
+        server = LocalRedis(tmp_path / "second", port=server.port)
+        server.start()
+        rds = redis.from_url(server.url)
+        await eventually(lambda: _listened(rds, TOKEN), timeout=20)
+        feed.rds = rds
+        await feed.tick(TOKEN, m + 30, 98.0, 1150)
+        await feed.tick(TOKEN, m + 63, 101.0, 1200)  # closes bar m: ticks from both sides of the restart
+        name = bars_key("kite", "1m", TOKEN)
+        kept = await eventually(lambda: rds.lrange(name, 0, -1))
+        assert [msgpack.unpackb(raw) for raw in kept] == [_bar(TOKEN, m, 100.0, 104.0, 98.0, 98.0, 150, 3)]
+        await rds.aclose()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        server.stop()
