@@ -21,7 +21,7 @@ import msgpack
 from redis.exceptions import RedisError
 
 from config import Keys, Settings
-from consumers.bars import DEFAULT_GRACE, Bar, BarBuilder, bars_key
+from consumers.bars import DEFAULT_GRACE, Bar, BarBuilder, bars_key, tick_time
 from consumers.subscriber import TickSubscriber
 from rediswire import bus
 
@@ -54,6 +54,9 @@ class BarsService:
         self.published = 0
         self.connected = False  # reached Redis at least once
         self.outages = 0  # times Redis was lost while running
+        # the ticks' clock minus ours, as of the newest tick: the flush runs on the ticks'
+        # clock, so a replay of a past day (or an exchange clock off ours) still fills its bars
+        self.skew = 0.0
         self._unsent: list[Bar] = []
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -95,9 +98,12 @@ class BarsService:
                 if not self.options.tokens and time.monotonic() >= next_look:
                     await self._follow(client, sub)
                     next_look = time.monotonic() + self.options.follow
-                for tick in await sub.batch(wait=self.options.flush):
+                ticks = await sub.batch(wait=self.options.flush)
+                for tick in ticks:
                     self._unsent += self.builder.add(tick)
-                self._unsent += self.builder.flush(time.time())
+                if ticks:
+                    self.skew = tick_time(ticks[-1]) - time.time()
+                self._unsent += self.builder.flush(time.time() + self.skew)
                 if self._unsent:
                     await self._publish(client, sharded)
 

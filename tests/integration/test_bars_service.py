@@ -192,3 +192,29 @@ async def test_a_redis_restart_keeps_the_open_bars(tmp_path: Any) -> None:
         stop.set()
         await asyncio.wait_for(task, 10)
         server.stop()
+
+
+async def test_a_past_days_ticks_fill_their_bars_and_a_quiet_one_closes_by_the_clock(
+    redis_url: str,
+) -> None:
+    """A replay's ticks carry their recorded times: the flush follows the ticks' clock,
+    not this machine's, else every bar would close at its first tick."""
+    rds = redis.from_url(redis_url)
+    m = (int(time.time()) // 60 - 1440) * 60  # yesterday
+    service = BarsService(load_settings(redis_url=redis_url, namespace="kite"), BarsOptions(tokens=[TOKEN]))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await eventually(lambda: _listened(rds, TOKEN))
+        async with BarReader(redis_url, [TOKEN], ["1m"], history=False) as live:
+            feed = Feed(rds)
+            await feed.tick(TOKEN, m + 1, 100.0, 1000)
+            await feed.tick(TOKEN, m + 30, 104.0, 1100)
+            await feed.tick(TOKEN, m + 59, 99.0, 1150)  # then quiet: about 3 s later the flush closes it
+            got = await asyncio.wait_for(_take(live, 1), 15)
+        assert got == [_bar(TOKEN, m, 100.0, 104.0, 99.0, 99.0, 150, 3)]
+        assert service.builder.late == 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await rds.aclose()
