@@ -218,3 +218,14 @@ async def test_a_past_days_ticks_fill_their_bars_and_a_quiet_one_closes_by_the_c
         stop.set()
         await asyncio.wait_for(task, 10)
         await rds.aclose()
+
+
+async def test_the_command_refuses_an_unknown_symbol_and_a_bad_keep(redis_url: str) -> None:
+    env = {**os.environ, "REDIS_URL": redis_url, "KITEBUS_NAMESPACE": "kite"}
+    for args in (["NSE:NOPE"], ["--keep", "0", str(TOKEN)]):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kitebus", "bars", *args, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 2
+        assert (b"NSE:NOPE" if args == ["NSE:NOPE"] else b"keep") in err
