@@ -265,6 +265,28 @@ def _tail(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bars(args: argparse.Namespace) -> int:
+    from consumers.instruments import UnknownInstrument, split_items
+    from kitebus.bars_service import BarsOptions, BarsService
+
+    settings = load_settings()
+    configure_logging("WARNING")
+    try:
+        options = BarsOptions(
+            intervals=args.interval or ["1m"], tokens=split_items(",".join(args.tokens)),
+            keep=args.keep, grace=args.grace,
+        )  # fmt: skip
+        service = BarsService(settings, options)
+        run_until_signal(service.run)
+    except (UnknownInstrument, ValueError) as exc:
+        print(f"kitebus bars: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:  # the pub/sub socket's own error (redis-py's are caught in main)
+        print(f"kitebus bars: cannot reach Redis: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _publish(args: argparse.Namespace) -> int:
     from publisher import app
 
@@ -371,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--subscribe", choices=["ltp", "quote", "full"], help="also claim them in this mode")
     tail.add_argument("--count", type=int, default=0, help="stop after this many lines (ticks and orders)")
     tail.set_defaults(handler=_tail)
+
+    bars = commands.add_parser("bars", help="build OHLCV bars from the bus's ticks and publish them")
+    bars.add_argument("tokens", nargs="*", metavar="TOKEN", help="instrument tokens or EXCHANGE:SYMBOL "
+                      "(default: every token the publisher carries, new ones as they come)")  # fmt: skip
+    bars.add_argument(
+        "--interval", action="append", choices=["1m", "5m", "15m", "1h", "day"],
+        help="bar interval; repeat for several (default: 1m)",
+    )  # fmt: skip
+    bars.add_argument("--keep", type=int, default=500, help="bars kept per token and interval in Redis")
+    bars.add_argument("--grace", type=float, default=2.0, help="seconds a bar waits for late ticks")
+    bars.set_defaults(handler=_bars)
     return parser
 
 
