@@ -121,6 +121,7 @@ class TickSink:
         self.write_errors = 0
         self.pauses = 0
         self.redis_up = False
+        self._tried = False  # whether the sink has tried to connect yet
         self.redis_reconnects = 0
         self.redirects = 0  # cluster: MOVED/ASK/CLUSTERDOWN/TRYAGAIN answers, each a re-read of the slots
         self._reopen = ""  # why the lanes must be reopened, once those in flight are answered
@@ -342,13 +343,14 @@ class TickSink:
             try:
                 connections = await self._open()
             except ConnectionError as exc:
+                self._tried = True
                 self._mark_down(str(exc))
                 delay = min(0.5, max(0.1, delay * 2))  # Redis back: ticks flow within half a second
                 continue
             delay = 0.1
             if not first:  # Redis may have restarted empty: rewrite all of {ns}:last
                 self.backlog.queue_snapshot()
-            first = False
+            first, self._tried = False, True
             self.redis_up = True
             log.info("sink connected to redis nodes=%d", len(connections))
             for connection in connections:
@@ -516,8 +518,8 @@ class TickSink:
     def problem(self) -> str:
         """What is wrong with the tick flow's Redis now ("" when nothing is): away, or an
         error reply within the last two seconds."""
-        if not self.redis_up:
-            return self.last_error or "redis unreachable"
+        if not self.redis_up:  # nothing to say before the first try to connect
+            return (self.last_error or "redis unreachable") if self._tried else ""
         if self.error_at and time.monotonic() - self.error_at < 2.0:
             return self.last_error
         return ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from config import Keys
 from kitewire import codec
 from publisher.sink import TickSink
@@ -165,3 +167,18 @@ async def test_packets_of_unclaimed_tokens_are_counted_not_published_and_release
     claimed.discard(A)
     sink.prune(claimed)
     assert sink._encoder.tracked() == 1 and set(sink.cache) == {B}
+
+
+async def test_no_problem_is_reported_before_the_first_try_and_one_is_after_a_failed_try() -> None:
+    """The publisher logged ``degraded component=ticks reason=redis unreachable`` at every
+    start, before the sink had even tried to connect."""
+    sink = _sink()  # port 1: nothing listens
+    assert sink.problem == ""
+    sink.start()
+    try:
+        async with asyncio.timeout(5):
+            while not sink.problem:
+                await asyncio.sleep(0.01)
+        assert sink.problem.startswith("cannot connect to Redis")
+    finally:
+        await sink.close(flush_timeout=0)
