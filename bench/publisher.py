@@ -146,7 +146,7 @@ class NullEncoder:
             tokens = [((start + i) % self._tokens + 1) << 8 | 1 for i in range(count)]
             command = bus.publish_command(bus.cluster_from_env())
             publishes = b"".join(resp.command(command, keys.ticks(t), self._payload) for t in tokens)
-            fields = resp.bulk_pairs(dict.fromkeys(tokens, self._payload))
+            fields = b"".join(resp.bulk(b"%d" % t) + resp.bulk(self._payload) for t in tokens)
             chunk = self._chunks[(count, start)] = (publishes, fields)
         return chunk[0], chunk[1], count, 0
 
