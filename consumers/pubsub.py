@@ -23,7 +23,8 @@ import redis.asyncio as redis
 
 from config.redisurl import is_sentinel_url
 from rediswire import bus, resp
-from rediswire.resp import RespConnection, RespError
+from rediswire.connection import RespConnection
+from rediswire.resp import RespError
 from rediswire.tasks import cancel_and_wait
 
 Message = tuple[bytes, bytes]  # (channel, data)

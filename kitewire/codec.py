@@ -333,8 +333,9 @@ class _PayloadWriter:
         self.slots = itemgetter(*(src for _, src in slots))
 
     def write(
-        self, frame: bytes, offset: int, received_at_ns: int, seq: int = 0, epoch: int = 0
+        self, frame: bytes, offset: int, received_at_ns: int, seq: int, epoch: int
     ) -> tuple[int, bytes]:
+        """(token, msgpack payload) of the packet at ``offset``, stamped with ``seq``/``epoch``."""
         raw = self.unpack_from(frame, offset)
         token = raw[0]
         prices = tuple(map(truediv, self.prices(raw), repeat(_DIVISORS[token & 0xFF], self.nprices)))

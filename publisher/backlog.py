@@ -16,11 +16,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from config.keys import Keys
 from publisher.inflight import Batch, Command, Released, Source, tokens_of
-from rediswire import bus, resp
+from rediswire import resp
 from rediswire.resp import RespError
+
+if TYPE_CHECKING:  # only the map of slots' type: rediswire.bus holds the I/O that reads it
+    from rediswire import bus
 
 LANE_CACHE_LIMIT = 100_000  # a feed of endless new tokens cannot grow it forever
 

@@ -60,13 +60,15 @@ from publisher.inflight import Answers, Batch, InFlight, Released, Source, token
 from publisher.lease import Fence
 from publisher.supervisor import supervised
 from rediswire import bus, resp
-from rediswire.resp import RespConnection, RespError
+from rediswire.connection import RespConnection
+from rediswire.resp import RespError
 from rediswire.tasks import cancel_and_wait
 
 log = logging.getLogger("kitebus.sink")
 
 class TickSink:
-    """Owns the tick flow's Redis socket, its writer and reply tasks, and the last-value cache."""
+    """Owns the tick flow's Redis sockets, its writer and reply tasks, and when they run;
+    what is queued, the last-value cache and the batches are its ``Backlog``'s."""
 
     def __init__(
         self,

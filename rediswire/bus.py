@@ -48,7 +48,8 @@ from redis.exceptions import (
 from config.keys import Keys
 from config.redisurl import SentinelURL, is_sentinel_url, parse_sentinel_url
 from rediswire import resp
-from rediswire.resp import RespConnection, RespError
+from rediswire.connection import RespConnection
+from rediswire.resp import RespError
 
 Client = redis.Redis | RedisCluster
 Pipeline = Any  # redis-py's Pipeline or ClusterPipeline: the same queuing methods
@@ -301,9 +302,11 @@ class Topology:
             await connection.close()
         if resp.is_error(reply):
             raise RespError(f"CLUSTER SLOTS failed: {reply} (is it a cluster node?)")
+        if not isinstance(reply, list):
+            raise RespError(f"CLUSTER SLOTS gave {reply!r}, not a list of slot ranges")
         nodes: list[str] = []
         owner = [-1] * SLOTS
-        for start, end, master, *_replicas in reply:  # type: ignore[union-attr]
+        for start, end, master, *_replicas in reply:
             url = node_url(seed, (master[0] or b"127.0.0.1").decode(), int(master[1]))
             if url not in nodes:
                 nodes.append(url)

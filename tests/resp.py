@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from rediswire import resp
 
 
@@ -9,4 +11,6 @@ def parse_commands(data: bytes) -> list[list[bytes]]:
     """Every command in ``data``, each as its list of arguments (read as replies are)."""
     reader = resp.Replies()
     reader.feed(data)
-    return list(reader)  # type: ignore[arg-type]
+    commands = list(reader)
+    assert all(isinstance(command, list) for command in commands), commands
+    return cast(list[list[bytes]], commands)

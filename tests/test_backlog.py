@@ -63,10 +63,11 @@ def _counts_hold(backlog: Backlog) -> None:
 def test_a_batch_is_the_publishes_in_order_then_one_hset_of_the_same_ticks() -> None:
     backlog = _backlog()
     a, b = TOKENS[:2]
-    _ticks(backlog, [(a, 1), (b, 1)])
+    _ticks(backlog, [(a, 1), (b, 1)], upto=2)
     _status(backlog)
-    _ticks(backlog, [(a, 2)])
-    ((commands,),) = _drain(backlog)
+    _ticks(backlog, [(a, 2)], upto=3)
+    batch, parts = backlog.take_batch(1, 256 << 10)
+    (commands,) = [parse_commands(part) for part in parts]
     assert [c[:2] for c in commands[:4]] == [
         [b"PUBLISH", KEYS.ticks(a).encode()], [b"PUBLISH", KEYS.ticks(b).encode()],
         [b"HSET", KEYS.token_status.encode()], [b"PUBLISH", KEYS.ticks(a).encode()],
@@ -74,7 +75,11 @@ def test_a_batch_is_the_publishes_in_order_then_one_hset_of_the_same_ticks() -> 
     hset = commands[4]
     assert hset[:2] == [b"HSET", KEYS.last.encode()]
     assert hset[2:] == [b"%d" % a, b"p%d-1" % a, b"%d" % b, b"p%d-1" % b, b"%d" % a, b"p%d-2" % a]
-    assert len(commands) == 5 and backlog.bytes == backlog.ticks == 0
+    assert len(commands) == 5 and backlog.bytes == backlog.ticks == 0 and not backlog
+    # one entry per queued part and per added command: the ticks' ``upto``, 0 for the rest
+    assert batch.replies == [5] and batch.ticks == [3]
+    assert batch.positions == [[2, 0, 3, 0]]
+    assert batch.commands == [[(2, (a, b)), (1, None), (1, (a,)), (1, None)]]
 
 
 @settings(max_examples=200)
@@ -141,41 +146,77 @@ def test_lost_tokens_go_again_unless_a_newer_tick_is_queued() -> None:
 
 def test_lost_tokens_wait_for_the_end_of_conflation() -> None:
     backlog = _backlog()
-    a = TOKENS[0]
+    a, b = TOKENS[:2]
+    _ticks(backlog, [(b, 1)])
+    _drain(backlog)  # b's tick written, then the write failed: fate unknown
     _ticks(backlog, [(a, 1)])
-    backlog.conflate()
-    backlog.lost.add(a)
+    backlog.conflate()  # a given up; b never was
+    backlog.lost.add(b)
     backlog.requeue_lost(upto=1)
-    assert backlog.lost == {a} and backlog.ticks == 0
-    backlog.end_conflation(upto=1)
-    assert not backlog.lost and backlog.ticks == 1
+    assert backlog.lost == {b} and backlog.ticks == 0  # nothing goes out while conflating
+    assert backlog.end_conflation(upto=1) == 1  # a given up and published again
+    assert not backlog.lost and backlog.ticks == 2
+    publishes = sorted(c[2] for batch in _drain(backlog) for c in batch[0] if c[0] == b"PUBLISH")
+    assert publishes == sorted([b"p%d-1" % a, b"p%d-1" % b])  # b's newest too, though not conflated
 
 
 def test_a_released_token_is_deleted_only_behind_every_queued_tick_and_not_if_claimed_again() -> None:
     backlog = _backlog()
     a, b, c = TOKENS[:3]
     backlog.prune({a, b, c})
-    _ticks(backlog, [(a, 1), (b, 1), (c, 1)])
+    for n in range(3):  # several parts: with batch_bytes=1 each goes in a batch of its own
+        for token in (a, b, c):
+            _ticks(backlog, [(token, n)])
     assert set(backlog.prune({a})) == {b, c} == backlog.released
     assert set(backlog.cache) == {a}
     backlog.cache[c] = b"again"  # c claimed and ticking again before the HDEL went out
     batches = _drain(backlog, batch_bytes=1)
+    assert len(batches) == 9
     hdels = [(i, cmd) for i, (cs,) in enumerate(batches) for cmd in cs if cmd[0] == b"HDEL"]
     last_hset = max(i for i, (cs,) in enumerate(batches) for cmd in cs if cmd[0] == b"HSET")
     assert [cmd for _, cmd in hdels] == [
-        [b"HDEL", KEYS.last.encode(), b"%d" % b], [b"HDEL", KEYS.token_status.encode(), b"%d" % b]
+        [b"HDEL", KEYS.last.encode(), b"%d" % b],
+        [b"HDEL", KEYS.token_status.encode(), b"%d" % b],
     ]
-    assert all(i >= last_hset for i, _ in hdels)
+    assert {i for i, _ in hdels} == {last_hset} == {8}  # in the batch of the last tick, after its HSET
+    assert not backlog.released
+
+
+def test_a_released_token_is_deleted_at_once_when_nothing_is_queued() -> None:
+    backlog = _backlog()
+    a, b = TOKENS[:2]
+    backlog.prune({a, b})
+    _ticks(backlog, [(a, 1), (b, 1)])
+    _drain(backlog)
+    backlog.prune({a})
+    batch, parts = backlog.take_batch(1, 256 << 10)
+    assert parse_commands(parts[0]) == [
+        [b"HDEL", KEYS.last.encode(), b"%d" % b],
+        [b"HDEL", KEYS.token_status.encode(), b"%d" % b],
+    ]
+    assert batch.ticks == [0] and batch.positions == [[0, 0]]
 
 
 def test_a_snapshot_rewrite_goes_first_and_holds_the_whole_cache() -> None:
     backlog = _backlog()
     a, b = TOKENS[:2]
     _ticks(backlog, [(a, 1), (b, 1)])
-    backlog.queue_snapshot()
+    _ticks(backlog, [(a, 2)])
+    backlog.queue_snapshot()  # the cache: a's newest (2) and b's
     ((commands,),) = _drain(backlog)
-    assert commands[-1][2:] == [b"%d" % a, b"p%d-1" % a, b"%d" % b, b"p%d-1" % b] * 2  # snapshot, then batch
+    fields = commands[-1][2:]
+    snapshot = [b"%d" % a, b"p%d-2" % a, b"%d" % b, b"p%d-1" % b]
+    queued = [b"%d" % a, b"p%d-1" % a, b"%d" % b, b"p%d-1" % b, b"%d" % a, b"p%d-2" % a]
+    assert fields == snapshot + queued  # behind it, the queued ticks leave a at its newest
     assert _backlog().queue_snapshot() is None and not _backlog()  # an empty cache queues nothing
+
+
+def test_a_fresh_map_of_slots_forgets_the_lanes_of_tokens_worked_out_under_the_old() -> None:
+    lanes = Lanes(KEYS, ONE_SERVER)
+    token = next(t for t in TOKENS if TWO_NODES.node_of(KEYS.ticks(t).encode()) == 1)
+    assert lanes.of_token(token) == 0 and lanes.count == 1  # cached under one server
+    assert lanes.use(TWO_NODES)
+    assert lanes.of_token(token) == 1 and lanes.count == 2
 
 
 @given(st.lists(st.lists(st.sampled_from(TOKENS), min_size=1, max_size=4), min_size=1, max_size=15))
