@@ -4,12 +4,15 @@ against what an independent TickSubscriber saw on the bus."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
+import subprocess
 import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from consumers.recorder import read_events, read_recording
 from consumers.subscriber import TickSubscriber
@@ -143,3 +146,41 @@ async def test_a_directory_that_cannot_be_written_exits_2_with_a_clear_message(r
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 2
     assert f"kitebus record: {blocker / 'recording'} is not writable" in err.decode()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs of its own, to fill up for real (skipped where mounting is not allowed)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory) -> None:
+    """Write until the filesystem is full."""
+    with open(directory / "filler", "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+async def test_a_full_disk_stops_the_recorder_loudly_and_keeps_its_files(
+    publisher, control, redis_url, small_disk
+) -> None:
+    await control.subscribe([INFY], mode="full", client="t")
+    proc = await start_recorder(redis_url, str(small_disk / "rec"), "408065", "--flush", "0.2")
+    await eventually(lambda: list(small_disk.rglob("ticks-*.parquet")), timeout=20)
+    fill(small_disk)
+    _, err = await asyncio.wait_for(proc.communicate(), 20)  # it stops by itself
+    assert proc.returncode == 1
+    assert "STOPPED" in err.decode() and "No space left on device" in err.decode()
+    kept = list(small_disk.rglob("ticks-*.parquet"))
+    assert kept and all(pq.read_table(path).num_rows > 0 for path in kept)
+    assert read_recording(small_disk / "rec")
