@@ -184,3 +184,20 @@ async def test_a_full_disk_stops_the_recorder_loudly_and_keeps_its_files(
     kept = list(small_disk.rglob("ticks-*.parquet"))
     assert kept and all(pq.read_table(path).num_rows > 0 for path in kept)
     assert read_recording(small_disk / "rec")
+
+
+async def test_a_recorder_cut_off_by_redis_writes_the_cut_down_and_goes_on(
+    publisher, control, redis_url, rds, tmp_path
+) -> None:
+    await control.subscribe([INFY], mode="quote", client="t")
+    proc = await start_recorder(redis_url, str(tmp_path), "408065", "--flush", "0.2")
+    try:
+        await eventually(lambda: len(read_recording(tmp_path)) >= 3, timeout=20)
+        assert await rds.client_kill_filter(_type="pubsub") >= 1  # as Redis does to a slow reader
+        await eventually(lambda: any(e["kind"] == "cut" for e in read_events(tmp_path)), timeout=20)
+        cut_at = next(e["at"] for e in read_events(tmp_path) if e["kind"] == "cut")
+        await eventually(lambda: any(t["recorded_at_ns"] > cut_at for t in read_recording(tmp_path)))
+    finally:
+        code, err = await stop(proc, signal.SIGTERM)
+    assert code == 0, err
+    assert "was cut off by Redis" in err
