@@ -37,9 +37,10 @@ from kitewire.encoder import frame_encoder
 from simulator.market import Market
 
 
-def feed(port: int, ticks: int, tokens: int, rate: int) -> None:
+def feed(port: int, ticks: int, tokens: int, rate: int) -> float:
     """PUBLISH ``ticks`` full payloads, 500 a batch, at ``rate`` ticks/s; every tick a new
-    trade of the simulator's market (bench/consumer.py repeats its frames: too kind to zstd)."""
+    trade of the simulator's market (bench/consumer.py repeats its frames: too kind to zstd).
+    Returns the rate reached."""
     market = Market(1)
     frames = []
     for start in range(0, ticks, 500):  # made before sending, so the feeder keeps the rate
@@ -64,6 +65,7 @@ def feed(port: int, ticks: int, tokens: int, rate: int) -> None:
         if ahead > 0:
             time.sleep(ahead)
     sock.close()
+    return sent / (time.perf_counter() - started)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -92,7 +94,7 @@ def run_once(port: int, tokens: int, rate: int, seconds: float) -> dict[str, flo
             time.sleep(0.05)
         sent = int(rate * seconds)
         idle_cpu = cpu_seconds(recorder.pid)  # start-up (imports, subscribing) is not counted
-        feed(port, sent, tokens, rate)
+        reached = feed(port, sent, tokens, rate)
         time.sleep(3.0)  # two flush intervals and a margin: what it buffered is on disk
         recorder.send_signal(signal.SIGTERM)
         _, status, usage = os.wait4(recorder.pid, 0)
@@ -101,8 +103,8 @@ def run_once(port: int, tokens: int, rate: int, seconds: float) -> dict[str, flo
         recorded = len(read_recording(directory))
         gaps = sum(e["to_seq"] - e["from_seq"] + 1 for e in read_events(directory) if e["kind"] == "gap")
         size = sum(p.stat().st_size for p in directory.rglob("*.parquet"))
-        return {"sent": sent, "recorded": recorded, "gap": gaps, "cpu": cpu, "bytes": size,
-                "code": recorder.returncode}  # fmt: skip
+        return {"reached": reached, "sent": sent, "recorded": recorded, "gap": gaps, "cpu": cpu,
+                "bytes": size, "code": recorder.returncode}  # fmt: skip
     finally:
         if recorder.poll() is None:
             recorder.kill()
@@ -121,13 +123,14 @@ def main() -> None:
     try:
         print(f"# {measured_on()}; {os.cpu_count()} cpus; full ticks over {args.tokens:,} tokens, "
               f"{args.seconds:g} s per rate; the recorder a process of its own")  # fmt: skip
-        print(f"{'ticks/s sent':>12} {'sent':>9} {'recorded':>9} {'missing':>8} {'gap events':>10} "
-              f"{'cpu ms/10k':>10} {'bytes/1M ticks':>15}")  # fmt: skip
+        print(f"{'ticks/s asked':>13} {'reached':>8} {'sent':>9} {'recorded':>9} {'missing':>8} "
+              f"{'gap events':>10} {'cpu ms/10k':>10} {'bytes/1M ticks':>15}")  # fmt: skip
         for rate in map(int, args.rates.split(",")):
             r = run_once(server.port, args.tokens, rate, args.seconds)
             per_10k = r["cpu"] / max(r["recorded"], 1) * 10_000 * 1000
             per_m = r["bytes"] / max(r["recorded"], 1) * 1_000_000
-            print(f"{rate:>12,} {r['sent']:>9,} {r['recorded']:>9,} {r['sent'] - r['recorded']:>8,} "
+            missing = r["sent"] - r["recorded"]
+            print(f"{rate:>13,} {r['reached']:>8,.0f} {r['sent']:>9,} {r['recorded']:>9,} {missing:>8,} "
                   f"{r['gap']:>10,} {per_10k:>10.0f} {per_m:>15,.0f}", flush=True)  # fmt: skip
     finally:
         server.stop()

@@ -106,7 +106,7 @@ async def test_sigkill_leaves_readable_files_and_loses_at_most_the_last_flush(
     recorded = {t["seq"]: t["last_price"] for t in read_recording(tmp_path)}
     first = min(recorded)
     # every tick on the bus before the last flush interval (and a margin for scheduling) is there
-    bound_ns = killed_ns - int((flush + 0.5) * 1e9)
+    bound_ns = killed_ns - int((flush + 1.0) * 1e9)
     due = [t for t in watcher.ticks if t["seq"] >= first and t["received_at_ns"] < bound_ns]
     assert len(due) >= 3
     assert [t["seq"] for t in due if t["seq"] not in recorded] == []
