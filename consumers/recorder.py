@@ -135,7 +135,11 @@ class ParquetSink:
                 target = directory / f"{table}-{window}.parquet"
                 if not target.exists():
                     schema = TICK_SCHEMA if table == "ticks" else EVENT_SCHEMA
-                    tables = [pq.read_table(p, schema=schema) for p in sorted(parts)]
+                    try:
+                        tables = [pq.read_table(p, schema=schema) for p in sorted(parts)]
+                    except (pa.ArrowException, OSError) as exc:  # not ours, or damaged: leave them be
+                        log.warning("not compacting %s/%s-%s-*: %s", directory, table, window, exc)
+                        continue
                     _write_table(target, pa.concat_tables(tables))
                 for part in parts:
                     part.unlink()
@@ -197,6 +201,8 @@ class Recorder:
                 self.sink.event("epoch", token, last[1], seq, f"publisher epoch {last[0]} -> {epoch}")
             elif last is not None and seq > last[1] + 1:
                 self.sink.event("gap", token, last[1] + 1, seq - 1, "seq numbers never received")
+            elif last is not None and seq <= last[1] and seq > 1:  # the subscriber passes no duplicates
+                self.sink.event("gap", token, 1, seq - 1, "seq started again (released, claimed again)")
             self._last[token] = (epoch, seq)
         self.sink.ticks.append({**tick, "recorded_at_ns": recorded_at_ns})
 
@@ -204,7 +210,7 @@ class Recorder:
         """Record until ``stop``; ``tokens`` None: every token in ``{ns}:token_conn``, followed."""
         self.sink.event("start", reason=f"pid {os.getpid()}")
         if tokens is not None:
-            await sub.listen(tokens)
+            await self._listen(sub, tokens)
         next_flush = next_follow = time.monotonic()
         try:
             while not stop.is_set():
@@ -232,8 +238,15 @@ class Recorder:
         carried = {int(t) for t in await sub._redis.hkeys(sub.keys.token_conn)}  # type: ignore[union-attr]
         new = sorted(carried - sub.listened)
         if new:
-            await sub.listen(new)
+            await self._listen(sub, new)
             log.info("recorder: now recording tokens=%d (+%d)", len(sub.listened), len(new))
+
+    async def _listen(self, sub: TickSubscriber, tokens: list[int]) -> None:
+        """Listen, and note the tokens already stale (on_status tells only changes)."""
+        await sub.listen(tokens)
+        for token in tokens:
+            if sub.status.get(token) == "stale":
+                self.sink.event("stale", token, reason="stale when the recorder began listening")
 
 
 def _files(root: Path, table: str) -> list[Path]:

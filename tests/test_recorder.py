@@ -68,10 +68,10 @@ def test_a_restarted_recorder_continues_the_part_numbers(tmp_path: Path) -> None
 
 def test_gaps_and_epoch_changes_are_events(tmp_path: Path) -> None:
     sink = ParquetSink(tmp_path)
-    record(sink, tick(1), tick(2), tick(6), tick(1, epoch=8), tick(5, token=2))
+    record(sink, tick(1), tick(2), tick(6), tick(1, epoch=8), tick(5, token=2), tick(3, token=2))
     sink.flush()
     events = [(e["kind"], e["token"], e["from_seq"], e["to_seq"]) for e in read_events(tmp_path)]
-    assert events == [("gap", 1, 3, 5), ("epoch", 1, 6, 1)]
+    assert events == [("gap", 1, 3, 5), ("epoch", 1, 6, 1), ("gap", 2, 1, 2)]  # token 2: seq anew
 
 
 def test_full_ticks_keep_depth_and_ohlc_and_ltp_ticks_leave_them_out(tmp_path: Path) -> None:
@@ -96,6 +96,19 @@ def test_start_and_end_bound_the_receive_time(tmp_path: Path) -> None:
     sink.flush()
     assert [t["seq"] for t in read_recording(tmp_path, start=200)] == [2, 3]
     assert [t["seq"] for t in read_recording(tmp_path, start=100, end=300)] == [1, 2]
+
+
+def test_a_damaged_part_is_left_uncompacted_and_the_rest_goes_on(tmp_path: Path) -> None:
+    sink = ParquetSink(tmp_path)
+    now = time.time_ns()
+    day, window = sink.window(now)
+    record(sink, tick(1))
+    sink.flush(now)
+    (tmp_path / day / f"ticks-{window}-0009.parquet").write_bytes(b"garbage")
+    sink.flush(now + FIVE_MIN_NS)  # no exception: the window stays in parts
+    assert (tmp_path / day / f"ticks-{window}-0001.parquet").exists()
+    with pytest.warns(UserWarning, match="0009"):
+        assert [t["seq"] for t in read_recording(tmp_path)] == [1]
 
 
 def test_corrupt_and_foreign_parquet_files_are_named_and_skipped(tmp_path: Path) -> None:

@@ -90,13 +90,13 @@ async def test_records_every_token_carried_as_an_independent_subscriber_saw_it(
 async def test_sigkill_leaves_readable_files_and_loses_at_most_the_last_flush(
     publisher, control, redis_url, rds, tmp_path
 ) -> None:
-    flush = 0.5
+    flush = 0.3
     await control.subscribe([INFY], mode="quote", client="t")
     async with TickSubscriber(redis_url, client="watch", snapshot=False) as sub:
         await sub.listen([INFY])
         watcher = Watcher(sub)
         proc = await start_recorder(redis_url, str(tmp_path), "408065", "--flush", str(flush))
-        await eventually(lambda: len(list(tmp_path.rglob("ticks-*.parquet"))) >= 3, timeout=20)
+        await eventually(lambda: len(list(tmp_path.rglob("ticks-*.parquet"))) >= 10, timeout=20)
         killed_ns = time.time_ns()
         proc.kill()
         await proc.wait()
