@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -287,6 +288,49 @@ def _bars(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record(args: argparse.Namespace) -> int:
+    """``kitebus record DIR [TOKENS…]``: exit 0 stopped by a signal, 2 bad input, 1 a write failed."""
+    from consumers.instruments import UnknownInstrument, split_items
+    from consumers.recorder import DiskFull, ParquetSink, Recorder, check_writable
+    from consumers.subscriber import TickSubscriber
+
+    settings = load_settings()
+    configure_logging("INFO")
+    root = Path(args.dir)
+    try:
+        check_writable(root)
+    except OSError as exc:
+        print(f"kitebus record: {root} is not writable: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    items = split_items(",".join(args.tokens))
+    sink = ParquetSink(root, roll_seconds=args.roll)
+    recorder = Recorder(sink, flush_seconds=args.flush)
+
+    async def run(stop: asyncio.Event) -> None:
+        sink.compact()  # windows a recorder before this one left in parts
+        async with TickSubscriber(
+            settings, client=f"record-{os.getpid()}", snapshot=False, on_status=recorder.on_status,
+            max_unread=100_000,
+        ) as sub:  # fmt: skip
+            tokens = await sub.resolve(items) if items else None
+            if tokens and args.subscribe:
+                await sub.subscribe(tokens, mode=args.subscribe)
+            await recorder.run(sub, tokens, stop)
+
+    try:
+        run_until_signal(run)
+    except (UnknownInstrument, ValueError) as exc:
+        print(f"kitebus record: {exc}", file=sys.stderr)
+        return 2
+    except DiskFull as exc:
+        logging.getLogger("kitebus.recorder").error("recording stopped: %s", exc)
+        print(f"kitebus record: STOPPED: {exc}; the files already written are kept", file=sys.stderr)
+        return 1
+    stats = sink.stats
+    print(f"kitebus record: {stats.ticks} ticks, {stats.events} events in {root}", file=sys.stderr)
+    return 0
+
+
 def _publish(args: argparse.Namespace) -> int:
     from publisher import app
 
@@ -404,6 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
     bars.add_argument("--keep", type=int, default=500, help="bars kept per token and interval in Redis")
     bars.add_argument("--grace", type=float, default=2.0, help="seconds a bar waits for late ticks")
     bars.set_defaults(handler=_bars)
+
+    record = commands.add_parser("record", help="write every tick on the bus to Parquet files under DIR")
+    record.add_argument("dir", metavar="DIR", help="one directory per IST day is made under it")
+    record.add_argument("tokens", nargs="*", metavar="TOKEN", help="only these (tokens or EXCHANGE:SYMBOL); "
+                        "default: every token the publisher carries, followed")  # fmt: skip
+    record.add_argument("--flush", type=float, default=2.0, help="seconds between flushes (the crash bound)")
+    record.add_argument("--roll", type=float, default=300.0, help="seconds per compacted file")
+    record.add_argument("--subscribe", choices=["ltp", "quote", "full"], help="also claim TOKENs in mode")
+    record.set_defaults(handler=_record)
     return parser
 
 
