@@ -288,6 +288,37 @@ def _bars(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    """``kitebus replay DIR``: exit 0 played to the end (or stopped by a signal), 2 bad input."""
+    from kitebus.replay import EmptyWindow, NamespaceTaken, Replay, load, parse_clock, parse_speed
+
+    try:
+        speed = parse_speed(args.speed)
+        since = parse_clock(args.since) if args.since else None
+        until = parse_clock(args.until) if args.until else None
+        ticks, holes = load(Path(args.dir), since, until)
+    except (EmptyWindow, ValueError) as exc:
+        print(f"kitebus replay: {exc}", file=sys.stderr)
+        return 2
+    settings = load_settings().model_copy(update={"namespace": args.namespace})
+    configure_logging("INFO")
+    replay = Replay(settings, ticks, holes, speed=speed, subscribe=args.subscribe, exit_at_end=args.exit)
+    tokens = len(replay.report.tokens)
+    print(f"kitebus replay: {len(ticks)} ticks of {tokens} tokens into namespace {args.namespace!r}"
+          + ("" if args.subscribe else "; waiting for a strategy to claim one"), file=sys.stderr)  # fmt: skip
+    try:
+        run_until_signal(replay.run)
+    except NamespaceTaken as exc:
+        print(f"kitebus replay: {exc}", file=sys.stderr)
+        return 2
+    report = replay.report
+    if not replay.done.is_set():
+        print("kitebus replay: stopped before the end", file=sys.stderr)
+    print(f"kitebus replay: {report.sent} ticks sent, {report.skipped} of unclaimed tokens skipped, "
+          f"{report.holes} stale periods, {report.rate:,.0f} ticks/s", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def _record(args: argparse.Namespace) -> int:
     """``kitebus record DIR [TOKENS…]``: exit 0 stopped by a signal, 2 bad input, 1 a write failed."""
     from consumers.instruments import UnknownInstrument, split_items
@@ -457,6 +488,19 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--roll", type=float, default=300.0, help="seconds per compacted file")
     record.add_argument("--subscribe", choices=["ltp", "quote", "full"], help="also claim TOKENs in mode")
     record.set_defaults(handler=_record)
+
+    replay = commands.add_parser("replay", help="play a recording back through a simulator and a publisher")
+    replay.add_argument("dir", metavar="DIR", help="what kitebus record wrote")
+    replay.add_argument("--speed", default="1", help="times recorded speed, or 'max' (default: 1)")
+    replay.add_argument("--from", dest="since", metavar="HH:MM", help="start at this IST time of day")
+    replay.add_argument("--to", dest="until", metavar="HH:MM", help="end before this IST time of day")
+    replay.add_argument("--namespace", default="replay", help="the replay's own namespace (default: replay)")
+    replay.add_argument("--subscribe", action="store_true",
+                        help="claim every recorded token in its recorded mode and start at once "
+                        "(default: wait for a strategy's first claim)")  # fmt: skip
+    replay.add_argument("--exit", action="store_true",
+                        help="stop once the last tick is published (default: serve on)")  # fmt: skip
+    replay.set_defaults(handler=_replay)
     return parser
 
 
