@@ -78,10 +78,16 @@ def account_of(api_key: str | None) -> str:
     if not api_key:
         return "default"
     try:
-        accounts = load_settings().accounts
+        settings = load_settings()
     except SettingsError:
         return "default"
-    return next((a.name for a in accounts if a.api_key.get_secret_value() == api_key), "default")
+    name = next((a.name for a in settings.accounts if a.api_key.get_secret_value() == api_key), None)
+    default_key = settings.kite_api_key.get_secret_value() if settings.kite_api_key else None
+    if name is None and settings.accounts and api_key != default_key:
+        # several accounts, and this key is none of theirs: the fills shown would be another's
+        log.warning("api_key matches no account in KITEBUS_ACCOUNTS: on_order_update gets the default "
+                    "account's order updates; set KITEBUS_ACCOUNTS or pass account=")  # fmt: skip
+    return name or "default"
 
 
 def as_official(tick: Tick, mode: str) -> Tick:

@@ -48,3 +48,15 @@ def test_the_order_updates_are_those_of_the_account_of_its_api_key(monkeypatch) 
     assert KiteTicker("key-b", "x", **bus, account="c").account == "c"
     monkeypatch.setenv("KITEBUS_ACCOUNTS", "not json")  # a broken environment is the default account
     assert account_of("key-b") == "default"
+
+
+def test_a_key_of_no_account_among_several_is_the_default_account_with_a_warning(monkeypatch, caplog) -> None:
+    accounts = [{"name": "b", "api_key": "key-b", "access_token": "t"}]
+    monkeypatch.setenv("KITEBUS_ACCOUNTS", json.dumps(accounts))
+    monkeypatch.setenv("KITE_API_KEY", "key-a")
+    with caplog.at_level("WARNING", logger="kitebus.kiteticker"):
+        assert account_of("key-a") == "default" and account_of("key-b") == "b"
+    assert not caplog.records  # the default account's own key, and b's: nothing to say
+    with caplog.at_level("WARNING", logger="kitebus.kiteticker"):
+        assert account_of("key-c") == "default"
+    assert "matches no account in KITEBUS_ACCOUNTS" in caplog.text and "key-c" not in caplog.text
