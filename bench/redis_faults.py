@@ -100,6 +100,7 @@ class Figures:
     consumer_reconnects: int = 0
     repeats: int = 0  # ticks received again (same seq)
     leaders: int = 0  # publishers that lead at the end (must be 1)
+    task_restarts: int = 0  # long-lived tasks of the leader that ended and were restarted (must be 0)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -262,6 +263,7 @@ class Rig:
         self.publishers: list[asyncio.subprocess.Process] = []
         self.consumer: Consumer | None = None
         self.expected: dict[str, dict[int, str]] = {}
+        self.seen_before: dict[int, tuple[int, int]] = {}  # token -> (epoch, seq) seen when the fault began
         self.requests: list[str] = []
 
     @property
@@ -370,9 +372,12 @@ class Rig:
         wanted = {t: m for held in self.expected.values() for t, m in held.items()}
         modes = await rds.hgetall(keys.token_mode)
         conns = await rds.hkeys(keys.token_conn)
-        last = await rds.hkeys(keys.last)
-        if {int(t) for t in conns} < wanted.keys() or {int(t) for t in last} < wanted.keys():
+        last = {int(t): msgpack.unpackb(v) for t, v in (await rds.hgetall(keys.last)).items()}
+        if {int(t) for t in conns} < wanted.keys() or last.keys() < wanted.keys():
             return False
+        for t, (epoch, seq) in self.seen_before.items():  # each snapshot no older than before the fault
+            if t in wanted and (last[t]["epoch"], last[t]["seq"]) < (epoch, seq):
+                return False
         if any(modes.get(str(t).encode(), b"").decode() != m for t, m in wanted.items()):
             return False
         if not await rds.hlen(keys.instruments):
@@ -601,6 +606,9 @@ async def measure(kind: str, seconds: float, *, tokens: int = 300, standby: bool
         requester.start()
         handshakes = len(rig.simulator.handshakes)
         conflated_before, dropped_before = await _counts(rig)
+        restarts_before = await _restarts(rig)
+        assert rig.consumer is not None
+        rig.seen_before = dict(rig.consumer.seq)  # {ns}:last must come back no older than this
         if kind == "partition":
             await _partition(rig, seconds, figures)
         else:
@@ -614,6 +622,7 @@ async def measure(kind: str, seconds: float, *, tokens: int = 300, standby: bool
         figures.conflated, figures.dropped = conflated - conflated_before, dropped - dropped_before
         figures.answered_twice = await rig.answered_twice()
         figures.leaders = await rig.leaders()
+        figures.task_restarts = await _restarts(rig) - restarts_before
         assert rig.consumer is not None
         figures.seq_gaps = rig.consumer.gaps
         figures.seq_gaps_reconnect = rig.consumer.gaps_reconnect
@@ -699,6 +708,11 @@ async def _counts(rig: Rig) -> tuple[int, int]:
     return int(conflated or 0), int(dropped or 0)
 
 
+async def _restarts(rig: Rig) -> int:
+    """``task_restarts`` of the leader's status (a takeover starts it again at 0)."""
+    return int(await rig.rds.hget(rig.keys.status, "task_restarts") or 0)
+
+
 async def _settle_requests(rig: Rig) -> None:
     """Every request written is answered (the control stream drained)."""
     with contextlib.suppress(TimeoutError):
@@ -717,6 +731,8 @@ def _judge(rig: Rig, figures: Figures) -> None:
     problems = figures.problems
     if figures.answered_twice:
         problems.append(f"{figures.answered_twice} requests answered twice")
+    if figures.task_restarts > 0:  # a fault of Redis is waited out, never a task's end
+        problems.append(f"{figures.task_restarts} long-lived tasks ended and were restarted")
     if figures.leaders != 1:
         problems.append(f"{figures.leaders} publishers lead at the end")
     if not figures.standby and figures.handshakes:
@@ -739,7 +755,7 @@ def _row(f: Figures) -> str:
         s(f.claims_back_s),
         s(f.request_answered_s), s(f.takeover_s), s(f.named_s), f.conflated, f.dropped, f.answered_twice,
         f.handshakes, f"{f.seq_gaps} / {f.seq_gaps_reconnect} ({f.consumer_reconnects})", f.repeats,
-        "ok" if f.ok else "FAILED",
+        f.task_restarts, "ok" if f.ok else "FAILED",
     )  # fmt: skip
     return "| " + " | ".join(map(str, cells)) + " |"
 
@@ -747,8 +763,8 @@ def _row(f: Figures) -> str:
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--faults", default="restart:3,restart:10,restart:60,pause:8,readonly:4,oom:5,misconf:5,noperm:5,"
-        "busy:4,loading:4,partition:8,sentinel_failover:0,primary_killed:0",
+        "--faults", default="restart:3,restart:10,restart:60,pause:3,pause:10,pause:60,readonly:4,oom:5,"
+        "misconf:5,noperm:5,busy:4,loading:4,partition:8,sentinel_failover:0,primary_killed:0",
     )  # fmt: skip
     parser.add_argument("--tokens", type=int, default=3000)
     parser.add_argument("--standby", action="store_true", help="run a standby beside the leader")
@@ -757,8 +773,9 @@ async def main() -> int:
     results = []
     print("| fault | standby | first tick s | every token ticks s | claims back s | request answered s "
           "| takeover s | named s | conflated | dropped | answered twice | Kite handshakes "
-          "| seq gaps: publisher / consumer reconnect (reconnects) | ticks again | |")  # fmt: skip
-    print("|---" * 15 + "|")
+          "| seq gaps: publisher / consumer reconnect (reconnects) | ticks again | task restarts "
+          "| |")  # fmt: skip
+    print("|---" * 16 + "|")
     for item in args.faults.split(","):
         kind, _, seconds = item.partition(":")
         figures = await measure(kind, float(seconds or 5), tokens=args.tokens, standby=args.standby)

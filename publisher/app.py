@@ -139,7 +139,7 @@ class Publisher:
         self.live = LiveWatch(self.redis, self.keys, self.sink, timeout=tuning.live_timeout, fence=lease)
         self.rebalancer = Rebalancer(
             self.redis, self.keys, self.book, self.connections, self.moves, timeout=tuning.live_timeout,
-            fence=lease,
+            fence=lease, health=self.health,
         )  # fmt: skip
         self.instruments = InstrumentsLoader(
             self.redis, self.keys, settings.instruments, timeout=tuning.instruments_timeout

@@ -19,9 +19,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from config.keys import RESULTS_MAXLEN, Keys
 from publisher.connection import LIVE, KiteConnection
+from publisher.health import Health
 from publisher.lease import Fence
 from publisher.moves import Moves
 from publisher.subscriptions import ConnectionChange, SubscriptionBook
+from publisher.supervisor import supervised
 from rediswire import bus
 from rediswire.bus import REDIS_FAULTS
 from rediswire.tasks import Backoff, cancel_and_wait
@@ -44,6 +46,7 @@ class Rebalancer:
         timeout: float = 10.0,
         grace: float = 1.0,  # how long the old connection's late packets are still dropped
         fence: Fence | None = None,
+        health: Health | None = None,
     ) -> None:
         self._redis = client
         self._keys = keys
@@ -53,6 +56,8 @@ class Rebalancer:
         self.timeout = timeout
         self.grace = grace
         self._fence = fence or Fence()
+        self._health = health or Health()
+        self._finished = False
         self._switched = asyncio.Event()
         moves.on_switch = self._switched.set
         self._task: asyncio.Task[None] | None = None
@@ -71,7 +76,12 @@ class Rebalancer:
             await self._connections[index].apply(change)
         loads = ",".join(map(str, self._book.loads))
         log.info("rebalance request=%s moving=%d loads=%s", request, len(moves), loads)
-        self._task = asyncio.create_task(self._finish(request, client, moves), name="rebalance")
+        self._finished = False
+        self._task = asyncio.create_task(
+            supervised("rebalance", lambda: self._finish(request, client, moves), self._health,
+                       done=lambda: self._finished),
+            name="rebalance",
+        )  # fmt: skip
         return tuple(moves)
 
     async def close(self) -> None:
@@ -79,6 +89,12 @@ class Rebalancer:
         self._task = None
 
     async def _finish(self, request: str, client: str, moves: dict[int, tuple[int, int]]) -> None:
+        """Break each move once its new connection delivers (or in ``timeout``), then report.
+        Run again from the top after a crash: moves that ended are skipped, the others
+        taken up again (the book still counts them as moving)."""
+        for token, (src, dst) in moves.items():
+            if self._book.moving.get(token) == src and self._moves.owner(token) is None:
+                self._moves.begin(token, src, dst, self._book.in_force[token])
         pending = dict(moves)
         deadline = time.monotonic() + self.timeout
         try:
@@ -105,6 +121,7 @@ class Rebalancer:
             self._moves.forget(moves)
         moved = [t for t in moves if self._book.placement.get(t) == moves[t][1]]
         await self._report(request, client, moved)
+        self._finished = True
 
     async def _break(self, ready: dict[int, tuple[int, int]]) -> None:
         """Unsubscribe switched tokens from their old connections; name the new ones."""

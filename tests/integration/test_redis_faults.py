@@ -13,22 +13,27 @@ from rediswire import bus
 from tests.integration.conftest import eventually
 
 TOKENS = 100  # per fault; the benchmark runs 3,000
+# The bound is 2 s from Redis answering; every token ticks about once a second (the
+# simulator's rate), so "every token ticking" carries up to 1 s of the feed's own wait.
+RECOVERY_S = 2.0 + 1.0
 
 
 def _held(figures) -> None:
     assert figures.ok, figures.problems
-    assert figures.answered_twice == 0
+    assert figures.answered_twice == 0 and figures.task_restarts == 0
     assert figures.leaders == 1
-    # Everything is back well within its bound (the benchmark reports the figures).
-    assert figures.first_tick_s is not None and figures.first_tick_s < 10
-    assert figures.claims_back_s is not None and figures.claims_back_s < 10
-    assert figures.request_answered_s is not None and figures.request_answered_s < 10
+    # Within 2 s of Redis answering: ticks for every claim, the state written back (each
+    # token's {ns}:last no older than before the fault), the next request answered.
+    assert figures.first_tick_s is not None and figures.all_ticking_s is not None
+    assert figures.all_ticking_s < RECOVERY_S
+    assert figures.claims_back_s is not None and figures.claims_back_s < RECOVERY_S
+    assert figures.request_answered_s is not None and figures.request_answered_s < RECOVERY_S
 
 
 @pytest.mark.parametrize(
     ("kind", "seconds"),
-    [("restart", 3), ("restart", 10), ("pause", 8), ("readonly", 4), ("oom", 4), ("misconf", 3),
-     ("noperm", 3), ("busy", 3), ("loading", 3)],
+    [("restart", 3), ("restart", 10), ("restart", 60), ("pause", 3), ("pause", 10), ("pause", 60),
+     ("readonly", 4), ("oom", 4), ("misconf", 3), ("noperm", 3), ("busy", 3), ("loading", 3)],
 )  # fmt: skip
 async def test_one_publisher_survives(kind: str, seconds: float) -> None:
     figures = await measure(kind, seconds, tokens=TOKENS)
@@ -45,7 +50,7 @@ async def test_leader_and_standby_come_out_with_one_leader_and_every_claim(kind:
 async def test_a_leader_cut_off_hands_over_its_sockets_to_the_standby() -> None:
     figures = await measure("partition", 6, tokens=TOKENS)
     _held(figures)
-    assert figures.takeover_s is not None and figures.takeover_s < 3.0 + 2.0 + 3.0  # ttl + 2 s, and slack
+    assert figures.takeover_s is not None and figures.takeover_s < 3.0 + 2.0  # the lease's ttl + 2 s
 
 
 async def test_redis_saying_no_is_reported_and_recovered(publisher, rds, control) -> None:

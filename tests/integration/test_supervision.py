@@ -49,6 +49,11 @@ def _rewrite_access_token_file(pub: Publisher, sim: TickerServer, control: Contr
     path.write_text("simulator\n")
 
 
+async def _rebalance(pub: Publisher, sim: TickerServer, control: ControlClient, path: Path) -> None:
+    result = await control.request("rebalance", None, client="ops")  # its follow-up's write crashes
+    assert result.ok
+
+
 CASES = [
     Case("control-loop", lambda p: p.control, "_expire_due"),
     Case("tick-sink", lambda p: p.sink, "_take_batch"),
@@ -60,6 +65,7 @@ CASES = [
     Case("handover", lambda p: p.handover, "_look"),
     Case("kite-connection-0", lambda p: p.connections[0], "_pause", lambda p, sim, *_: sim.drop()),
     Case("orders", lambda p: p.orders, "_write", _place_an_order),
+    Case("rebalance", lambda p: p.rebalancer, "_report", _rebalance),
 ]
 
 
@@ -175,6 +181,11 @@ async def test_a_crashed_task_is_restarted_and_the_publisher_serves_on(
             return any(f[b"op"] == b"live" and f[b"applied"] == str(NIFTY).encode() for f in results)
 
         await eventually(followed_up)
+    if case.task == "rebalance":  # the follow-up the crash hit is written by the restarted task
+        async def rebalanced() -> bool:
+            return any(f[b"op"] == b"rebalanced" for _, f in await rds.xrange(keys.control_results))
+
+        await eventually(rebalanced)
 
 
 # A publisher process whose live watch always crashes: patched in, then the real CLI.
