@@ -24,6 +24,10 @@ def mask_url(url: str) -> str:
     if match is None:
         return url
     scheme, netloc, rest = match.groups()
+    if "@" not in netloc and "@" in rest:
+        # a password with a raw '/', '?' or '#' ends the authority early for a parser: all
+        # up to the last '@' may be credentials (a query's '@' masks too much, never too little)
+        return mask_url(f"{scheme}{MASK}@{rest.rpartition('@')[2]}")
     hosts = []
     for host in netloc.split(","):
         userinfo, at, address = host.rpartition("@")

@@ -83,7 +83,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     if len(segments) > 2:
         raise ValueError("a sentinel URL's path is /service_name[/db], nothing more")
     if len(segments) == 2:
-        if not segments[1].isdigit() or int(segments[1]) > 15_999:
+        if not _digits(segments[1]) or int(segments[1]) > 15_999:
             raise ValueError(f"database {segments[1]!r} is not a number (the path is /service_name[/db])")
         db = int(segments[1])
     return SentinelURL(sentinels, service, db, username, password)
@@ -102,6 +102,11 @@ def _address(item: str) -> tuple[str, int]:
         raise ValueError(f"sentinel address {item!r} has no host")
     if not port:
         return host, DEFAULT_SENTINEL_PORT
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not _digits(port) or not 0 < int(port) < 65536:
         raise ValueError(f"sentinel address {item!r}: port {port!r} is not a number from 1 to 65535")
     return host, int(port)
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes '²', which ``int`` refuses."""
+    return text.isascii() and text.isdigit()

@@ -133,9 +133,20 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(str(exc)) from None
             return value
-        scheme = urlsplit(value).scheme
+        parts = urlsplit(value)
+        scheme = parts.scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss://, unix:// or redis+sentinel:// URL")
+        if scheme != "unix":
+            try:
+                readable = parts.port is not None or parts.netloc == "" or bool(parts.hostname)
+            except ValueError:  # a port that is no number: part of a password, most often
+                readable = False
+            if not readable or (parts.netloc and not parts.hostname):
+                raise ValueError(
+                    "cannot be read as a Redis URL (no host, or a port that is no number): a "
+                    "password with '/', '?', '#' or '@' must be percent-encoded (%2F, %3F, %23, %40)"
+                )
         if scheme == "unix" and info.data.get("redis_cluster"):
             raise ValueError("must name a cluster node as redis:// or rediss:// with KITEBUS_REDIS_CLUSTER=1")
         return value

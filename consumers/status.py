@@ -105,7 +105,7 @@ def parse_leader(raw: str | None) -> tuple[str | None, int | None]:
     if raw is None or raw == RELEASED:
         return None, None
     fence, colon, identity = raw.partition(":")
-    if colon and identity and fence.isdigit():
+    if colon and identity and fence.isascii() and fence.isdigit():  # not '²', which int() refuses
         return identity, int(fence)
     return raw, None
 

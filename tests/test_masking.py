@@ -34,6 +34,9 @@ from kitebus.demo import _help
         ),
         ("https://u:pw@host/x?password=pw&db=1#frag", "https://u:***@host/x?password=***&db=1#frag"),
         ("wss://ws.kite.trade?api_key=k&access_token=t", "wss://ws.kite.trade?api_key=***&access_token=***"),
+        ("redis://:hun/ter2@host:6379/0", "redis://***@host:6379/0"),  # a raw '/' ends a parser's authority
+        ("redis://u:hun?ter2@host/0?password=x", "redis://***@host/0?password=***"),
+        ("redis://u:hun#ter2@host/0", "redis://***@host/0"),
         ("not a url", "not a url"),
         ("/var/data/instruments.csv", "/var/data/instruments.csv"),
     ],
@@ -55,6 +58,18 @@ def test_a_bad_redis_url_is_named_without_its_password() -> None:
     message = str(caught.value)
     assert "REDIS_URL" in message and "redis.example" in message
     assert "hunter2" not in message and "admin:***@" in message
+
+
+@pytest.mark.parametrize("url", ["redis://:hun/ter2@redis.example:6379/0", "redis://:hun#ter2@redis.example",
+                                 "redis://u:hun?ter2@redis.example/0", "redis://:12/34hunter2@redis.example"])
+def test_a_password_that_is_not_percent_encoded_is_refused_without_showing_it(url: str) -> None:
+    """Read as it is, such a URL puts part of the password where the port or host goes: a
+    client's error would show it. The settings refuse it first, and say how to write it."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings(redis_url=url)
+    message = str(caught.value)
+    assert "REDIS_URL" in message and "must be percent-encoded" in message and "redis.example" in message
+    assert "hunter2" not in message and "ter2" not in message
 
 
 def test_a_bad_sentinel_style_url_is_named_without_passwords() -> None:

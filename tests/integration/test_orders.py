@@ -77,8 +77,7 @@ class DropIn:
 
     async def __aenter__(self) -> DropIn:
         self.ticker.connect(threaded=True)
-        await eventually(self.connected.is_set)
-        await asyncio.sleep(0.3)  # its reader has fixed its start (from now on)
+        await eventually(self.connected.is_set)  # its reader's start is fixed before on_connect
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -105,11 +104,21 @@ async def _an_order_life(simulator: TickerServer, symbol: str = "SBIN") -> list[
     ]
 
 
-async def _check_everywhere(sent: list[dict], rds: redis.Redis, channel: Channel, dropin: DropIn) -> None:
-    """Each sent update once, in the order sent, on the stream, the channel and on_order_update."""
-    await eventually(lambda: len(dropin.updates) >= len(sent) and len(channel.messages) >= len(sent))
-    await asyncio.sleep(0.3)  # nothing more comes
-    entries = await _stream(rds)
+async def _check_everywhere(
+    sent: list[dict], rds: redis.Redis, channel: Channel, dropin: DropIn, simulator: TickerServer
+) -> None:
+    """Each sent update once, in the order sent, on the stream, the channel and on_order_update:
+    one more order is placed and awaited everywhere, so a late copy would be before it."""
+    marker = await simulator.order("place", tradingsymbol="TCS", quantity=1)
+    on_channel = {**marker, "account": "default"}
+    await eventually(lambda: marker in dropin.updates and on_channel in channel.messages)
+    async def written() -> bool:
+        return await rds.xlen(KEYS.orders) > len(sent)
+
+    await eventually(written)
+    assert dropin.updates.pop() == marker and channel.messages.pop() == on_channel
+    entries = (await _stream(rds))[:-1]
+    assert json.loads((await _stream(rds))[-1]["data"]) == marker
     assert [json.loads(e["data"]) for e in entries] == sent
     assert [(e["account"], e["order_id"], e["status"]) for e in entries] == [
         ("default", u["order_id"], u["status"]) for u in sent
@@ -125,12 +134,12 @@ async def test_updates_sent_on_all_three_sockets_arrive_once_each_in_order_every
         sent = await _an_order_life(simulator)
         sent += [await simulator.order("place", tradingsymbol="INFY", quantity=5, reject="RMS: margin")]
         sent += await _an_order_life(simulator, "TCS")
-        await _check_everywhere(sent, rds, channel, dropin)
+        await _check_everywhere(sent, rds, channel, dropin, simulator)
     assert len(simulator.sessions) == 3  # each was sent on three sockets
     fills = [u for u in sent if u["status"] == "UPDATE" and u["filled_quantity"]]
     assert len(fills) == 4 and len({u["filled_quantity"] for u in fills}) == 2  # kept apart, not merged
-    assert publisher.orders.published == len(sent)
-    assert publisher.orders.duplicates == 2 * len(sent)
+    assert publisher.orders.published == len(sent) + 1  # and the marker
+    assert publisher.orders.duplicates == 2 * (len(sent) + 1)
 
 
 async def test_the_same_while_one_socket_is_cut_again_and_again(simulator, publisher, rds, redis_url) -> None:
@@ -144,7 +153,7 @@ async def test_the_same_while_one_socket_is_cut_again_and_again(simulator, publi
             sent += await _an_order_life(simulator)
             await eventually(lambda: len(simulator.sessions) == 3 and all(
                 c.state == "live" for c in publisher.connections), timeout=15)  # fmt: skip
-        await _check_everywhere(sent, rds, channel, dropin)
+        await _check_everywhere(sent, rds, channel, dropin, simulator)
     assert sum(c.reconnects for c in publisher.connections) >= 6
 
 
@@ -414,6 +423,7 @@ class _Lease(Fence):
     def __init__(self) -> None:
         self.state = "lapsed"
         self.renewed = asyncio.Event()
+        self.waited = asyncio.Event()  # a writer waits for the renewal
 
     def valid(self) -> bool:
         return self.state == "valid"
@@ -423,6 +433,7 @@ class _Lease(Fence):
         return self.state == "lapsed"
 
     async def wait_valid(self) -> None:
+        self.waited.set()
         await self.renewed.wait()
 
 
@@ -436,7 +447,7 @@ async def test_writes_wait_while_the_lease_is_lapsed_and_are_given_up_once_it_is
     feed.start()
     try:
         feed.order(_Socket(), {"order_id": "1", "status": "OPEN"})  # type: ignore[arg-type]
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(lease.waited.wait(), 10)  # the feed holds the update for the lease
         assert await rds.xlen(KEYS.orders) == 0 and feed.buffered == 1  # lapsed: nothing written
         lease.state = "valid"
         lease.renewed.set()

@@ -79,6 +79,8 @@ STATES: list[tuple[str, Setup, dict[str, Any], str]] = [
      {"leadership.leader": "host:4242", "leadership.fence": None}, "is not <fence>:<host>:<pid>"),
     ("leader garbage", then(running(), write("set", "kite:leader", "x:[/]:y")),
      {"leadership.leader": "x:[/]:y", "leadership.fence": None}, "leader x:[/]:y;"),
+    ("leader with a fence of non-ASCII digits", then(running(), write("set", "kite:leader", "²:host:1")),
+     {"leadership.leader": "²:host:1", "leadership.fence": None}, "is not <fence>:<host>:<pid>"),
     ("leader not UTF-8", then(running(), write("set", "kite:leader", b"\xff\xfe")),
      {"leadership.fence": None}, "is not <fence>"),
     ("leader a hash", then(running(), write("delete", "kite:leader"), write("hset", "kite:leader", "a", "b")),
