@@ -315,7 +315,8 @@ def _replay(args: argparse.Namespace) -> int:
     if not replay.done.is_set():
         print("kitebus replay: stopped before the end", file=sys.stderr)
     print(f"kitebus replay: {report.sent} ticks sent, {report.skipped} of unclaimed tokens skipped, "
-          f"{report.holes} stale periods, {report.rate:,.0f} ticks/s", file=sys.stderr)  # fmt: skip
+          f"{report.given_up} given up by the publisher, {report.holes} stale periods, "
+          f"{report.rate:,.0f} ticks/s", file=sys.stderr)  # fmt: skip
     return 0
 
 

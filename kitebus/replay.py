@@ -69,6 +69,7 @@ class ReplayReport:
     sent: int = 0  # packets sent to the simulator's sessions
     skipped: int = 0  # ticks of tokens nobody claimed when their time came
     holes: int = 0
+    given_up: int = 0  # ticks the replay's publisher conflated or dropped (0 unless Redis failed)
     seconds: float = 0.0  # from the first tick sent to the last one published
     tokens: set[int] = field(default_factory=set)
 
@@ -242,6 +243,7 @@ class Replay:
             await asyncio.sleep(POLL)
         sink = self.publisher.sink
         handed = sink.queued + sink.unclaimed + sink.malformed
+        given_up = sink.conflated + sink.dropped
         first_at = self.ticks[0]["recorded_at_ns"]
         began = time.monotonic()
         holes = list(self.holes)
@@ -263,6 +265,7 @@ class Replay:
                 return
             await asyncio.sleep(POLL)
         self.report.seconds = time.monotonic() - began
+        self.report.given_up = sink.conflated + sink.dropped - given_up
         self.done.set()
 
     def _claimed(self) -> bool:
@@ -311,10 +314,14 @@ class Replay:
                 continue
             mode = min(session.modes[token], tick["mode"], key=codec.MODE_RANK.__getitem__)
             out.setdefault(session.id, []).append((tick, codec.encode_packet({**tick, "mode": mode})))
+        writable = self.publisher.sink.writable
         for sid, items in out.items():
             session = next(s for s in self.server.sessions if s.id == sid)
             for start in range(0, len(items), PACKETS_PER_FRAME):
                 chunk = items[start : start + PACKETS_PER_FRAME]
+                # the player shares the publisher's loop: it holds back while the sink's
+                # backlog is over its bound, as Kite's TCP would, so nothing is conflated
+                await writable.wait()
                 try:
                     await session.websocket.send(codec.encode_frame(packet for _, packet in chunk))
                 except ConnectionClosed:  # the publisher lost it on its own: these go to the next
