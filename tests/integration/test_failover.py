@@ -198,3 +198,44 @@ async def test_redis_losing_its_data_hands_nothing_over(simulator, tmp_path) -> 
         await _stop(*[p for p in (first, second) if p is not None])
         await rds.aclose()
         server.stop()
+
+
+async def test_a_takeover_keeps_a_live_clients_claims_and_still_expires_a_dead_ones(
+    simulator, redis_url, rds, control, tmp_path
+) -> None:
+    """Session clients across kill -9 of the leader: the new leader gives each a whole
+    timeout from the takeover, so a live one (beating) keeps its claims and a dead one
+    (one request, no heartbeat since) is released, by the new leader."""
+    from consumers.subscriber import TickSubscriber
+
+    live, gone = TOKENS[0], TOKENS[1]
+    first, second, _ = await _two_publishers(simulator, redis_url, rds, control, tmp_path)
+    try:
+        async with TickSubscriber(redis_url, client="live", client_timeout=2.0, release_on_exit=False) as sub:
+            await sub.subscribe([live], mode="quote", wait_live=False)
+            await rds.xadd("kite:control", {"op": "subscribe", "tokens": str(gone), "client": "gone",
+                                            "session": "3"})  # fmt: skip
+            await eventually(lambda: rds.exists("kite:claims:gone"), timeout=10)
+            first.kill()
+            await first.wait()
+            async def second_leads() -> bool:
+                return await _leader_pid(rds) == second.pid
+
+            await eventually(second_leads, timeout=20)
+            took_over = time.time()
+
+            async def expired() -> list[dict[bytes, bytes]]:
+                results = [f for _, f in await rds.xrange("kite:control:results") if f[b"op"] == b"expire"]
+                return [f for f in results if f[b"client"] == b"gone"]
+
+            (result,) = await eventually(expired, timeout=20)
+            assert result[b"applied"] == str(gone).encode() and result[b"ok"] == b"1"
+
+            async def beat_after(moment: float) -> bool:
+                return float(await rds.hget("kite:client_heartbeat", "live") or 0) > moment
+
+            await eventually(lambda: beat_after(took_over + 4.0), timeout=15)  # alive two timeouts on
+            assert await rds.hgetall("kite:claims:live") == {str(live).encode(): b"quote"}
+            assert not await rds.exists("kite:claims:gone")
+    finally:
+        await _stop(first, second)
