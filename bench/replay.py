@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -29,17 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import hiredis
 import msgpack
 
 from bench.consumer import NS
 from bench.record import feed
 from bench.stack import measured_on
-from config import Keys
 from consumers.recorder import ParquetSink
 from kitebus.localredis import LocalRedis
 from kitewire import codec
-from rediswire import resp
 from simulator.market import Market
 
 STEP = 500  # ticks the recorder received together
@@ -63,29 +59,11 @@ def write_recording(root: Path, ticks: int, tokens: int) -> None:
     sink.flush()
 
 
-def count(port: int) -> None:
-    """Count the ticks on the bus (raw hiredis, nothing decoded) until 3 s of quiet after the
-    first; print {"ticks": n}."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.sendall(resp.command("PSUBSCRIBE", Keys(NS).ticks_pattern))
-    reader, ticks = hiredis.Reader(), 0
-    print("ready", flush=True)
-    try:
-        while data := sock.recv(1 << 20):
-            reader.feed(data)
-            while (reply := reader.gets()) is not False:
-                ticks += reply[0] == b"pmessage"
-            if ticks:
-                sock.settimeout(3.0)
-    except TimeoutError:
-        pass
-    print(json.dumps({"ticks": ticks}), flush=True)
-
-
 async def run_once(port: int, root: Path) -> dict[str, float]:
-    counter = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--count", str(port), stdout=asyncio.subprocess.PIPE
-    )
+    counter = await asyncio.create_subprocess_exec(  # bench/consumer.py's raw hiredis counter
+        sys.executable, os.path.join(os.path.dirname(__file__), "consumer.py"), "--consume", str(port), "0",
+        "0", "--raw", stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
     assert counter.stdout is not None
     assert (await counter.stdout.readline()).strip() == b"ready"
     env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{port}/0", "KITEBUS_LOG_LEVEL": "WARNING"}
@@ -136,12 +114,7 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=200_000)
     parser.add_argument("--tokens", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--count", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.count:
-        count(args.count)
-    else:
-        asyncio.run(bench(args))
+    asyncio.run(bench(parser.parse_args()))
 
 
 if __name__ == "__main__":
