@@ -314,6 +314,9 @@ def _replay(args: argparse.Namespace) -> int:
     report = replay.report
     if not replay.done.is_set():
         print("kitebus replay: stopped before the end", file=sys.stderr)
+    if report.unarrived:
+        print(f"kitebus replay: {report.unarrived} ticks sent were lost with a cut connection",
+              file=sys.stderr)
     print(f"kitebus replay: {report.sent} ticks sent, {report.skipped} of unclaimed tokens skipped, "
           f"{report.given_up} given up by the publisher, {report.holes} stale periods, "
           f"{report.rate:,.0f} ticks/s", file=sys.stderr)  # fmt: skip

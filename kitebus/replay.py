@@ -42,6 +42,7 @@ from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, PACKETS_PER_
 log = logging.getLogger("kitebus.replay")
 Tick = dict[str, Any]
 POLL = 0.02  # seconds between looks at the simulator's sessions while waiting
+STANDSTILL = 10.0  # seconds without a tick reaching the publisher that end the final wait
 
 
 class EmptyWindow(ValueError):
@@ -70,6 +71,7 @@ class ReplayReport:
     skipped: int = 0  # ticks of tokens nobody claimed when their time came
     holes: int = 0
     given_up: int = 0  # ticks the replay's publisher conflated or dropped (0 unless Redis failed)
+    unarrived: int = 0  # ticks sent that a cut connection lost before the publisher read them
     seconds: float = 0.0  # from the first tick sent to the last one published
     tokens: set[int] = field(default_factory=set)
 
@@ -260,9 +262,22 @@ class Replay:
         while self._held and not stop.is_set():  # a hole still open at the end: wait it out
             await asyncio.sleep(POLL)
             await self._send(self._held)
-        while sink.queued + sink.unclaimed + sink.malformed - handed < self.report.sent or sink.buffered:
+        # the end: every tick sent has reached the publisher and been written; one that a
+        # connection cut on its way never arrives, so a long standstill ends the wait too
+        progress, still_since = -1, time.monotonic()
+        def arrived() -> int:
+            return sink.queued + sink.unclaimed + sink.malformed - handed
+
+        while arrived() < self.report.sent or sink.buffered:
             if stop.is_set():
                 return
+            if arrived() != progress:
+                progress, still_since = arrived(), time.monotonic()
+            elif progress < self.report.sent and time.monotonic() - still_since > STANDSTILL:
+                self.report.unarrived = self.report.sent - progress
+                log.warning("replay: %d ticks sent never reached the publisher (a connection cut "
+                            "them on the way)", self.report.unarrived)  # fmt: skip
+                break
             await asyncio.sleep(POLL)
         self.report.seconds = time.monotonic() - began
         self.report.given_up = sink.conflated + sink.dropped - given_up

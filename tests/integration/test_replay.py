@@ -102,7 +102,7 @@ async def play(redis_url: str, namespace: str, root: Path, mode: str, speed: flo
     stop.set()
     await asyncio.wait_for(task, 30)
     assert replay.report.sent == expected and replay.report.skipped == steps_of(ticks, INSTRUMENTS[4].token)
-    assert replay.report.given_up == 0
+    assert replay.report.given_up == 0 and replay.report.unarrived == 0
     return got, replay.report
 
 
