@@ -142,7 +142,8 @@ class Settings(BaseSettings):
                 readable = parts.port is not None or parts.netloc == "" or bool(parts.hostname)
             except ValueError:  # a port that is no number: part of a password, most often
                 readable = False
-            if not readable or (parts.netloc and not parts.hostname):
+            stray_at = "@" in parts.path + parts.query + parts.fragment and "@" not in parts.netloc
+            if not readable or (parts.netloc and not parts.hostname) or stray_at:
                 raise ValueError(
                     "cannot be read as a Redis URL (no host, or a port that is no number): a "
                     "password with '/', '?', '#' or '@' must be percent-encoded (%2F, %3F, %23, %40)"

@@ -289,7 +289,8 @@ def _bars(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    """``kitebus replay DIR``: exit 0 played to the end (or stopped by a signal), 2 bad input."""
+    """``kitebus replay DIR``: exit 0 played to the end (or stopped by a signal), 1 ticks lost
+    with a cut connection, 2 bad input."""
     from kitebus.replay import EmptyWindow, NamespaceTaken, Replay, load, parse_clock, parse_speed
 
     try:
@@ -320,7 +321,7 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"kitebus replay: {report.sent} ticks sent, {report.skipped} of unclaimed tokens skipped, "
           f"{report.given_up} given up by the publisher, {report.holes} stale periods, "
           f"{report.rate:,.0f} ticks/s", file=sys.stderr)  # fmt: skip
-    return 0
+    return 1 if report.unarrived else 0
 
 
 def _record(args: argparse.Namespace) -> int:

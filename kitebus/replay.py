@@ -16,6 +16,7 @@ subscriptions get the same ticks in the same order every time (docs/history.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import tempfile
@@ -35,6 +36,7 @@ from consumers.recorder import IST, read_events, read_recording
 from kitewire import codec
 from kitewire.instruments import write_csv
 from publisher.app import Publisher
+from publisher.lease import Lease
 from rediswire import bus
 from simulator.market import BY_TOKEN
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, PACKETS_PER_FRAME, Session, TickerServer
@@ -42,7 +44,7 @@ from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY, PACKETS_PER_
 log = logging.getLogger("kitebus.replay")
 Tick = dict[str, Any]
 POLL = 0.02  # seconds between looks at the simulator's sessions while waiting
-STANDSTILL = 10.0  # seconds without a tick reaching the publisher that end the final wait
+STANDSTILL = 10.0  # seconds without a sent tick reaching the publisher that end a wait for them
 
 
 class EmptyWindow(ValueError):
@@ -176,12 +178,38 @@ class Replay:
         self.ready = asyncio.Event()  # the publisher leads: strategies may claim now
         self.done = asyncio.Event()  # the last tick is published
         self._held: list[Tick] = []  # ticks of claimed tokens whose session is down, in order
+        self._handed = 0  # the sink's count of ticks handed in when playing began
         self._dropped: set[int] = set()  # sessions cut for a hole (their sockets close a moment later)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve, wait for a claim, play, wait until the last tick is published; then stop.
-        What it did is in ``report``."""
-        await self._check_namespace()
+        """Take the namespace's lease, start it afresh, serve, wait for a claim, play, wait
+        until the last tick is published; then stop. What it did is in ``report``."""
+        client = bus.connect(self.settings.redis_url, self.settings.redis_cluster)
+        lease = Lease(client, Keys(self.settings.namespace))
+        try:
+            if not await lease.acquire():
+                raise NamespaceTaken(
+                    f"namespace {self.settings.namespace!r} has a publisher of its own "
+                    f"({lease.key} is held): replay into another with --namespace"
+                )
+            try:
+                await self._fresh_namespace(client, lease.key)
+                await self._serve(stop, lease)
+            finally:
+                await lease.close(release=True)
+        finally:
+            await client.aclose()
+
+    async def _fresh_namespace(self, client: bus.Client, leader: str) -> None:
+        """No claim, snapshot or result of an earlier replay here: a replay waits for claims
+        made for it, and strategies see only its own ticks."""
+        ns = self.settings.namespace
+        kept = (leader, f"{ns}:leader_fence", f"{ns}:fence:")  # fence numbers never go back
+        async for key in client.scan_iter(match=f"{ns}:*", count=1000):
+            if not key.decode().startswith(kept):
+                await client.delete(key)
+
+    async def _serve(self, stop: asyncio.Event, lease: Lease) -> None:
         with tempfile.TemporaryDirectory(prefix="kitebus-replay-") as workdir:
             server = self.server = TickerServer(port=0, snapshots=False)
             server.paused = True
@@ -194,7 +222,8 @@ class Replay:
                     "kite_ws_url": server.url, "kite_api_key": SecretStr(DEFAULT_API_KEY),
                     "kite_access_token": SecretStr(DEFAULT_ACCESS_TOKEN), "kite_access_token_file": None,
                     "accounts": [], "instruments": instruments, "metrics_port": 0,
-                }))  # fmt: skip
+                }), lease=lease)  # fmt: skip
+                lease.start(self.publisher.health)
                 await self.publisher.start()
                 try:
                     self.ready.set()
@@ -224,19 +253,6 @@ class Replay:
         finally:
             await client.aclose()
 
-    async def _check_namespace(self) -> None:
-        keys = Keys(self.settings.namespace)
-        client = bus.connect(self.settings.redis_url, self.settings.redis_cluster)
-        try:
-            holder = await client.get(keys.leader)
-        finally:
-            await client.aclose()
-        if holder not in (None, b"released"):
-            raise NamespaceTaken(
-                f"namespace {self.settings.namespace!r} has a publisher of its own ({keys.leader} is held): "
-                "replay into another with --namespace"
-            )
-
     async def _play(self, stop: asyncio.Event) -> None:
         assert self.server is not None and self.publisher is not None
         if not self.subscribe:
@@ -244,44 +260,61 @@ class Replay:
         while not self._claimed() and not stop.is_set():
             await asyncio.sleep(POLL)
         sink = self.publisher.sink
-        handed = sink.queued + sink.unclaimed + sink.malformed
+        self._handed = sink.queued + sink.unclaimed + sink.malformed
         given_up = sink.conflated + sink.dropped
         first_at = self.ticks[0]["recorded_at_ns"]
         began = time.monotonic()
         holes = list(self.holes)
         for at, step in _steps(self.ticks):
-            if stop.is_set():
+            due = began + (at - first_at) / 1e9 / self.speed if self.speed is not None else None
+            if await self._send_held(stop, due) or (due is not None and await _stopped(stop, due)):
                 return
-            if self.speed is not None:
-                delay = began + (at - first_at) / 1e9 / self.speed - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
             while holes and holes[0].start <= at:
+                await self._all_arrived(stop)  # nothing sent is on its way when a session drops
                 self._open_hole(holes.pop(0))
             await self._send([*self._held, *step])
-        while self._held and not stop.is_set():  # a hole still open at the end: wait it out
+            await asyncio.sleep(0)  # the publisher shares this loop: it reads and writes too
+        if await self._send_held(stop, None):  # a hole still open at the end: wait it out
+            return
+        await self._all_arrived(stop)
+        while sink.buffered and not stop.is_set():  # and written to Redis
             await asyncio.sleep(POLL)
-            await self._send(self._held)
-        # the end: every tick sent has reached the publisher and been written; one that a
-        # connection cut on its way never arrives, so a long standstill ends the wait too
-        progress, still_since = -1, time.monotonic()
-        def arrived() -> int:
-            return sink.queued + sink.unclaimed + sink.malformed - handed
-
-        while arrived() < self.report.sent or sink.buffered:
-            if stop.is_set():
-                return
-            if arrived() != progress:
-                progress, still_since = arrived(), time.monotonic()
-            elif progress < self.report.sent and time.monotonic() - still_since > STANDSTILL:
-                self.report.unarrived = self.report.sent - progress
-                log.warning("replay: %d ticks sent never reached the publisher (a connection cut "
-                            "them on the way)", self.report.unarrived)  # fmt: skip
-                break
-            await asyncio.sleep(POLL)
+        if stop.is_set():
+            return
         self.report.seconds = time.monotonic() - began
         self.report.given_up = sink.conflated + sink.dropped - given_up
         self.done.set()
+
+    async def _send_held(self, stop: asyncio.Event, due: float | None) -> bool:
+        """Ticks waiting for a session go first: retried until none is left, or until the
+        next step is ``due`` (None: until none is left). Whether ``stop`` came."""
+        while self._held and (due is None or time.monotonic() < due):
+            if await _stopped(stop, time.monotonic() + POLL):
+                return True
+            await self._send(self._held)
+        return stop.is_set()
+
+    def _arrived(self) -> int:
+        assert self.publisher is not None
+        sink = self.publisher.sink
+        return sink.queued + sink.unclaimed + sink.malformed - self._handed
+
+    async def _all_arrived(self, stop: asyncio.Event) -> None:
+        """Wait until every tick sent has reached the publisher. One that a connection cut
+        on its way never arrives: ``STANDSTILL`` seconds without progress end the wait, the
+        shortfall counted in ``unarrived``."""
+        progress, still_since = -1, time.monotonic()
+        while (arrived := self._arrived()) < self.report.sent and not stop.is_set():
+            if arrived != progress:
+                progress, still_since = arrived, time.monotonic()
+            elif time.monotonic() - still_since > STANDSTILL:
+                lost = self.report.sent - arrived
+                self.report.unarrived += lost
+                self._handed -= lost  # counted once
+                log.warning("replay: %d ticks sent never reached the publisher (a connection cut "
+                            "them on the way)", lost)  # fmt: skip
+                return
+            await asyncio.sleep(POLL)
 
     def _claimed(self) -> bool:
         assert self.publisher is not None
@@ -289,10 +322,11 @@ class Replay:
         return any(token in in_force for token in self.report.tokens) and self._sessions_ready()
 
     def _sessions_ready(self) -> bool:
-        """Every claimed token is subscribed at some session (the publisher has told Kite)."""
+        """Every claimed token is subscribed at some session, in its mode in force (the
+        publisher has told Kite both)."""
         assert self.server is not None and self.publisher is not None
-        subscribed = {t for s in self.server.sessions for t in s.modes}
-        return all(t in subscribed for t in self.publisher.book.in_force)
+        subscribed = {(t, m) for s in self.server.sessions for t, m in s.modes.items()}
+        return all((t, m) in subscribed for t, m in self.publisher.book.in_force.items())
 
     def _open_hole(self, hole: Hole) -> None:
         assert self.server is not None
@@ -311,11 +345,11 @@ class Replay:
         """Each tick to the session that holds its token, in the mode in force there (at most
         the recorded one); a claimed token with no open session waits in ``_held``."""
         assert self.server is not None and self.publisher is not None
-        where: dict[int, Session] = {}
+        in_force = self.publisher.book.in_force
+        where: dict[int, Session] = {}  # a token's session, once Kite was told its mode in force
         for session in self.server.sessions:
             if session.id not in self._dropped and session.websocket.state is State.OPEN:
-                where.update(dict.fromkeys(session.modes, session))
-        in_force = self.publisher.book.in_force
+                where.update((t, session) for t, m in session.modes.items() if in_force.get(t) == m)
         out: dict[int, list[tuple[Tick, bytes]]] = {}
         held: list[Tick] = []
         for tick in ticks:
@@ -344,6 +378,13 @@ class Replay:
                 else:
                     self.report.sent += len(chunk)
         self._held = held
+
+
+async def _stopped(stop: asyncio.Event, until: float) -> bool:
+    """Sleep until ``until`` (monotonic) unless ``stop`` comes first; whether it came."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max(0.0, until - time.monotonic()))
+    return stop.is_set()
 
 
 def _steps(ticks: list[Tick]) -> Iterable[tuple[int, list[Tick]]]:

@@ -117,8 +117,12 @@ class Rebalancer:
                     except TimeoutError:
                         pass
             await asyncio.sleep(self.grace)  # the old connections' packets in flight
-        finally:
+        except asyncio.CancelledError:
             self._moves.forget(moves)
+            raise
+        # after a crash the moves stay: their old connections go on publishing until the
+        # restarted run takes them up again (forgotten, both would publish each tick)
+        self._moves.forget(moves)
         moved = [t for t in moves if self._book.placement.get(t) == moves[t][1]]
         await self._report(request, client, moved)
         self._finished = True

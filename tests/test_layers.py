@@ -102,6 +102,8 @@ def _reach(module: str) -> set[str]:
     while todo:
         name = todo.pop()
         path = ROOT / (name.replace(".", "/") + ".py")
+        if not path.exists():
+            path = ROOT / name.replace(".", "/") / "__init__.py"  # a package
         if name in read or not path.exists():
             continue  # read already, or a name imported from a module rather than a module
         read.add(name)

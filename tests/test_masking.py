@@ -61,7 +61,8 @@ def test_a_bad_redis_url_is_named_without_its_password() -> None:
 
 
 @pytest.mark.parametrize("url", ["redis://:hun/ter2@redis.example:6379/0", "redis://:hun#ter2@redis.example",
-                                 "redis://u:hun?ter2@redis.example/0", "redis://:12/34hunter2@redis.example"])
+                                 "redis://u:hun?ter2@redis.example/0", "redis://:12/34hunter2@redis.example",
+                                 "redis://u:1234/hunter2@redis.example/0"])
 def test_a_password_that_is_not_percent_encoded_is_refused_without_showing_it(url: str) -> None:
     """Read as it is, such a URL puts part of the password where the port or host goes: a
     client's error would show it. The settings refuse it first, and say how to write it."""

@@ -129,17 +129,21 @@ async def test_a_replay_gives_a_strategy_the_recorded_ticks_in_order_the_same_ev
     assert [t["last_price"] for t in first[CLAIMED[0]]] == [t["last_price"] for t in full]
 
 
+@pytest.mark.parametrize(("speed", "steps"), [(1.0, 40), (None, 2000)])
 async def test_a_recorded_stale_period_comes_back_as_one_and_no_tick_is_lost(
-    redis_url: str, tmp_path: Path
+    redis_url: str, tmp_path: Path, speed: float | None, steps: int
 ) -> None:
-    write_recording(tmp_path, steps=40, every_ns=25_000_000, stale=(10, 30))  # 1 s, 0.25 s to 0.75 s stale
+    # at speed 1: 1 s, stale from 0.25 s to 0.75 s; at max, the hole has many steps behind it
+    write_recording(tmp_path, steps=steps, every_ns=25_000_000, stale=(steps // 4, steps * 3 // 4))
     statuses: list[StreamStatus] = []
-    got, report = await play(redis_url, "replay3", tmp_path, "full", speed=1.0, statuses=statuses)
+    got, report = await play(redis_url, "replay3", tmp_path, "full", speed=speed, statuses=statuses)
     assert report.holes == 1
     seen = [(s.status) for s in statuses if CLAIMED[0] in s.tokens]
     assert "stale" in seen and seen[-1] == "live"  # stale while the hole lasts, then live again
-    recorded = [t for t in read_recording(tmp_path) if t["instrument_token"] == CLAIMED[0]]
-    assert [t["last_price"] for t in got[CLAIMED[0]]] == [t["last_price"] for t in recorded]
+    recorded = read_recording(tmp_path)
+    for token in CLAIMED:  # every token, those that shared the dropped session too
+        mine = [t for t in recorded if t["instrument_token"] == token]
+        assert [_stable(t) for t in got[token]] == [in_mode(t, RECORDED_MODES[token]) for t in mine]
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -194,11 +198,31 @@ def test_a_directory_with_no_recording_exits_2(redis_url: str, tmp_path: Path) -
         assert proc.returncode == 2 and says in err, err
 
 
-async def test_a_namespace_with_a_publisher_of_its_own_is_refused(
+async def test_a_namespace_another_replay_leads_is_refused_and_a_used_one_starts_afresh(
     redis_url: str, tmp_path: Path, rds: redis.Redis
 ) -> None:
     write_recording(tmp_path, steps=2, every_ns=1_000_000)
-    await rds.set("replay5:leader", "1:host:99")
-    proc = _cli(str(tmp_path), "--namespace", "replay5", env={**os.environ, "REDIS_URL": redis_url})
-    _, err = await asyncio.to_thread(proc.communicate, timeout=60)
-    assert proc.returncode == 2 and "has a publisher of its own" in err, err
+    ticks, holes = load(tmp_path, None, None)
+    first = Replay(replay_settings(redis_url, "replay5"), ticks, holes, speed=None, subscribe=True)
+    stop = asyncio.Event()
+    task = asyncio.create_task(first.run(stop))
+    try:
+        await asyncio.wait_for(first.done.wait(), 30)  # it claimed everything, played, serves on
+        proc = _cli(str(tmp_path), "--namespace", "replay5", env={**os.environ, "REDIS_URL": redis_url})
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+        assert proc.returncode == 2 and "has a publisher of its own" in err, err
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert await rds.exists("replay5:claims:replay")  # its standing claims outlive it...
+    second = Replay(replay_settings(redis_url, "replay5"), ticks, holes, speed=None)
+    stop = asyncio.Event()
+    task = asyncio.create_task(second.run(stop))
+    try:
+        await asyncio.wait_for(second.ready.wait(), 30)
+        assert not await rds.exists("replay5:claims:replay")  # ...until the next replay starts afresh
+        assert second.publisher is not None and second.publisher.book.claims == {}
+        assert second.report.sent == 0 and not second.done.is_set()  # waiting for a claim of its own
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
