@@ -217,7 +217,51 @@ def test_release_prunes_the_sequence_table_and_a_token_claimed_again_starts_at_o
     assert enc.tracked() == 0
 
 
-_COLLIDING = [*range(1, 17), *(k << 10 for k in range(1, 17))]  # multiples of 1024 share a home slot
+def _home(token: int, mask: int = 1023) -> int:
+    """The C table's home slot of a token (at its first size by default)."""
+    from kitewire import _speedups
+
+    return _speedups.home_slot(token, mask)  # type: ignore[no-any-return]
+
+
+# with the C path: 16 tokens with one home slot and 16 with another, long probe chains to
+# delete from; without it the test is skipped and any tokens do
+_COLLIDING = (
+    [t for t in range(1, 200_000) if _home(t) == 5][:16]
+    + [t for t in range(1, 200_000) if _home(t) == 6][:16]
+    if COMPILED is not None
+    else list(range(1, 33))
+)
+
+
+@needs_compiled
+def test_tokens_of_one_segment_spread_over_the_table() -> None:
+    """Tokens differ in their high bits (the segment is the low byte): none may cluster."""
+    tokens = [(n << 8) | 1 for n in range(1, 9001)]
+    homes = {_home(t, 16383) for t in tokens}  # the table's size for 9,000 tokens
+    assert len(homes) > 0.7 * len(tokens)  # a multiplicative hash of the low bits: 64 homes
+    enc = _fresh("compiled")
+    frame = _ltp(*tokens[:500])
+    assert _seqs(enc.encode(frame, 1, {})[0]) == [(t, 1) for t in tokens[:500]]
+
+
+@both_paths
+def test_a_cached_payload_someone_holds_is_never_changed(path: str) -> None:
+    """The compiled path overwrites a token's cached payload in place when nothing else
+    holds it; a payload the sink (or anyone) still holds must stay as it was."""
+    enc, latest = _fresh(path), {}
+    enc.encode(_ltp(5), 1, latest)
+    held = latest[5]
+    copy = bytes(held)
+    enc.encode(_ltp(5), 2, latest)
+    assert held == copy and msgpack.unpackb(held)["seq"] == 1
+    assert msgpack.unpackb(latest[5])["seq"] == 2
+    del held
+    hash(latest[5])  # bytes cache their hash: an overwrite in place must forget it
+    enc.encode(_ltp(5), 3, latest)
+    newest = latest[5]
+    assert msgpack.unpackb(newest)["seq"] == 3 and msgpack.unpackb(newest)["received_at_ns"] == 3
+    assert hash(newest) == hash(bytes(newest))  # the cached hash was reset with the bytes
 
 
 @needs_compiled
