@@ -165,6 +165,7 @@ class NullEncoder:
 def null_publisher_main(mode: str, tokens: int) -> None:
     from config import load_settings
     from publisher.app import Publisher
+    from publisher.memory import keep_freed_memory
     from rediswire.tasks import wait_for_stop_signal
 
     async def run() -> None:
@@ -173,6 +174,7 @@ def null_publisher_main(mode: str, tokens: int) -> None:
         await wait_for_stop_signal()
         await publisher.stop()
 
+    keep_freed_memory()  # as the publisher's main does
     asyncio.run(run())
 
 
