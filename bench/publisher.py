@@ -63,9 +63,11 @@ from kitewire.encoder import SPEEDUPS, frame_encoder
 from rediswire import bus, resp
 
 NS = "bench"
+FEEDS = {"prebuilt": "flood", "built": "built"}  # the feed's name -> its command to the feed process
 HERE = os.path.abspath(__file__)
 OI_OFFSET = 48  # the full packet's oi field carries the feed's send time (us, mod 2**32)
 OI_KEY = msgpack.packb("oi") + b"\xce"  # in the payload: the key, then a uint32
+OI_MARK = OI_KEY + b"\xfe\xed\xfa\xce"  # the latency probe's payloads: its stamp goes here
 
 
 # --- the feed process ------------------------------------------------------------------------
@@ -86,9 +88,10 @@ async def feed_main() -> None:
                 while sum(m == args[0] for s in server.sessions for m in s.modes.values()) < int(args[1]):
                     await asyncio.sleep(0.05)
                 reply = f"{len(server.sessions)}"
-            elif command == "flood":  # flood TICKS_PER_CONNECTION sequential|interleaved
+            elif command in ("flood", "built"):  # flood|built TICKS_PER_CONNECTION sequential|interleaved
                 started = time.perf_counter()
-                sent = await server.flood_line_rate(int(args[0]), sequential=args[1] == "sequential")
+                flood = server.flood_line_rate if command == "flood" else server.flood_built
+                sent = await flood(int(args[0]), sequential=args[1] == "sequential")
                 reply = f"{sent} {time.perf_counter() - started:.3f}"
             elif command == "steady":  # steady RATE SECONDS (full mode): send time in oi
                 reply = str(await steady(server, int(args[0]), float(args[1])))
@@ -127,13 +130,18 @@ async def steady(server, rate: int, seconds: float) -> int:
 class NullEncoder:
     """Prebuilt RESP per frame: as many PUBLISHes and HSET fields as the frame has packets,
     on the benchmark's own channels and fields in turn, each with the publisher's payload
-    (so Redis does the same work as for kitebus), and no per-tick work."""
+    (so Redis does the same work as for kitebus), and no per-tick work.
 
-    def __init__(self, payload: bytes, tokens: int) -> None:
+    ``stamped`` (the latency probe, full mode): each frame's chunk carries the send time the
+    feed stamped into its first packet's oi, in every payload (one ``bytes.replace`` a
+    frame: C speed, no Python per tick)."""
+
+    def __init__(self, payload: bytes, tokens: int, stamped: bool = False) -> None:
         self._payload = payload
         self._tokens = tokens
         self._next = 0
         self._chunks: dict[tuple[int, int], tuple[bytes, bytes]] = {}
+        self._stamped = stamped
 
     def encode(
         self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
@@ -148,6 +156,9 @@ class NullEncoder:
             publishes = b"".join(resp.command(command, keys.ticks(t), self._payload) for t in tokens)
             fields = b"".join(resp.bulk(b"%d" % t) + resp.bulk(self._payload) for t in tokens)
             chunk = self._chunks[(count, start)] = (publishes, fields)
+        if self._stamped and count:
+            stamp = OI_KEY + frame[4 + OI_OFFSET : 8 + OI_OFFSET]
+            return chunk[0].replace(OI_MARK, stamp), chunk[1].replace(OI_MARK, stamp), count, 0
         return chunk[0], chunk[1], count, 0
 
     unclaimed = 0  # the benchmark's ticks are all published, claimed or not
@@ -162,19 +173,20 @@ class NullEncoder:
         return 0
 
 
-def null_publisher_main(mode: str, tokens: int) -> None:
+def null_publisher_main(mode: str, tokens: int, stamped: bool) -> None:
     from config import load_settings
     from publisher.app import Publisher
-    from publisher.memory import keep_freed_memory
+    from publisher.memory import tune_memory
     from rediswire.tasks import wait_for_stop_signal
 
     async def run() -> None:
-        publisher = Publisher(load_settings(), encoder=NullEncoder(payload(mode), tokens))
+        encoder = NullEncoder(payload(mode, stamped), tokens, stamped)
+        publisher = Publisher(load_settings(), encoder=encoder)
         await publisher.start()
         await wait_for_stop_signal()
         await publisher.stop()
 
-    keep_freed_memory()  # as the publisher's main does
+    tune_memory()  # as the publisher's main does
     asyncio.run(run())
 
 
@@ -232,8 +244,9 @@ def consume(port: int, expected: int, idle: float, latency: bool, channels: list
             last = time.perf_counter()
             first = first or last
     delays.sort()
-    quantiles = [_quantile(delays, q) for q in (0.5, 0.99, 1.0)] if delays else []
-    print(json.dumps({"count": count, "window": last - first, "latency_ms": quantiles}), flush=True)
+    quantiles = [_quantile(delays, q) for q in (0.5, 0.99, 0.999, 1.0)] if delays else []
+    out = {"count": count, "window": last - first, "latency_ms": quantiles, "cpu": time.process_time()}
+    print(json.dumps(out), flush=True)
 
 
 # --- the driver --------------------------------------------------------------------------------------
@@ -338,27 +351,56 @@ async def bus_limit(run: Run, payload_size: int, cluster: LocalCluster | None) -
 
 async def burst(
     run: Run, feed: asyncio.subprocess.Process, pid: int, redis_pids: list[int], per_connection: int,
-    shape: str,
+    shape: str, kind: str,
 ) -> dict:
-    """One line-rate burst, counted at the consumer; CPU of the publisher and of Redis (all nodes)."""
+    """One burst (``kind``: "flood" from prebuilt frames, "built" packet by packet), counted
+    at the consumer; CPU of the publisher and of Redis (all nodes), and Redis's own time
+    per command (INFO commandstats, reset before the burst)."""
     before = await run.status()
     consumer = await run.consumer(per_connection * 3)
-    cpu, redis_cpu = cpu_seconds(pid), sum(map(cpu_seconds, redis_pids))
-    sent = int(float((await ask(feed, f"flood {per_connection} {shape}")).split()[0]))
+    await run.rds.config_resetstat()
+    cpu, redis_cpu, feed_cpu = cpu_seconds(pid), sum(map(cpu_seconds, redis_pids)), cpu_seconds(feed.pid)
+    consumer_cpu = cpu_seconds(consumer.pid)
+    started = time.perf_counter()
+    sent = int(float((await ask(feed, f"{kind} {per_connection} {shape}")).split()[0]))
+    feed_cpu = cpu_seconds(feed.pid) - feed_cpu
     got = await run.result(consumer)
+    wall = time.perf_counter() - started
     cpu, redis_cpu = cpu_seconds(pid) - cpu, sum(map(cpu_seconds, redis_pids)) - redis_cpu
+    # how busy the machine was: every process's CPU over the burst's length, of all cores
+    everyone = cpu + redis_cpu + feed_cpu + got["cpu"] - consumer_cpu
+    busy = everyone / wall / (os.cpu_count() or 1)
+    usec = await command_usec(run.rds)
     await asyncio.sleep(1.2)  # one status write, so the counters are current
     after = await run.status()
     return {
         "sent": sent, "received": got["count"], "cpu": cpu, "redis_cpu": redis_cpu,
-        "rate": got["count"] / max(got["window"], 1e-9), **{k: after[k] - before[k] for k in after},
+        "rate": got["count"] / max(got["window"], 1e-9), "busy": busy, **usec,
+        **{k: after[k] - before[k] for k in after},
     }  # fmt: skip
 
 
+async def command_usec(rds: bus.Client) -> dict[str, float]:
+    """Redis's microseconds inside PUBLISH (or SPUBLISH) and HSET since the last reset,
+    summed over the nodes: ``usec`` of INFO commandstats."""
+    stats = await rds.info("commandstats")
+    # a cluster client answers for each node
+    nodes = [stats] if any(k.startswith("cmdstat_") for k in stats) else list(stats.values())
+    out = {"publish_usec": 0.0, "hset_usec": 0.0, "hset_calls": 0}
+    for node in nodes:
+        for name, figures in node.items():
+            if name in ("cmdstat_publish", "cmdstat_spublish"):
+                out["publish_usec"] += float(figures["usec"])
+            elif name == "cmdstat_hset":
+                out["hset_usec"] += float(figures["usec"])
+                out["hset_calls"] += int(figures["calls"])
+    return out
+
+
 async def start_publisher(
-    kind: str, env: dict[str, str], mode: str, tokens: int
+    kind: str, env: dict[str, str], mode: str, tokens: int, stamped: bool = False
 ) -> asyncio.subprocess.Process:
-    null = [HERE, "--null-publisher", mode, "--tokens", str(tokens)]
+    null = [HERE, "--null-publisher", mode, "--tokens", str(tokens), *(["--stamped"] if stamped else [])]
     args = ["-m", "publisher"] if kind == "kitebus" else null
     return await asyncio.create_subprocess_exec(sys.executable, *args, env=env)
 
@@ -389,6 +431,7 @@ async def bench(args: argparse.Namespace) -> None:
     }  # fmt: skip
     control = ControlClient(rds, NS)
     modes = args.modes.split(",")
+    feeds = args.feeds.split(",")
     sizes = {m: len(payload(m)) for m in modes}
     per_connection = args.ticks // 3
     version = (await rds.info("server"))["redis_version"]
@@ -418,21 +461,32 @@ async def bench(args: argparse.Namespace) -> None:
                 assert result.ok, result.error
                 assert (await control.set_mode(tokens, mode, client="bench", timeout=60)).ok
                 await asyncio.wait_for(ask(feed, f"wait {mode} {args.tokens}"), 60)
-                for shape in ("sequential", "interleaved"):
-                    runs = [
-                        await burst(run, feed, publisher.pid, redis_pids, per_connection, shape)
-                        for _ in range(args.repeat)
-                    ]
-                    total = {k: sum(r[k] for r in runs) for k in runs[0] if k != "rate"}
-                    rows[(mode, shape, kind)] = {**total, "rates": sorted(r["rate"] for r in runs)}
-            if kind == "kitebus" and not args.skip_latency and "full" in modes:
+                for feed_kind in feeds:
+                    for shape in ("sequential", "interleaved"):
+                        runs = [
+                            await burst(
+                                run, feed, publisher.pid, redis_pids, per_connection, shape, FEEDS[feed_kind]
+                            )
+                            for _ in range(args.repeat)
+                        ]
+                        total = {k: sum(r[k] for r in runs) for k in runs[0] if k not in ("rate", "busy")}
+                        cpus = sorted(r["cpu"] / max(r["received"], 1) * 1e7 for r in runs)
+                        rows[(mode, feed_kind, shape, kind)] = {
+                            **total, "rates": sorted(r["rate"] for r in runs), "cpus": cpus,
+                            "busy": statistics.median(r["busy"] for r in runs),
+                        }
+            if not args.skip_latency and "full" in modes:
+                if kind == "null":  # the latency probe: the null publisher carrying each frame's stamp
+                    publisher.terminate()
+                    await publisher.wait()
+                    publisher = await start_publisher(kind, env, "full", args.tokens, stamped=True)
                 await control.set_mode(tokens, "full", client="bench", timeout=60)
                 await asyncio.wait_for(ask(feed, f"wait full {args.tokens}"), 60)
                 for rate in map(int, args.rates.split(",")):
                     consumer = await run.consumer(10**9, latency=True)
                     await ask(feed, f"steady {rate} {args.seconds}")
                     got = await run.result(consumer)
-                    rows[("latency", str(rate), kind)] = got
+                    rows[("latency", "", str(rate), kind)] = got
             if kind == "kitebus":
                 rss = peak_rss_mb(publisher.pid)
             publisher.terminate()
@@ -457,34 +511,48 @@ def report(rows: dict, limits: dict, modes: list[str], rss: float) -> None:
         bench_rate, consumer_rate = limits[mode]
         print(f"  {mode:6} {bench_rate:>10,.0f} PUBLISH/s sent, {consumer_rate:>10,.0f}/s at the consumer")
     print()
-    print(f"{'mode':6} {'burst':12} {'publisher':9} {'sent':>9} {'received':>9} "
+    print("feed: prebuilt = frames written from memory (the consumer sets the pace, CPU is left over);")
+    print("      built = every packet built from a fresh market tick as it is sent (CPU-bound: the")
+    print("      feed, the publisher, Redis and the consumer share the cores)")
+    print("cpu ms/10k: the publisher's CPU per 10k ticks received, median (min-max) of the bursts;")
+    print("x null: kitebus's median over the null publisher's; redis us/call: inside PUBLISH, HSET")
+    print()
+    print(f"{'mode':6} {'feed':8} {'burst':12} {'publisher':9} {'sent':>9} {'received':>9} "
           f"{'ticks/s (median, min-max)':>27} {'of null':>7} {'of bus':>7} {'dropped':>7} "
-          f"{'conflated':>9} {'after Redis':>11} {'cpu ms/10k':>10} {'redis ms/10k':>12}")  # fmt: skip
-    for (mode, shape, kind), r in rows.items():
+          f"{'conflated':>9} {'after Redis':>11} {'cpu ms/10k':>18} {'x null':>6} {'redis ms/10k':>12} "
+          f"{'redis us/call':>13} {'busy':>5}")  # fmt: skip
+    for (mode, feed, shape, kind), r in rows.items():
         if mode == "latency":
             continue
-        rates = r["rates"]
+        rates, cpus = r["rates"], r["cpus"]
         median = statistics.median(rates)
-        null = rows.get((mode, shape, "null"))
-        of_null = f"{median / statistics.median(null['rates']):.2f}" if null and kind == "kitebus" else ""
+        null = rows.get((mode, feed, shape, "null"))
+        of_null = cpu_x = ""
+        if null and kind == "kitebus":
+            of_null = f"{median / statistics.median(null['rates']):.2f}"
+            cpu_x = f"{statistics.median(cpus) / statistics.median(null['cpus']):.2f}"
         of_bus = f"{median / limits[mode][1]:.2f}"
         after_redis = r["sent"] - r["received"] - r["dropped"] - r["conflated"]
         spread = f"{median:,.0f} ({rates[0]:,.0f}-{rates[-1]:,.0f})"
-        print(f"{mode:6} {shape:12} {kind:9} {r['sent']:>9,} {r['received']:>9,} {spread:>27} "
+        cpu = f"{statistics.median(cpus):.1f} ({cpus[0]:.1f}-{cpus[-1]:.1f})"
+        publish_us = r["publish_usec"] / max(r["received"], 1)
+        per_call = f"{publish_us:.2f} {r['hset_usec'] / max(r['hset_calls'], 1):.0f}"
+        redis_ms = r["redis_cpu"] / max(r["received"], 1) * 1e7
+        print(f"{mode:6} {feed:8} {shape:12} {kind:9} {r['sent']:>9,} {r['received']:>9,} {spread:>27} "
               f"{of_null:>7} {of_bus:>7} {r['dropped']:>7,} {r['conflated']:>9,} {after_redis:>11,} "
-              f"{r['cpu'] / max(r['received'], 1) * 1e7:>10.1f} "
-              f"{r['redis_cpu'] / max(r['received'], 1) * 1e7:>12.1f}")  # fmt: skip
-    latency = [(k[1], r) for k, r in rows.items() if k[0] == "latency"]
+              f"{cpu:>18} {cpu_x:>6} {redis_ms:>12.1f} {per_call:>13} {r['busy']:>5.0%}")  # fmt: skip
+    latency = sorted((int(k[2]), k[3], r) for k, r in rows.items() if k[0] == "latency")
     if latency:
         print()
-        print("latency, feed send -> consumer receive, full mode (ms):")
-        for rate, r in latency:
+        print("latency, feed send -> consumer receive, full mode (ms); null = the null publisher")
+        print("carrying each frame's send stamp (prebuilt RESP, one bytes.replace a frame):")
+        for rate, kind, r in latency:
             if not r["count"]:
-                print(f"  {int(rate):>7,} ticks/s: nothing received")
+                print(f"  {rate:>7,} ticks/s {kind:8}: nothing received")
                 continue
-            p50, p99, top = r["latency_ms"]
-            print(f"  {int(rate):>7,} ticks/s: p50 {p50:.2f}  p99 {p99:.2f}  max {top:.2f}"
-                  f"  ({r['count']:,} ticks)")  # fmt: skip
+            p50, p99, p999, top = r["latency_ms"]
+            print(f"  {rate:>7,} ticks/s {kind:8}: p50 {p50:.2f}  p99 {p99:.2f}  p99.9 {p999:.2f}"
+                  f"  max {top:.2f}  ({r['count']:,} ticks)")  # fmt: skip
     print()
     print(f"publisher peak RSS {rss:.0f} MB")
 
@@ -493,18 +561,24 @@ def _quantile(sorted_us: list[int], q: float) -> float:
     return sorted_us[min(len(sorted_us) - 1, int(q * len(sorted_us)))] / 1000
 
 
-def _packet(mode: str) -> bytes:
+def _packet(mode: str, oi: int | None = None) -> bytes:
     from simulator.market import Market
 
-    return codec.encode_packet(Market(0).tick(408065, mode, int(time.time())))
+    tick = Market(0).tick(408065, mode, int(time.time()))
+    if oi is not None:
+        tick["oi"] = oi
+    return codec.encode_packet(tick)
 
 
-def payload(mode: str) -> bytes:
+def payload(mode: str, stamped: bool = False) -> bytes:
     """A payload of ``mode`` as the publisher sends it, from its own encoder (``seq`` and
-    ``epoch`` included): the null publisher sends it, the bus limit its size."""
+    ``epoch`` included): the null publisher sends it, the bus limit its size. ``stamped``:
+    its oi is ``OI_MARK``'s value, for the latency probe to replace."""
     latest: dict[int, bytes] = {}
     epoch = time.time_ns() // 1_000_000  # as the publisher's (publisher/app.py)
-    frame_encoder(b"", epoch=epoch).encode(codec.encode_frame([_packet(mode)]), time.time_ns(), latest)
+    packet = _packet(mode, int.from_bytes(OI_MARK[-4:], "big") if stamped else None)
+    frame_encoder(b"", epoch=epoch).encode(codec.encode_frame([packet]), time.time_ns(), latest)
+    assert not stamped or latest[408065].count(OI_MARK) == 1
     return latest[408065]
 
 
@@ -513,6 +587,7 @@ def main() -> None:
     parser.add_argument("--ticks", type=int, default=300_000, help="ticks per burst, over 3 connections")
     parser.add_argument("--tokens", type=int, default=9000)
     parser.add_argument("--modes", default="full,quote,ltp")
+    parser.add_argument("--feeds", default="prebuilt,built", help="prebuilt frames, packets built as sent")
     parser.add_argument("--rates", default="5000,20000,50000", help="steady rates for the latency runs")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each latency run")
     parser.add_argument("--repeat", type=int, default=3, help="bursts of each kind (median reported)")
@@ -522,6 +597,7 @@ def main() -> None:
     parser.add_argument("--channels-file", default="", help=argparse.SUPPRESS)
     parser.add_argument("--consume", nargs=2, type=int, metavar=("PORT", "EXPECTED"), help=argparse.SUPPRESS)
     parser.add_argument("--latency", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stamped", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--feed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--null-publisher", metavar="MODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -531,7 +607,7 @@ def main() -> None:
     elif args.feed:
         asyncio.run(feed_main())
     elif args.null_publisher:
-        null_publisher_main(args.null_publisher, args.tokens)
+        null_publisher_main(args.null_publisher, args.tokens, args.stamped)
     else:
         asyncio.run(bench(args))
 

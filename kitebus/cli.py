@@ -19,7 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config import Keys, Settings, SettingsError, load_settings
 from config.logs import configure_logging
-from publisher.memory import keep_freed_memory
+from publisher.memory import tune_memory
 from rediswire.tasks import run_until, run_until_signal, wait_for_stop_signal
 from simulator.server import DEFAULT_ACCESS_TOKEN, DEFAULT_API_KEY
 
@@ -309,7 +309,7 @@ def _replay(args: argparse.Namespace) -> int:
     print(f"kitebus replay: {len(ticks)} ticks of {tokens} tokens into namespace {args.namespace!r}"
           + ("" if args.subscribe else "; waiting for a strategy to claim one"), file=sys.stderr)  # fmt: skip
     try:
-        keep_freed_memory()  # the process runs a publisher
+        tune_memory()  # the process runs a publisher
         run_until_signal(replay.run)
     except NamespaceTaken as exc:
         print(f"kitebus replay: {exc}", file=sys.stderr)
@@ -381,7 +381,7 @@ def _demo(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging("WARNING")  # the screen is the demo's output
 
-    keep_freed_memory()  # the process runs a publisher
+    tune_memory()  # the process runs a publisher
     run_until_signal(lambda stop: run_demo(settings, stop, args.duration))
     return 0
 

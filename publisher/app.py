@@ -41,7 +41,7 @@ from publisher.health import Health
 from publisher.instruments import InstrumentsLoader
 from publisher.lease import Lease
 from publisher.live import LiveWatch
-from publisher.memory import keep_freed_memory
+from publisher.memory import tune_memory
 from publisher.monitor import Monitor
 from publisher.moves import Moves
 from publisher.order_feed import OrderFeed
@@ -321,7 +321,7 @@ def main() -> int:
         print(f"kitebus: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    keep_freed_memory()
+    tune_memory()
     try:
         run_until_signal(lambda stop: run(settings, stop))
     except PublisherFailed as exc:

@@ -17,6 +17,7 @@ import itertools
 import json
 import logging
 import random
+import struct
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -479,6 +480,44 @@ class TickerServer:
         if sequential:
             return sum([await self._write_raw(*item) for item in wire])
         return sum(await asyncio.gather(*(self._write_raw(*item) for item in wire)))
+
+    async def flood_built(self, ticks: int, *, sequential: bool = True, packets_per_frame: int = 500) -> int:
+        """The CPU-bound flood: as ``flood_line_rate``, but every packet is built as it is
+        sent (a copy of the token's packet with a new last price, and the frame and its
+        WebSocket header assembled around it, about a microsecond of CPU a packet) so that
+        the feed competes for the cores as a real network stack and the other processes
+        on a box do. Returns ticks sent."""
+        targets = [s for s in self.sessions if s.modes]
+        if sequential:
+            return sum([await self._write_built(s, ticks, packets_per_frame) for s in targets])
+        return sum(await asyncio.gather(*(self._write_built(s, ticks, packets_per_frame) for s in targets)))
+
+    async def _write_built(self, session: Session, ticks: int, per_frame: int) -> int:
+        now = int(time.time())
+        pool = [codec.encode_packet(self.market.tick(t, m, now)) for t, m in session.modes.items()]
+        price = struct.Struct(">i")  # the last price follows the token in every layout
+        sent = 0
+        session.flooding = True
+        try:
+            while sent < ticks:
+                size = min(per_frame, ticks - sent)
+                packets = []
+                for i in range(sent, sent + size):
+                    packet = bytearray(pool[i % len(pool)])
+                    price.pack_into(packet, 4, 100_000 + i % 5_000)
+                    packets.append(packet)
+                (chunk,), _ = _websocket_frames([(codec.encode_frame(packets), size)], chunk=0)
+                session.websocket.transport.write(chunk)
+                await session.websocket.drain()
+                sent += size
+        except (ConnectionClosed, ConnectionError) as exc:
+            log.warning("built flood cut short session=%d close=%s", session.id, exc)
+            return 0
+        finally:
+            session.flooding = False
+            session.last_sent = time.monotonic()
+        session.sent_ticks += sent
+        return sent
 
     async def _write_raw(self, session: Session, chunks: list[bytes], ticks: int) -> int:
         session.flooding = True

@@ -21,3 +21,9 @@ def test_the_thresholds_are_fixed_on_glibc_and_nothing_fails_elsewhere() -> None
 def test_a_c_library_without_mallopt_changes_nothing(monkeypatch) -> None:
     monkeypatch.setattr(memory.ctypes.util, "find_library", lambda name: "libkitebus-no-such-library.so")
     assert memory.keep_freed_memory() is False
+
+
+def test_the_objects_of_start_are_frozen_out_of_the_collectors_way() -> None:
+    code = "import gc; from publisher.memory import tune_memory; tune_memory(); print(gc.get_freeze_count())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(out.stdout) > 1000  # the imported modules' objects, at least

@@ -173,12 +173,14 @@ async def test_flood_delivers_the_requested_ticks(server) -> None:
         assert await flood >= 20_000
 
 
+@pytest.mark.parametrize("kind", ["prebuilt", "built"])
 @pytest.mark.parametrize("sequential", [True, False], ids=["sequential", "interleaved"])
 async def test_line_rate_flood_delivers_whole_frames_and_waiting_sockets_keep_their_heartbeats(
-    server, sequential: bool
+    server, sequential: bool, kind: str
 ) -> None:
-    """Two connections: every tick of the line-rate flood arrives intact on each, and while
-    one floods, the other still hears heartbeats (Kite's idle signal) or flood frames."""
+    """Two connections: every tick of the line-rate flood (from prebuilt frames, or built
+    packet by packet as it goes) arrives intact on each, and while one floods, the other
+    still hears heartbeats (Kite's idle signal) or flood frames."""
     tokens = [[t << 8 | 1 for t in range(1, 301)], [t << 8 | 1 for t in range(301, 601)]]
     per_connection = 30_000
     async with connect(_url(server), max_size=None) as a, connect(_url(server), max_size=None) as b:
@@ -187,6 +189,8 @@ async def test_line_rate_flood_delivers_whole_frames_and_waiting_sockets_keep_th
         async with asyncio.timeout(5):
             while sorted(len(s.modes) for s in server.sessions) != [300, 300]:
                 await asyncio.sleep(0.01)
+
+        prices: set[float] = set()
 
         async def count(ws) -> tuple[int, float]:
             received, longest_gap, last = 0, 0.0, time.monotonic()
@@ -199,12 +203,16 @@ async def test_line_rate_flood_delivers_whole_frames_and_waiting_sockets_keep_th
                     assert malformed == 0
                     if len(ticks) == 500:  # the flood's frames; the market's hold at most 300
                         received += len(ticks)
+                        prices.update(t["last_price"] for t in ticks)
             return received, longest_gap
 
         async with asyncio.timeout(60):
-            flood = asyncio.create_task(server.flood_line_rate(per_connection, sequential=sequential))
+            send = server.flood_line_rate if kind == "prebuilt" else server.flood_built
+            flood = asyncio.create_task(send(per_connection, sequential=sequential))
             counts = await asyncio.gather(count(a), count(b))
             assert await flood == 2 * per_connection
+        if kind == "built":  # each packet made as it went: a new last price each time
+            assert len(prices) >= 5_000
         for received, longest_gap in counts:
             assert received == per_connection
             assert longest_gap < 3 * server.heartbeat_interval + 1  # never silent for long
