@@ -37,11 +37,16 @@ typedef struct {
 } Layout;
 
 /* token -> last sequence number given, and the token's int object (made once, so the
- * per-tick dict lookups allocate nothing): open addressing, linear probing */
+ * per-tick dict lookups allocate nothing): open addressing, linear probing, one entry per
+ * cache line's third (a lookup touches one line) */
 typedef struct {
-    uint32_t *tokens;
-    uint64_t *seqs; /* 0 marks an empty slot: a given sequence number is at least 1 */
-    PyObject **keys; /* owned references */
+    PyObject *key; /* owned reference; NULL marks an empty slot */
+    uint64_t seq;
+    uint32_t token;
+} SeqEntry;
+
+typedef struct {
+    SeqEntry *entries;
     size_t mask, used;
 } SeqTable;
 
@@ -59,51 +64,36 @@ static inline size_t seq_home(uint32_t token, size_t mask) {
 
 /* Rehash into ``size`` slots (a power of two, at least twice the tokens held). */
 static int seq_resize(SeqTable *t, size_t size) {
-    uint32_t *tokens = PyMem_Calloc(size, sizeof(uint32_t));
-    uint64_t *seqs = PyMem_Calloc(size, sizeof(uint64_t));
-    PyObject **keys = PyMem_Calloc(size, sizeof(PyObject *));
-    if (tokens == NULL || seqs == NULL || keys == NULL) {
-        PyMem_Free(tokens);
-        PyMem_Free(seqs);
-        PyMem_Free(keys);
+    SeqEntry *entries = PyMem_Calloc(size, sizeof(SeqEntry));
+    if (entries == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t i = 0; t->tokens && i <= t->mask; i++) {
-        if (t->seqs[i] == 0) continue;
-        size_t j = seq_home(t->tokens[i], size - 1);
-        while (seqs[j] != 0) j = (j + 1) & (size - 1);
-        tokens[j] = t->tokens[i];
-        seqs[j] = t->seqs[i];
-        keys[j] = t->keys[i];
+    for (size_t i = 0; t->entries && i <= t->mask; i++) {
+        if (t->entries[i].key == NULL) continue;
+        size_t j = seq_home(t->entries[i].token, size - 1);
+        while (entries[j].key != NULL) j = (j + 1) & (size - 1);
+        entries[j] = t->entries[i];
     }
-    PyMem_Free(t->tokens);
-    PyMem_Free(t->seqs);
-    PyMem_Free(t->keys);
-    t->tokens = tokens;
-    t->seqs = seqs;
-    t->keys = keys;
+    PyMem_Free(t->entries);
+    t->entries = entries;
     t->mask = size - 1;
     return 0;
 }
 
 static void seq_clear(SeqTable *t) {
-    for (size_t i = 0; t->tokens && i <= t->mask; i++) Py_XDECREF(t->keys[i]);
-    PyMem_Free(t->tokens);
-    PyMem_Free(t->seqs);
-    PyMem_Free(t->keys);
-    t->tokens = NULL;
-    t->seqs = NULL;
-    t->keys = NULL;
+    for (size_t i = 0; t->entries && i <= t->mask; i++) Py_XDECREF(t->entries[i].key);
+    PyMem_Free(t->entries);
+    t->entries = NULL;
     t->mask = t->used = 0;
 }
 
 /* The slot holding ``token``, or -1. */
 static inline Py_ssize_t seq_find(const SeqTable *t, uint32_t token) {
-    if (t->tokens == NULL) return -1;
+    if (t->entries == NULL) return -1;
     size_t i = seq_home(token, t->mask);
-    while (t->seqs[i] != 0) {
-        if (t->tokens[i] == token) return (Py_ssize_t)i;
+    while (t->entries[i].key != NULL) {
+        if (t->entries[i].token == token) return (Py_ssize_t)i;
         i = (i + 1) & t->mask;
     }
     return -1;
@@ -112,16 +102,15 @@ static inline Py_ssize_t seq_find(const SeqTable *t, uint32_t token) {
 /* Add ``token`` (not in the table) with its int object ``key`` (the reference is stolen);
  * its slot, or -1 on a memory error. */
 static Py_ssize_t seq_insert(SeqTable *t, uint32_t token, PyObject *key) {
-    if (t->tokens == NULL || (t->used + 1) * 2 > t->mask + 1) {
-        if (seq_resize(t, t->tokens ? (t->mask + 1) * 2 : 1024) < 0) {
+    if (t->entries == NULL || (t->used + 1) * 2 > t->mask + 1) {
+        if (seq_resize(t, t->entries ? (t->mask + 1) * 2 : 1024) < 0) {
             Py_DECREF(key);
             return -1;
         }
     }
     size_t i = seq_home(token, t->mask);
-    while (t->seqs[i] != 0) i = (i + 1) & t->mask;
-    t->tokens[i] = token;
-    t->keys[i] = key;
+    while (t->entries[i].key != NULL) i = (i + 1) & t->mask;
+    t->entries[i] = (SeqEntry){key, 0, token};
     t->used++;
     return (Py_ssize_t)i;
 }
@@ -131,23 +120,19 @@ static void seq_remove(SeqTable *t, uint32_t token) {
     Py_ssize_t found = seq_find(t, token);
     if (found < 0) return;
     size_t i = (size_t)found;
-    Py_DECREF(t->keys[i]);
+    Py_DECREF(t->entries[i].key);
     t->used--;
     for (size_t j = i;;) {
         j = (j + 1) & t->mask;
-        if (t->seqs[j] == 0) break;
-        size_t home = seq_home(t->tokens[j], t->mask);
+        if (t->entries[j].key == NULL) break;
+        size_t home = seq_home(t->entries[j].token, t->mask);
         /* the entry at j may move to the hole at i unless its home lies in (i, j] */
         int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
         if (stays) continue;
-        t->tokens[i] = t->tokens[j];
-        t->seqs[i] = t->seqs[j];
-        t->keys[i] = t->keys[j];
+        t->entries[i] = t->entries[j];
         i = j;
     }
-    t->tokens[i] = 0;
-    t->seqs[i] = 0;
-    t->keys[i] = NULL;
+    t->entries[i] = (SeqEntry){NULL, 0, 0};
 }
 
 typedef struct {
@@ -362,6 +347,9 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         Layout *l = length < MAX_LENGTH ? self->layouts[length] : NULL;
         if (l == NULL) { malformed++; continue; }
         ticks++;
+        /* the token's table entry, on its way to the cache by the time pass 2 needs it */
+        if (self->seqs.entries != NULL)
+            __builtin_prefetch(&self->seqs.entries[seq_home(be32(frame + pos - length), self->seqs.mask)]);
         bound += self->command_len + 24 + self->prefix_len + l->bulk_header_len + l->payload_len + 2;
         fields_bound += 20 + l->bulk_header_len + l->payload_len + 2;
     }
@@ -391,7 +379,7 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         }
         uint32_t token = (uint32_t)vals[0];
         Py_ssize_t slot = seq_find(&self->seqs, token);
-        PyObject *key = slot >= 0 ? self->seqs.keys[slot] : PyLong_FromUnsignedLong(token);
+        PyObject *key = slot >= 0 ? self->seqs.entries[slot].key : PyLong_FromUnsignedLong(token);
         if (key == NULL) goto done;
         if (self->claimed != NULL) {
             /* the book's placement, a dict: skip the abstract protocol's dispatch */
@@ -405,7 +393,7 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
             }
         }
         if (slot < 0 && (slot = seq_insert(&self->seqs, token, key)) < 0) goto done;
-        uint64_t seq = ++self->seqs.seqs[slot]; /* key is now the table's (borrowed here) */
+        uint64_t seq = ++self->seqs.entries[slot].seq; /* key is now the table's (borrowed here) */
         ticks++;
         /* every value a slot can take, as the bits it is written with */
         double div = divisor_of(token);
@@ -509,7 +497,7 @@ static PyObject *Encoder_release(Encoder *self, PyObject *tokens) {
     if (PyErr_Occurred()) return NULL;
     SeqTable *t = &self->seqs;
     /* give memory back once the table is mostly empty (never below the first size) */
-    size_t size = t->tokens ? t->mask + 1 : 0;
+    size_t size = t->entries ? t->mask + 1 : 0;
     if (size > 1024 && t->used * 8 < size) {
         size_t smaller = 1024;
         while (smaller < t->used * 4) smaller *= 2;
