@@ -42,6 +42,7 @@ typedef struct {
 typedef struct {
     PyObject *key; /* owned reference; NULL marks an empty slot */
     uint64_t seq;
+    uint64_t claimed_at; /* the claimed dict's version when the token was last found in it */
     uint32_t token;
 } SeqEntry;
 
@@ -110,7 +111,7 @@ static Py_ssize_t seq_insert(SeqTable *t, uint32_t token, PyObject *key) {
     }
     size_t i = seq_home(token, t->mask);
     while (t->entries[i].key != NULL) i = (i + 1) & t->mask;
-    t->entries[i] = (SeqEntry){key, 0, token};
+    t->entries[i] = (SeqEntry){key, 0, 0, token};
     t->used++;
     return (Py_ssize_t)i;
 }
@@ -132,7 +133,7 @@ static void seq_remove(SeqTable *t, uint32_t token) {
         t->entries[i] = t->entries[j];
         i = j;
     }
-    t->entries[i] = (SeqEntry){NULL, 0, 0};
+    t->entries[i] = (SeqEntry){NULL, 0, 0, 0};
 }
 
 typedef struct {
@@ -293,6 +294,18 @@ static inline char *put_uint(char *out, uint64_t v) {
     return out;
 }
 
+/* The version of the claimed container: CPython (before 3.12) gives every dict a tag that
+ * changes with each insertion, deletion or update, so a token found claimed under a tag is
+ * still claimed while the tag stands, and its lookup can be skipped. 0: no such tag (any
+ * other container, or a Python without it): look up every time. */
+static inline uint64_t claimed_version(PyObject *claimed) {
+#if PY_VERSION_HEX < 0x030C0000
+    if (claimed != NULL && PyDict_CheckExact(claimed)) return ((PyDictObject *)claimed)->ma_version_tag;
+#endif
+    (void)claimed;
+    return 0;
+}
+
 /* latest[key] = payload. The value before is overwritten in place when the dict holds the
  * only reference to it and it has the same length (a token's payloads in one mode all
  * do): no allocation, free or insertion per tick. Bytes are immutable to whoever can see
@@ -362,6 +375,7 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     char *fout = PyBytes_AS_STRING(fields);
 
     /* Pass 2: write each known packet's payload and its PUBLISH. */
+    uint64_t version = claimed_version(self->claimed); /* nothing below changes the dict */
     uint64_t vals[2 * MAX_FIELDS + 5]; /* raw fields, prices, then the derived values */
     pos = 2;
     Py_ssize_t known = ticks;
@@ -381,7 +395,8 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         Py_ssize_t slot = seq_find(&self->seqs, token);
         PyObject *key = slot >= 0 ? self->seqs.entries[slot].key : PyLong_FromUnsignedLong(token);
         if (key == NULL) goto done;
-        if (self->claimed != NULL) {
+        int known_claimed = slot >= 0 && version != 0 && self->seqs.entries[slot].claimed_at == version;
+        if (self->claimed != NULL && !known_claimed) {
             /* the book's placement, a dict: skip the abstract protocol's dispatch */
             int claimed = PyDict_CheckExact(self->claimed) ? PyDict_Contains(self->claimed, key)
                                                             : PySequence_Contains(self->claimed, key);
@@ -393,6 +408,7 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
             }
         }
         if (slot < 0 && (slot = seq_insert(&self->seqs, token, key)) < 0) goto done;
+        self->seqs.entries[slot].claimed_at = version;
         uint64_t seq = ++self->seqs.entries[slot].seq; /* key is now the table's (borrowed here) */
         ticks++;
         /* every value a slot can take, as the bits it is written with */

@@ -200,6 +200,25 @@ def test_packets_of_unclaimed_tokens_are_counted_and_not_encoded(path: str) -> N
 
 
 @both_paths
+def test_a_claim_dropped_from_the_books_dict_stops_its_packets_at_once(path: str) -> None:
+    """The book's placement is a dict; the compiled path skips the lookup of a token found
+    claimed while the dict is unchanged, so any change must be seen at the next packet."""
+    enc, latest = _fresh(path), {}
+    claimed = {1: 0, 2: 1, 3: 2}
+    enc.set_claimed(claimed)
+    for _ in range(3):  # claimed under this version of the dict
+        assert enc.encode(_ltp(1, 2, 3), 5, latest)[2] == 3
+    del claimed[2]  # released, before the encoder is told (the monitor's prune comes later)
+    resp, _, count, _ = enc.encode(_ltp(1, 2, 3), 6, latest)
+    assert (count, enc.unclaimed) == (2, 1) and _seqs(resp) == [(1, 4), (3, 4)]
+    claimed[2] = 0  # claimed again
+    claimed[1] = 2  # moved to another connection: still claimed
+    assert _seqs(enc.encode(_ltp(1, 2, 3), 7, latest)[0]) == [(1, 5), (2, 4), (3, 5)]
+    claimed.clear()
+    assert enc.encode(_ltp(1, 2, 3), 8, latest)[2] == 0 and enc.unclaimed == 4
+
+
+@both_paths
 def test_release_prunes_the_sequence_table_and_a_token_claimed_again_starts_at_one(path: str) -> None:
     enc = _fresh(path)
     tokens = list(range(1, 5001))  # past the C table's first size: it grows, then shrinks
@@ -270,14 +289,16 @@ def test_a_cached_payload_someone_holds_is_never_changed(path: str) -> None:
 def test_compiled_and_python_agree_across_releases_and_claims(steps) -> None:
     """Deletion from the C table's open addressing keeps every other token's place."""
     python, compiled = _fresh("python"), _fresh("compiled")
-    claimed: set[int] = set(_COLLIDING[::2])
+    claimed: dict[int, int] = dict.fromkeys(_COLLIDING[::2], 0)  # a dict, as the book's placement is
     for enc in (python, compiled):
         enc.set_claimed(claimed)
     for release, tokens in steps:
         if release:
             for enc in (python, compiled):
                 enc.release(tokens)
-            claimed.symmetric_difference_update(tokens[:2])
+            for token in tokens[:2]:
+                if claimed.pop(token, None) is None:
+                    claimed[token] = 0
         else:
             frame = _ltp(*tokens)
             assert python.encode(frame, 3, {}) == compiled.encode(frame, 3, {})
