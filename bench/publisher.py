@@ -1,21 +1,28 @@
 """End to end at line rate: a Kite-protocol feed -> publisher -> real Redis -> a consumer.
 
     .venv/bin/python bench/publisher.py [--ticks 300000] [--modes full,quote,ltp]
-                                        [--rates 5000,20000,50000] [--skip-null] [--skip-latency]
-                                        [--cluster]
+                                        [--feeds prebuilt,built] [--rates 5000,20000,50000]
+                                        [--repeat 3] [--skip-null] [--skip-latency] [--cluster]
 
-Every part is a process of its own: the feed (the simulator, flooding from prebuilt
-WebSocket frames written straight to the sockets), the publisher, a private redis-server,
-and a consumer that PSUBSCRIBEs ``{ns}:ticks:*``. Printed, all from the same run:
+Every part is a process of its own: the feed (the simulator), the publisher, a private
+redis-server, and a consumer that PSUBSCRIBEs ``{ns}:ticks:*``. Printed, all from the same run:
 
 * the bus limit: ``redis-benchmark`` PUBLISHing payloads of the same size with the same
   consumer attached (what Redis and one consumer carry on this machine);
-* per mode and burst shape (connection after connection, and all three at once), the
-  rate at the consumer for kitebus and for a null publisher (the same sockets and asyncio
-  plumbing writing a prebuilt RESP chunk per frame, no per-tick work: the ceiling of any
-  design with this plumbing), kitebus as a fraction of each, loss counted at the consumer
-  and split by where it happened, publisher CPU per 10k ticks;
-* latency from the feed's send to the consumer's receive at steady rates (p50/p99/max);
+* per mode, feed and burst shape (connection after connection, and all three at once),
+  the rate at the consumer for kitebus and for a null publisher (the same sockets and
+  asyncio plumbing writing a prebuilt RESP chunk per frame, no per-tick work: the ceiling
+  of any design with this plumbing), kitebus as a fraction of each, loss counted at the
+  consumer and split by where it happened, publisher CPU per 10k ticks (median and
+  min-max of the bursts) and kitebus's over the null's, Redis's CPU per 10k ticks and its
+  microseconds per PUBLISH and per HSET (``INFO commandstats``), and how busy the machine
+  was (every process's CPU over the burst's wall time, of all cores). Two feeds:
+  ``prebuilt`` writes frames prepared up front (the consumer sets the pace; CPU is left
+  over), ``built`` builds every packet as it sends it (CPU-bound: feed, publisher, Redis
+  and consumer share the cores, so the publisher's CPU per tick is the rate);
+* latency from the feed's send to the consumer's receive at steady rates (p50, p99,
+  p99.9, max), for kitebus and for the null publisher carrying each frame's send stamp
+  (the probe), and for kitebus the part after the publisher read the tick;
 * the publisher's peak RSS.
 
 The private Redis runs with ``client-output-buffer-limit pubsub 0 0 0``: one consumer of
@@ -68,6 +75,7 @@ HERE = os.path.abspath(__file__)
 OI_OFFSET = 48  # the full packet's oi field carries the feed's send time (us, mod 2**32)
 OI_KEY = msgpack.packb("oi") + b"\xce"  # in the payload: the key, then a uint32
 OI_MARK = OI_KEY + b"\xfe\xed\xfa\xce"  # the latency probe's payloads: its stamp goes here
+RECEIVED_KEY = msgpack.packb("received_at_ns") + b"\xcf"  # then the publisher's read time, a uint64
 
 
 # --- the feed process ------------------------------------------------------------------------
@@ -213,6 +221,7 @@ def consume(port: int, expected: int, idle: float, latency: bool, channels: list
         selector.register(sock, selectors.EVENT_READ)
     count, first, last = 0, 0.0, 0.0
     delays: list[int] = []
+    afters: list[int] = []
     while count < expected:
         ready = selector.select(idle)
         if not ready:
@@ -236,6 +245,12 @@ def consume(port: int, expected: int, idle: float, latency: bool, channels: list
                         delay = (now - int.from_bytes(payload[at : at + 4], "big")) & 0xFFFFFFFF
                         if delay < 60_000_000:  # else a tick of the market's own, not stamped by the feed
                             delays.append(delay)
+                            # and the part after the publisher read it (its received_at_ns)
+                            at = payload.find(RECEIVED_KEY) + len(RECEIVED_KEY)
+                            received = int.from_bytes(payload[at : at + 8], "big") // 1000 & 0xFFFFFFFF
+                            after = (now - received) & 0xFFFFFFFF
+                            if after <= delay:  # else a prebuilt payload's (the null publisher's)
+                                afters.append(after)
                 else:
                     confirmations -= 1
                     if confirmations == 0:
@@ -243,9 +258,11 @@ def consume(port: int, expected: int, idle: float, latency: bool, channels: list
         if count > before:
             last = time.perf_counter()
             first = first or last
-    delays.sort()
-    quantiles = [_quantile(delays, q) for q in (0.5, 0.99, 0.999, 1.0)] if delays else []
-    out = {"count": count, "window": last - first, "latency_ms": quantiles, "cpu": time.process_time()}
+    quantiles = _quantiles(delays)
+    out = {
+        "count": count, "window": last - first, "latency_ms": quantiles, "after_ms": _quantiles(afters),
+        "cpu": time.process_time(),
+    }  # fmt: skip
     print(json.dumps(out), flush=True)
 
 
@@ -553,8 +570,18 @@ def report(rows: dict, limits: dict, modes: list[str], rss: float) -> None:
             p50, p99, p999, top = r["latency_ms"]
             print(f"  {rate:>7,} ticks/s {kind:8}: p50 {p50:.2f}  p99 {p99:.2f}  p99.9 {p999:.2f}"
                   f"  max {top:.2f}  ({r['count']:,} ticks)")  # fmt: skip
+            if r.get("after_ms"):
+                p50, p99, p999, top = r["after_ms"]
+                print(f"  {'':>7}  of which publisher read -> consumer: p50 {p50:.2f}  p99 {p99:.2f}"
+                      f"  p99.9 {p999:.2f}  max {top:.2f}")  # fmt: skip
     print()
     print(f"publisher peak RSS {rss:.0f} MB")
+
+
+def _quantiles(us: list[int]) -> list[float]:
+    """p50, p99, p99.9 and max in ms ([] for no values)."""
+    us.sort()
+    return [_quantile(us, q) for q in (0.5, 0.99, 0.999, 1.0)] if us else []
 
 
 def _quantile(sorted_us: list[int], q: float) -> float:
