@@ -16,6 +16,8 @@ setup(
             # No fused multiply-add: the price and change arithmetic must round exactly as Python's.
             extra_compile_args=["-O2", "-ffp-contract=off"],
         ),
-        Extension("consumers._speedups", ["consumers/_speedups.c"], optional=True, extra_compile_args=["-O2"]),
+        Extension(
+            "consumers._speedups", ["consumers/_speedups.c"], optional=True, extra_compile_args=["-O2"]
+        ),
     ]
 )
