@@ -2,7 +2,7 @@
 # and the other commands by argument. No secret is baked in: KITE_API_KEY and the access
 # token (or KITE_ACCESS_TOKEN_FILE on a mounted volume) come at run time.
 
-# Build stage: a compiler, so the C hot path (kitewire/_speedups.c) is built.
+# Build stage: a compiler, so the C hot paths (kitewire/_speedups.c, consumers/_speedups.c) are built.
 FROM python:3.11-slim AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
@@ -17,7 +17,7 @@ COPY simulator simulator
 COPY consumers consumers
 COPY kitebus kitebus
 RUN pip install --no-cache-dir --prefix=/install . \
-    && python -c "import sys; sys.path.insert(0, '/install/lib/python3.11/site-packages'); import kitewire._speedups"
+    && python -c "import sys; sys.path.insert(0, '/install/lib/python3.11/site-packages'); import kitewire._speedups, consumers._speedups"
 
 # Runtime: no compiler, a user of its own.
 FROM python:3.11-slim

@@ -29,6 +29,9 @@ from rediswire.tasks import cancel_and_wait
 
 Message = tuple[bytes, bytes]  # (channel, data)
 SUBSCRIBE_BATCH = 1000  # channels per SUBSCRIBE command
+# hiredis moves what is left of its buffer down every 1 KB it parses: fed 1 MB at once it
+# costs ~5 us a tick message, fed 16 KB at a time ~0.3 us
+FEED_SIZE = 16 << 10
 
 
 def url_of(client: bus.Client) -> str:
@@ -169,23 +172,33 @@ class FastPubSub:
         self._confirmed.set()
 
     def _parse(self, data: bytes) -> None:
-        self._replies.feed(data)
+        replies, gets, ready, message = self._replies, self._replies.gets, self._ready, self._message
         arrived = confirmed = False
-        for reply in self._replies:
-            if resp.is_error(reply):
-                raise RespError(f"Redis refused a pub/sub command: {reply}")
-            if reply[0] == self._message:
-                self._ready.append((reply[1], reply[2]))
-                arrived = True
-            elif (reply[0], reply[1]) in self._awaiting:
-                self._awaiting.discard((reply[0], reply[1]))
-                confirmed = True
-            elif reply[0] == b"sunsubscribe":
-                raise RespError(f"the slot of {reply[1][:60]!r} moved to another node")
+        view = memoryview(data)
+        for start in range(0, len(data), FEED_SIZE):
+            replies.feed(view[start : start + FEED_SIZE])
+            while (reply := gets()) is not False:
+                if type(reply) is list and reply[0] == message:
+                    ready.append((reply[1], reply[2]))
+                    arrived = True
+                else:
+                    confirmed |= self._other(reply)
         if arrived:
             self._arrived.set()
         if confirmed:
             self._confirmed.set()
+
+    def _other(self, reply: Any) -> bool:
+        """A reply that is no message: whether it confirmed a (un)subscription awaited; raises
+        on an error reply or a slot moved away."""
+        if resp.is_error(reply):
+            raise RespError(f"Redis refused a pub/sub command: {reply}")
+        if (reply[0], reply[1]) in self._awaiting:
+            self._awaiting.discard((reply[0], reply[1]))
+            return True
+        if reply[0] == b"sunsubscribe":
+            raise RespError(f"the slot of {reply[1][:60]!r} moved to another node")
+        return False
 
     async def close(self) -> None:
         if self._follow is not None:

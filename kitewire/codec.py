@@ -312,6 +312,9 @@ class _PayloadWriter:
         shape["received_at_ns"] = ("Q", received)
         shape["seq"] = ("Q", seq)  # the publisher's per-token sequence number
         shape["epoch"] = ("Q", epoch)  # and its epoch id
+        # The payload as a tree: constants (keys, the mode) and (code, source) value slots,
+        # in the payload's order; consumers/payloads.py reads payloads back by it.
+        self.shape = shape
 
         chunks: list[bytearray] = [bytearray()]
         slots: list[tuple[str, int]] = []

@@ -10,9 +10,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.kitebus-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-    || [ kitewire/_speedups.c -nt "$stamp" ]; then
-    # Builds the C speed-up where a compiler is present; without one pip only warns and the
-    # pure-Python encoder runs (same output).
+    || [ kitewire/_speedups.c -nt "$stamp" ] || [ consumers/_speedups.c -nt "$stamp" ]; then
+    # Builds the C speed-ups where a compiler is present; without one pip only warns and the
+    # pure-Python encoder and payload decoder run (same output).
     echo "kitebus: installing the project and its test extras into .venv" >&2
     .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
     .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
