@@ -58,21 +58,33 @@ def _redis_for(source: Settings | str | bus.Client, cluster: bool | None) -> tup
     return source, False
 
 
+_gc_lock = threading.Lock()
+_gc_pauses = 0  # batches being built now, in any thread
+_gc_was_enabled = False  # whether the collector was on when the first of them began
+
+
 @contextmanager
 def gc_paused() -> Iterator[None]:
     """The cyclic garbage collector off while a batch of ticks is built (and back on after,
     if it was on; the collector is the process's, so other threads' too, for a batch's few
     ms). Each full tick is 15 new dicts and lists: with the collector on, a young collection
     runs every ~45 ticks and the batch's live ticks are scanned again and again, about a
-    third of the decoding's cost (msgpack's docs advise the same for large messages)."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
+    third of the decoding's cost (msgpack's docs advise the same for large messages).
+    Counted across threads: two subscribers' batches overlapping in two threads leave the
+    collector as the first found it, once both are done."""
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
     try:
         yield
     finally:
-        gc.enable()
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 @dataclass(frozen=True)

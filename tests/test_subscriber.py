@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import threading
 from collections import deque
 
 import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumers.subscriber import TickSubscriber
+from consumers.subscriber import TickSubscriber, gc_paused
 from kitewire import codec
 
 
@@ -144,3 +145,30 @@ def test_batch_leaves_the_garbage_collector_as_it_found_it() -> None:
 
     asyncio.run(run())
     assert collector == [False]  # on_status ran inside a batch: the collector paused
+
+
+def test_overlapping_batches_in_two_threads_keep_the_collector_off_until_both_are_done() -> None:
+    """Two BlockingTickSubscribers build batches in their own threads: the collector stays
+    off while either is inside one, and is on again once both are done."""
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def first() -> None:
+        with gc_paused():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second() -> None:
+        first_in.wait(5)
+        with gc_paused():
+            second_in.set()
+            first_out.wait(5)
+            seen.append(gc.isenabled())  # the first's batch ended, this one goes on
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert seen == [False] and gc.isenabled()
