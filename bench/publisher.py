@@ -156,6 +156,8 @@ class NullEncoder:
     ) -> tuple[bytes, bytes, int, int]:
         count = int.from_bytes(frame[:2], "big") if len(frame) > 4 else 0
         start, self._next = self._next, (self._next + count) % self._tokens
+        if self._stamped:  # steady frames of any size: one chunk per size, or the cache grows without end
+            start = 0
         chunk = self._chunks.get((count, start))
         if chunk is None:
             keys = Keys(NS)
