@@ -504,6 +504,7 @@ async def bench(args: argparse.Namespace) -> None:
 
     from consumers.control import ControlClient
     from kitebus.localredis import LocalCluster, LocalRedis
+    from kitebus.localredis import _die_with_parent as die_with_parent
     from kitewire.encoder import SPEEDUPS
     from rediswire import bus
 
@@ -531,7 +532,9 @@ async def bench(args: argparse.Namespace) -> None:
             "KITE_ACCESS_TOKEN": "simulator", "KITEBUS_NAMESPACE": NS, "KITEBUS_LOG_LEVEL": "WARNING",
             "KITEBUS_REDIS_CLUSTER": "1" if cluster else "0",
         }  # fmt: skip
-        publisher = await asyncio.create_subprocess_exec(sys.executable, "-m", "publisher", env=env)
+        publisher = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "publisher", env=env, preexec_fn=die_with_parent  # even on SIGKILL
+        )
         result = await control.subscribe(universe, mode="full", client="bench-universe", timeout=120)
         assert result.ok, result.error
         await asyncio.wait_for(ask(feed, f"wait {len(universe)}"), 120)
