@@ -374,7 +374,8 @@ def report_run(run: dict, per_strategy: bool) -> None:
           f"{run['ready_s']:.1f} s after start")  # fmt: skip
     print(f"{'phase':7} {'feed ticks/s':>13} {'deliveries/s':>12} {'received':>11} {'expected':>11} "
           f"{'lost':>8} {'whole':>5} {'p50 ms min/med/max':>19} {'p99 ms min/med/max':>20} "
-          f"{'redis':>6} {'pub':>5} {'feed':>5} {'strats':>6} {'per strat %':>14} {'busy':>5}")  # fmt: skip
+          f"{'redis':>6} {'pub':>5} {'feed':>5} {'strats':>6} {'per strat %':>14} {'other':>5} "
+          f"{'busy':>5}")  # fmt: skip
     for row in run["phases"]:
         per = row["per_strategy"]
         whole = sum(p["count"] >= p["expected"] for p in per)
@@ -386,7 +387,7 @@ def report_run(run: dict, per_strategy: bool) -> None:
               f"{whole:>2}/{len(per):<2} {_spread(p50):>19} {_spread(p99):>20} "
               f"{100 * row['redis']:>5.0f}% {100 * row['publisher']:>4.0f}% {100 * row['feed']:>4.0f}% "
               f"{100 * row['strategies']:>5.0f}% {_spread(shares, '{:.0f}'):>14} "
-              f"{100 * row['machine_busy']:>4.0f}%")  # fmt: skip
+              f"{100 * _other(row):>4.0f}% {100 * row['machine_busy']:>4.0f}%")  # fmt: skip
     drain = run["drain"]
     status = run["publisher_status"]
     idle = run["phases"][0]["idle"]
@@ -421,15 +422,28 @@ def _us(cores: float, row: dict, per: str) -> str:
     return f"{1e6 * cores * row['seconds'] / max(row[per], 1):.2f} us"
 
 
+def _other(row: dict) -> float:
+    """Cores the machine spent beyond the benchmark's processes: the driver, other users."""
+    ours = row["redis"] + row["publisher"] + row["feed"] + row["strategies"]
+    return max(0.0, row["machine_busy"] * (os.cpu_count() or 1) - ours)
+
+
 def _net(row: dict, name: str) -> float:
     """Cores used by ``name`` in the phase beyond its idle rate (heartbeats, status writes, cron)."""
     return max(0.0, row[name] - row["idle"][name])
 
 
+def _whole(row: dict) -> bool:
+    """Every strategy got every tick of the phase (Redis did the whole fan-out)."""
+    return all(p["count"] >= p["expected"] for p in row["per_strategy"])
+
+
 def fit_redis(runs: list[dict]) -> tuple[float, float] | None:
-    """Redis CPU = a x published ticks + b x deliveries, least squares over every phase of
-    every run (seconds per tick); None when the runs cannot tell the two apart."""
-    rows = [row for run in runs for row in run["phases"]]
+    """Redis CPU = a x published ticks + b x deliveries, least squares over every phase in
+    which no tick was lost (seconds per tick); None when those cannot tell the two apart."""
+    rows = [row for run in runs for row in run["phases"] if _whole(row)]
+    if not rows:
+        return None
     points = [(r["sent"], r["expected"], _net(r, "redis") * r["seconds"]) for r in rows]
     spp = sum(p * p for p, _, _ in points)
     sdd = sum(d * d for _, d, _ in points)
@@ -463,14 +477,16 @@ def report_sweep(runs: list[dict], args: argparse.Namespace) -> None:
     fit = fit_redis(runs)
     tokens = args.tokens
     if fit is None:
-        row = runs[-1]["phases"][0]
+        row = max((r for run in runs for r in run["phases"]), key=lambda r: (_whole(r), r["expected"]))
         per_delivery, per_tick = _net(row, "redis") * row["seconds"] / max(row["expected"], 1), 0.0
-        print(f"redis CPU per delivery {1e6 * per_delivery:.2f} us (publish cost folded in: one N only)")
+        print(f"redis CPU per delivery {1e6 * per_delivery:.2f} us ({row['phase']} of "
+              f"{len(row['per_strategy'])} strategies, the publish cost folded in: no fit)")
     else:
         per_tick, per_delivery = fit
         print(f"redis CPU, fitted over {sum(len(r['phases']) for r in runs)} phases: "
               f"{1e6 * per_tick:.2f} us per published tick (PUBLISH + HSET) + "
-              f"{1e6 * per_delivery:.2f} us per delivery to a subscriber")  # fmt: skip
+              f"{1e6 * per_delivery:.2f} us per delivery to a subscriber "
+              f"(phases with no tick lost only)")  # fmt: skip
     print(f"\nstrategies one Redis core carries ({tokens:,} tokens published; "
           f"{args.rate:g} ticks/s steady, {args.rate * args.spike:g} in the spike):")  # fmt: skip
     print(f"  {'tokens/strategy':>15} {'steady':>8} {'spike':>8}")
@@ -484,19 +500,21 @@ def report_sweep(runs: list[dict], args: argparse.Namespace) -> None:
 
 
 def _limit(row: dict, lost: int, p99: float) -> str:
-    """Which resource was short when a phase lost ticks or ran late."""
+    """Which resource was short when a phase lost ticks or ran late: a single-threaded
+    process at a full core, else the machine's CPUs (and who used them), else the feed."""
     what = f"lost {lost:,}" if lost > 0 else f"p99 {p99:.0f} ms"
-    if row["feed_rate"] < 0.95 * row["target_rate"]:
-        return f"{what}; the feed itself fell behind ({row['feed_rate']:,.0f} of {row['target_rate']:,.0f}/s)"
+    uses = (f"strategies {row['strategies']:.2f} cores, Redis {row['redis']:.2f}, publisher "
+            f"{row['publisher']:.2f}, feed {row['feed']:.2f}, other {_other(row):.2f}")  # fmt: skip
     if max(row["redis_nodes"]) > 0.9:
-        return f"{what}; Redis at {100 * max(row['redis_nodes']):.0f}% of a core"
+        return f"{what}; Redis at {100 * max(row['redis_nodes']):.0f}% of a core ({uses})"
     if row["publisher"] > 0.9:
-        return f"{what}; the publisher at {100 * row['publisher']:.0f}% of a core"
+        return f"{what}; the publisher at {100 * row['publisher']:.0f}% of a core ({uses})"
     if row["machine_busy"] > 0.9:
-        return (f"{what}; the machine's CPUs {100 * row['machine_busy']:.0f}% busy, the strategies using "
-                f"{row['strategies']:.2f} cores of {os.cpu_count()} (Redis {row['redis']:.2f}, "
-                f"publisher {row['publisher']:.2f})")  # fmt: skip
-    return f"{what}; no resource saturated (CPU {100 * row['machine_busy']:.0f}% busy)"
+        return f"{what}; the machine's {os.cpu_count()} CPUs {100 * row['machine_busy']:.0f}% busy ({uses})"
+    if row["feed_rate"] < 0.95 * row["target_rate"]:
+        rate = f"{row['feed_rate']:,.0f} of {row['target_rate']:,.0f}/s"
+        return f"{what}; the feed fell behind ({rate}; {uses})"
+    return f"{what}; no CPU saturated ({uses})"
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -548,8 +566,8 @@ async def bench(args: argparse.Namespace) -> None:
         print(f"# {len(universe):,} tokens in full mode over 3 connections, {args.rate:g} ticks/s each for "
               f"{args.seconds:g} s, then {args.spike:g}x for {args.spike_seconds:g} s; {where}, "
               f"default output-buffer limits; seed {args.seed}")  # fmt: skip
-        print("# cores: share of one CPU (redis: every node; strats: all strategies together); "
-              "busy: the whole machine, other users included")
+        print("# cores: share of one CPU (redis: every node; strats: all strategies together; other: "
+              "the rest of the machine, this driver and other users); busy: all CPUs of the machine")
         groups = {"redis": [n.process.pid for n in nodes],  # type: ignore[union-attr]
                   "publisher": [publisher.pid], "feed": [feed.pid]}  # fmt: skip
         runs = []
