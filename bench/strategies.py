@@ -168,6 +168,7 @@ async def strategy_main(url: str, cluster: bool, name: str) -> None:
     from consumers.subscriber import TickSubscriber
 
     spec = json.loads(sys.stdin.readline())
+    os.nice(spec["nice"])
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -247,7 +248,7 @@ async def ask(proc: asyncio.subprocess.Process, line: str) -> str:
 
 
 async def start_strategies(
-    sets: list[list[int]], phases: list[int], url: str, cluster: bool
+    sets: list[list[int]], phases: list[int], url: str, cluster: bool, nice: int
 ) -> list[asyncio.subprocess.Process]:
     procs = []
     for index, tokens in enumerate(sets):
@@ -258,7 +259,7 @@ async def start_strategies(
         )  # fmt: skip
         procs.append(proc)
         assert proc.stdin is not None
-        proc.stdin.write(json.dumps({"tokens": tokens, "phases": phases}).encode() + b"\n")
+        proc.stdin.write(json.dumps({"tokens": tokens, "phases": phases, "nice": nice}).encode() + b"\n")
     return procs
 
 
@@ -299,7 +300,7 @@ async def run_once(
     """One N: start the strategies, feed the steady phase and the spike, collect the reports."""
     phases = [2 * index + 1, 2 * index + 2]  # tags of this run's ticks: a snapshot of an earlier one is not
     started = time.perf_counter()
-    procs = await start_strategies(sets, phases, stack["url"], args.cluster)
+    procs = await start_strategies(sets, phases, stack["url"], args.cluster, args.nice)
     try:
         await wait_ready(procs, timeout=600)
         ready_s = time.perf_counter() - started
@@ -453,12 +454,13 @@ def fit_redis(runs: list[dict]) -> tuple[float, float] | None:
     det = spp * sdd - spd * spd
     if max(d / max(p, 1) for p, d, _ in points) < 1.2 * min(d / max(p, 1) for p, d, _ in points) or det <= 0:
         return None
-    return (spc * sdd - sdc * spd) / det, (spp * sdc - spd * spc) / det
+    per_tick, per_delivery = (spc * sdd - sdc * spd) / det, (spp * sdc - spd * spc) / det
+    return (per_tick, per_delivery) if per_tick > 0 and per_delivery > 0 else None  # else noise
 
 
 def report_sweep(runs: list[dict], args: argparse.Namespace) -> None:
-    print("\nsweep (per phase: lost ticks, strategies short, median-strategy p99 ms, cores of redis / "
-          "publisher / strategies, machine busy):")  # fmt: skip
+    print("\nsweep (per phase: the feed's rate of its target, lost ticks, strategies short, median-strategy "
+          "p99 ms, cores of redis / publisher / strategies, machine busy):")  # fmt: skip
     gave_out = ""
     for run in runs:
         cells = []
@@ -467,7 +469,8 @@ def report_sweep(runs: list[dict], args: argparse.Namespace) -> None:
             short = sum(p["count"] < p["expected"] for p in per)
             p99 = statistics.median([p["p99"] for p in per if p["count"]] or [0.0])
             lost = row["expected"] - row["received"]
-            cells.append(f"{row['phase']}: lost {lost:,} short {short} p99 {p99:.0f} "
+            cells.append(f"{row['phase']}: fed {row['feed_rate'] / row['target_rate']:.2f} lost {lost:,} "
+                         f"short {short} p99 {p99:.0f} "
                          f"cores {row['redis']:.2f}/{row['publisher']:.2f}/{row['strategies']:.2f} "
                          f"busy {100 * row['machine_busy']:.0f}%")  # fmt: skip
             if not gave_out and (lost > 0 or p99 > args.p99_limit):
@@ -483,10 +486,10 @@ def report_sweep(runs: list[dict], args: argparse.Namespace) -> None:
               f"{len(row['per_strategy'])} strategies, the publish cost folded in: no fit)")
     else:
         per_tick, per_delivery = fit
-        print(f"redis CPU, fitted over {sum(len(r['phases']) for r in runs)} phases: "
+        whole = sum(_whole(r) for run in runs for r in run["phases"])
+        print(f"redis CPU, fitted over the {whole} phases with no tick lost: "
               f"{1e6 * per_tick:.2f} us per published tick (PUBLISH + HSET) + "
-              f"{1e6 * per_delivery:.2f} us per delivery to a subscriber "
-              f"(phases with no tick lost only)")  # fmt: skip
+              f"{1e6 * per_delivery:.2f} us per delivery to a subscriber")  # fmt: skip
     print(f"\nstrategies one Redis core carries ({tokens:,} tokens published; "
           f"{args.rate:g} ticks/s steady, {args.rate * args.spike:g} in the spike):")  # fmt: skip
     print(f"  {'tokens/strategy':>15} {'steady':>8} {'spike':>8}")
@@ -565,7 +568,7 @@ async def bench(args: argparse.Namespace) -> None:
               f"load average {os.getloadavg()[0]:.2f} at the start")  # fmt: skip
         print(f"# {len(universe):,} tokens in full mode over 3 connections, {args.rate:g} ticks/s each for "
               f"{args.seconds:g} s, then {args.spike:g}x for {args.spike_seconds:g} s; {where}, "
-              f"default output-buffer limits; seed {args.seed}")  # fmt: skip
+              f"default output-buffer limits; seed {args.seed}; strategies at nice {args.nice}")  # fmt: skip
         print("# cores: share of one CPU (redis: every node; strats: all strategies together; other: "
               "the rest of the machine, this driver and other users); busy: all CPUs of the machine")
         groups = {"redis": [n.process.pid for n in nodes],  # type: ignore[union-attr]
@@ -602,6 +605,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=24)
     parser.add_argument("--p99-limit", type=float, default=100.0, help="ms: a median p99 above it gave out")
     parser.add_argument("--cluster", action="store_true", help="a private 3-master Redis Cluster")
+    parser.add_argument("--nice", type=int, default=0, help="the strategies' niceness (the bus first)")
     parser.add_argument("--per-strategy", action="store_true", help="a line per strategy too")
     parser.add_argument("--json", default="", help="write every figure to this file")
     parser.add_argument("--feed", action="store_true", help=argparse.SUPPRESS)
