@@ -294,6 +294,19 @@ async def publisher_status(rds: Any) -> dict[str, int]:
     return {k: int(fields.get(k, 0)) for k in ("published", "dropped", "conflated")}
 
 
+async def status_after(rds: Any, since: float, timeout: float = 10.0) -> dict[str, int]:
+    """The publisher's counters from a status write later than ``since`` (it writes one about
+    once a second), so that they include every tick up to then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        written = await rds.hget(Keys(NS).status, "heartbeat_at")
+        if written is not None and float(written) > since:
+            return await publisher_status(rds)
+        if time.monotonic() > deadline:
+            raise RuntimeError("the publisher wrote no status for 10 s")
+        await asyncio.sleep(0.05)
+
+
 async def run_once(
     args: argparse.Namespace, index: int, sets: list[list[int]], stack: dict, groups: dict[str, list[int]]
 ) -> dict:
@@ -320,8 +333,7 @@ async def run_once(
         samples.append(Sample(watched))
         reports = await asyncio.gather(*(ask(p, "report") for p in procs))
         samples.append(Sample(watched))
-        await asyncio.sleep(1.2)  # one status write of the publisher's, so its counters are current
-        after = await publisher_status(stack["rds"])
+        after = await status_after(stack["rds"], time.time())
     finally:
         await stop_all(procs)
     windows = [samples[i + 1].since(samples[i]) for i in range(1, 4)] + [samples[0].since(quiet)]

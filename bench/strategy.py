@@ -234,13 +234,18 @@ def run_once(server: LocalRedis, args: argparse.Namespace, kind: str) -> dict:
         stdout=subprocess.PIPE, env=env, text=True,
     )  # fmt: skip
     assert consumer.stdout is not None
-    assert consumer.stdout.readline().strip() == "ready", f"{kind}: the consumer did not start"
-    feeder = subprocess.run(
-        [sys.executable, __file__, "--feed", str(server.port), str(args.ticks), str(args.tokens)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    result = json.loads(consumer.stdout.readline())
-    consumer.wait()
+    try:
+        assert consumer.stdout.readline().strip() == "ready", f"{kind}: the consumer did not start"
+        feeder = subprocess.run(
+            [sys.executable, __file__, "--feed", str(server.port), str(args.ticks), str(args.tokens)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        result = json.loads(consumer.stdout.readline())
+    except BaseException:  # a failed feed or start must not leave the consumer waiting forever
+        consumer.kill()
+        raise
+    finally:
+        consumer.wait()
     fed = json.loads(feeder.stdout)
     result["published"] = fed["published"]
     result["feed_rate"] = fed["published"] / fed["seconds"]

@@ -16,6 +16,7 @@ one; ``KITEBUS_NO_SPEEDUPS=1`` forces the pure-Python one. ``decode`` is the fas
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -25,6 +26,8 @@ from typing import Any
 import msgpack
 
 from kitewire.codec import PAYLOAD_WRITERS
+
+log = logging.getLogger("kitebus.payloads")
 
 Tick = dict[str, Any]
 Decoder = Callable[[bytes], Tick]
@@ -181,7 +184,11 @@ def compiled_decoder(
         from consumers import _speedups
     except ImportError:
         return None
-    return _speedups.Decoder(programs(templates), fallback).decode  # type: ignore[no-any-return]
+    try:
+        return _speedups.Decoder(programs(templates), fallback).decode  # type: ignore[no-any-return]
+    except (ValueError, TypeError) as exc:  # a stale build that refuses today's programs
+        log.warning("the C tick decoder refused the payload programs (%s); decoding in Python", exc)
+        return None
 
 
 _COMPILED = compiled_decoder()

@@ -37,8 +37,8 @@ typedef struct {
 } Layout;
 
 /* token -> last sequence number given, and the token's int object (made once, so the
- * per-tick dict lookups allocate nothing): open addressing, linear probing, one entry per
- * cache line's third (a lookup touches one line) */
+ * per-tick dict lookups allocate nothing): open addressing, linear probing, entries of 32
+ * bytes in one array (a lookup touches one or two cache lines, not one per field) */
 typedef struct {
     PyObject *key; /* owned reference; NULL marks an empty slot */
     uint64_t seq;

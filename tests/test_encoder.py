@@ -216,6 +216,8 @@ def test_a_claim_dropped_from_the_books_dict_stops_its_packets_at_once(path: str
     assert _seqs(enc.encode(_ltp(1, 2, 3), 7, latest)[0]) == [(1, 5), (2, 4), (3, 5)]
     claimed.clear()
     assert enc.encode(_ltp(1, 2, 3), 8, latest)[2] == 0 and enc.unclaimed == 4
+    enc.set_claimed({1: 0})  # another dict altogether: what the last one said counts no more
+    assert _seqs(enc.encode(_ltp(1, 2, 3), 9, latest)[0]) == [(1, 6)] and enc.unclaimed == 6
 
 
 @both_paths

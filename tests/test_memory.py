@@ -18,8 +18,14 @@ def test_the_thresholds_are_fixed_on_glibc_and_nothing_fails_elsewhere() -> None
     assert out.stdout.strip() == str(platform.libc_ver()[0] == "glibc")
 
 
-def test_a_c_library_without_mallopt_changes_nothing(monkeypatch) -> None:
+def test_no_c_library_found_changes_nothing(monkeypatch) -> None:
     monkeypatch.setattr(memory.ctypes.util, "find_library", lambda name: "libkitebus-no-such-library.so")
+    assert memory.keep_freed_memory() is False
+
+
+def test_a_c_library_without_mallopt_changes_nothing(monkeypatch) -> None:
+    """musl and macOS: the library loads, it has no ``mallopt``."""
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: object())
     assert memory.keep_freed_memory() is False
 
 

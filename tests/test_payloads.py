@@ -195,6 +195,15 @@ def test_the_compiled_decoder_refuses_a_broken_program(program: tuple) -> None:
         _speedups.Decoder([program], msgpack.unpackb)
 
 
+@needs_compiled
+def test_a_build_that_refuses_the_programs_falls_back_to_python(monkeypatch, caplog) -> None:
+    """A stale C build that does not take today's programs must not break every consumer's
+    import: the Python decoder takes over, with a warning."""
+    monkeypatch.setattr(payloads, "programs", lambda templates: [(8, b"", b"", [])])
+    assert payloads.compiled_decoder() is None
+    assert "decoding in Python" in caplog.text
+
+
 def test_the_compiled_path_is_built_and_taken_wherever_it_can_be() -> None:
     """As for the encoder (tests/test_encoder.py): where a compiler is, and on CI, a decoder
     that failed to build fails the run instead of skipping its tests."""

@@ -15,11 +15,11 @@ def test_every_strategy_receives_every_tick_of_its_tokens(tmp_path: Path) -> Non
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--strategies", "2,3", "--tokens", "300", "--min-tokens", "20",
          "--max-tokens", "80", "--rate", "2", "--seconds", "1.5", "--spike", "2", "--spike-seconds", "1.5",
-         "--json", str(out)],
+         "--p99-limit", "5000", "--json", str(out)],
         capture_output=True, text=True, timeout=150,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "first to give out: nothing" in run.stdout
+    assert "first to give out: nothing" in run.stdout  # no loss (the latency bar is lifted: CI may be slow)
     runs = json.loads(out.read_text())["runs"]
     assert [r["strategies"] for r in runs] == [2, 3]
     for r in runs:
