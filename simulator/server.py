@@ -19,6 +19,7 @@ import logging
 import random
 import struct
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -488,45 +489,33 @@ class TickerServer:
         the feed competes for the cores as a real network stack and the other processes
         on a box do. Returns ticks sent."""
         targets = [s for s in self.sessions if s.modes]
+        wire = [(s, self._built_chunks(s, ticks, packets_per_frame), ticks) for s in targets]
         if sequential:
-            return sum([await self._write_built(s, ticks, packets_per_frame) for s in targets])
-        return sum(await asyncio.gather(*(self._write_built(s, ticks, packets_per_frame) for s in targets)))
+            return sum([await self._write_raw(*item) for item in wire])
+        return sum(await asyncio.gather(*(self._write_raw(*item) for item in wire)))
 
-    async def _write_built(self, session: Session, ticks: int, per_frame: int) -> int:
+    def _built_chunks(self, session: Session, ticks: int, per_frame: int) -> Iterator[bytes]:
+        """The session's frames on the wire, each built only when the last one was written."""
         now = int(time.time())
         pool = [codec.encode_packet(self.market.tick(t, m, now)) for t, m in session.modes.items()]
         price = struct.Struct(">i")  # the last price follows the token in every layout
-        sent = 0
-        session.flooding = True
-        try:
-            while sent < ticks:
-                size = min(per_frame, ticks - sent)
-                packets = []
-                for i in range(sent, sent + size):
-                    packet = bytearray(pool[i % len(pool)])
-                    price.pack_into(packet, 4, 100_000 + i % 5_000)
-                    packets.append(packet)
-                (chunk,), _ = _websocket_frames([(codec.encode_frame(packets), size)], chunk=0)
-                session.websocket.transport.write(chunk)
-                await session.websocket.drain()
-                sent += size
-        except (ConnectionClosed, ConnectionError) as exc:
-            log.warning("built flood cut short session=%d close=%s", session.id, exc)
-            return 0
-        finally:
-            session.flooding = False
-            session.last_sent = time.monotonic()
-        session.sent_ticks += sent
-        return sent
+        for start in range(0, ticks, per_frame):
+            packets = []
+            for i in range(start, min(ticks, start + per_frame)):
+                packet = bytearray(pool[i % len(pool)])
+                price.pack_into(packet, 4, 100_000 + i % 5_000)
+                packets.append(packet)
+            (chunk,), _ = _websocket_frames([(codec.encode_frame(packets), len(packets))], chunk=0)
+            yield chunk
 
-    async def _write_raw(self, session: Session, chunks: list[bytes], ticks: int) -> int:
+    async def _write_raw(self, session: Session, chunks: Iterable[bytes], ticks: int) -> int:
         session.flooding = True
         try:
             for chunk in chunks:  # whole frames only: nothing else may land inside one
                 session.websocket.transport.write(chunk)
                 await session.websocket.drain()  # waits while the socket's buffer is full
         except (ConnectionClosed, ConnectionError) as exc:
-            log.warning("line-rate flood cut short session=%d close=%s", session.id, exc)
+            log.warning("flood cut short session=%d close=%s", session.id, exc)
             return 0
         finally:
             session.flooding = False
