@@ -61,7 +61,7 @@ import redis as sync_redis
 import redis.asyncio as redis
 from redis.crc import key_slot
 
-from bench.stack import measured_on
+from bench.stack import cpu_seconds, measured_on
 from config import Keys
 from consumers.control import ControlClient
 from kitebus.localredis import LocalCluster, LocalRedis
@@ -271,12 +271,6 @@ def consume(port: int, expected: int, idle: float, latency: bool, channels: list
 # --- the driver --------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def peak_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -405,11 +399,12 @@ async def command_usec(rds: bus.Client) -> dict[str, float]:
     stats = await rds.info("commandstats")
     # a cluster client answers for each node
     nodes = [stats] if any(k.startswith("cmdstat_") for k in stats) else list(stats.values())
-    out = {"publish_usec": 0.0, "hset_usec": 0.0, "hset_calls": 0}
+    out = {"publish_usec": 0.0, "publish_calls": 0, "hset_usec": 0.0, "hset_calls": 0}
     for node in nodes:
         for name, figures in node.items():
             if name in ("cmdstat_publish", "cmdstat_spublish"):
                 out["publish_usec"] += float(figures["usec"])
+                out["publish_calls"] += int(figures["calls"])
             elif name == "cmdstat_hset":
                 out["hset_usec"] += float(figures["usec"])
                 out["hset_calls"] += int(figures["calls"])
@@ -554,7 +549,7 @@ def report(rows: dict, limits: dict, modes: list[str], rss: float) -> None:
         after_redis = r["sent"] - r["received"] - r["dropped"] - r["conflated"]
         spread = f"{median:,.0f} ({rates[0]:,.0f}-{rates[-1]:,.0f})"
         cpu = f"{statistics.median(cpus):.1f} ({cpus[0]:.1f}-{cpus[-1]:.1f})"
-        publish_us = r["publish_usec"] / max(r["received"], 1)
+        publish_us = r["publish_usec"] / max(r["publish_calls"], 1)
         per_call = f"{publish_us:.2f} {r['hset_usec'] / max(r['hset_calls'], 1):.0f}"
         redis_ms = r["redis_cpu"] / max(r["received"], 1) * 1e7
         print(f"{mode:6} {feed:8} {shape:12} {kind:9} {r['sent']:>9,} {r['received']:>9,} {spread:>27} "

@@ -28,7 +28,7 @@ import hiredis
 import redis
 
 from bench.consumer import NS
-from bench.stack import measured_on
+from bench.stack import cpu_seconds, measured_on
 from config import Keys
 from consumers.recorder import read_events, read_recording
 from kitebus.localredis import LocalRedis
@@ -66,12 +66,6 @@ def feed(port: int, ticks: int, tokens: int, rate: int) -> float:
             time.sleep(ahead)
     sock.close()
     return sent / (time.perf_counter() - started)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a running process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_once(port: int, tokens: int, rate: int, seconds: float) -> dict[str, float]:

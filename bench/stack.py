@@ -24,6 +24,28 @@ def measured_on() -> str:
     return f"commit {sha}" + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a running process has used, all its threads. ``/proc/<pid>/stat`` counts the
+    whole process (ended threads too) but in clock ticks (10 ms), too coarse for a short
+    burst's ratio; the scheduler's nanosecond count (``/proc/<pid>/task/*/schedstat``)
+    is exact but only for the threads still alive. The larger of the two is the nearest."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    exact = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return ticks
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
+                exact += int(schedstat.read().split()[0])
+        except (OSError, ValueError, IndexError):  # a thread that has just ended; no schedstat
+            continue
+    return max(ticks, exact / 1e9)
+
+
 async def start_simulator(rate: float) -> tuple[asyncio.subprocess.Process, str]:
     """``kitebus simulate`` on a free port; returns the process and its ``KITE_WS_URL``."""
     simulator = await asyncio.create_subprocess_exec(

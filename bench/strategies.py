@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench.stack import measured_on
+from bench.stack import cpu_seconds, measured_on
 from config import Keys
 from kitewire import codec
 
@@ -209,12 +209,6 @@ def _latency(delays: array[int]) -> dict:
 
 
 # --- the driver ----------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> tuple[float, float]:
