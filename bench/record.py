@@ -34,11 +34,14 @@ from consumers.recorder import read_events, read_recording
 from kitebus.localredis import LocalRedis
 from kitewire import codec
 from kitewire.encoder import frame_encoder
+from rediswire import resp
 from simulator.market import Market
 
 
 def feed(port: int, ticks: int, tokens: int, rate: int) -> float:
-    """PUBLISH ``ticks`` full payloads, 500 a batch, at ``rate`` ticks/s; every tick a new
+    """PUBLISH ``ticks`` full payloads, 500 a batch, at ``rate`` ticks/s, and write each
+    batch's newest to ``{ns}:last`` as the publisher does (a recorder cut off by Redis reads
+    it when it reconnects, and that is how it learns the hole's size); every tick a new
     trade of the simulator's market (bench/consumer.py repeats its frames: too kind to zstd).
     Returns the rate reached."""
     market = Market(1)
@@ -48,15 +51,16 @@ def feed(port: int, ticks: int, tokens: int, rate: int) -> float:
         count = min(500, ticks - start)
         packets = [market.tick(((start + i) % tokens + 1) << 8 | 1, "full", now) for i in range(count)]
         frames.append(codec.encode_frame([codec.encode_packet(p) for p in packets]))
-    encoder = frame_encoder(Keys(NS).ticks("").encode())
+    keys = Keys(NS)
+    encoder = frame_encoder(keys.ticks("").encode())
     sock = socket.create_connection(("127.0.0.1", port))
     reader = hiredis.Reader()
     sent, started = 0, time.perf_counter()
     for frame in frames:
-        publishes, _, count, _ = encoder.encode(frame, time.time_ns(), {})
-        sock.sendall(publishes)
+        publishes, fields, count, _ = encoder.encode(frame, time.time_ns(), {})
+        sock.sendall(publishes + resp.command_head(2 + 2 * count, b"HSET", keys.last) + fields)
         replies = 0
-        while replies < count:
+        while replies < count + 1:
             reader.feed(sock.recv(1 << 16))
             while reader.gets() is not False:
                 replies += 1
@@ -95,9 +99,11 @@ def run_once(port: int, tokens: int, rate: int, seconds: float) -> dict[str, flo
         recorder.returncode = os.waitstatus_to_exitcode(status)
         cpu = usage.ru_utime + usage.ru_stime - idle_cpu
         recorded = len(read_recording(directory))
-        gaps = sum(e["to_seq"] - e["from_seq"] + 1 for e in read_events(directory) if e["kind"] == "gap")
+        events = read_events(directory)
+        gaps = sum(e["to_seq"] - e["from_seq"] + 1 for e in events if e["kind"] == "gap")
+        cuts = sum(e["kind"] == "cut" for e in events)
         size = sum(p.stat().st_size for p in directory.rglob("*.parquet"))
-        return {"reached": reached, "sent": sent, "recorded": recorded, "gap": gaps, "cpu": cpu,
+        return {"reached": reached, "sent": sent, "recorded": recorded, "gap": gaps, "cuts": cuts, "cpu": cpu,
                 "bytes": size, "code": recorder.returncode}  # fmt: skip
     finally:
         if recorder.poll() is None:
@@ -118,14 +124,14 @@ def main() -> None:
         print(f"# {measured_on()}; {os.cpu_count()} cpus; full ticks over {args.tokens:,} tokens, "
               f"{args.seconds:g} s per rate; the recorder a process of its own")  # fmt: skip
         print(f"{'ticks/s asked':>13} {'reached':>8} {'sent':>9} {'recorded':>9} {'missing':>8} "
-              f"{'gap events':>10} {'cpu ms/10k':>10} {'bytes/1M ticks':>15}")  # fmt: skip
+              f"{'in gaps':>8} {'cuts':>4} {'cpu ms/10k':>10} {'bytes/1M ticks':>15}")  # fmt: skip
         for rate in map(int, args.rates.split(",")):
             r = run_once(server.port, args.tokens, rate, args.seconds)
             per_10k = r["cpu"] / max(r["recorded"], 1) * 10_000 * 1000
             per_m = r["bytes"] / max(r["recorded"], 1) * 1_000_000
             missing = r["sent"] - r["recorded"]
             print(f"{rate:>13,} {r['reached']:>8,.0f} {r['sent']:>9,} {r['recorded']:>9,} {missing:>8,} "
-                  f"{r['gap']:>10,} {per_10k:>10.0f} {per_m:>15,.0f}", flush=True)  # fmt: skip
+                  f"{r['gap']:>8,} {r['cuts']:>4} {per_10k:>10.0f} {per_m:>15,.0f}", flush=True)  # fmt: skip
     finally:
         server.stop()
 
