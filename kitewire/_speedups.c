@@ -36,13 +36,16 @@ typedef struct {
     int bulk_header_len;
 } Layout;
 
-/* token -> last sequence number given, and the token's int object (made once, so the
- * per-tick dict lookups allocate nothing): open addressing, linear probing, entries of 32
- * bytes in one array (a lookup touches one or two cache lines, not one per field) */
+/* token -> last sequence number given, the token's int object (made once, so the per-tick
+ * dict lookups allocate nothing) and its payload in the last-value cache: open addressing,
+ * linear probing, entries of 48 bytes in one array (a lookup touches one or two cache
+ * lines, not one per field) */
 typedef struct {
     PyObject *key; /* owned reference; NULL marks an empty slot */
     uint64_t seq;
     uint64_t claimed_at; /* the claimed dict's version when the token was last found in it */
+    PyObject *cached; /* owned reference to the bytes last put in ``latest`` for it, or NULL */
+    uint64_t cached_gen; /* the encoder's ``gen`` when ``cached`` was put there */
     uint32_t token;
 } SeqEntry;
 
@@ -83,7 +86,10 @@ static int seq_resize(SeqTable *t, size_t size) {
 }
 
 static void seq_clear(SeqTable *t) {
-    for (size_t i = 0; t->entries && i <= t->mask; i++) Py_XDECREF(t->entries[i].key);
+    for (size_t i = 0; t->entries && i <= t->mask; i++) {
+        Py_XDECREF(t->entries[i].key);
+        Py_XDECREF(t->entries[i].cached);
+    }
     PyMem_Free(t->entries);
     t->entries = NULL;
     t->mask = t->used = 0;
@@ -111,7 +117,7 @@ static Py_ssize_t seq_insert(SeqTable *t, uint32_t token, PyObject *key) {
     }
     size_t i = seq_home(token, t->mask);
     while (t->entries[i].key != NULL) i = (i + 1) & t->mask;
-    t->entries[i] = (SeqEntry){key, 0, 0, token};
+    t->entries[i] = (SeqEntry){key, 0, 0, NULL, 0, token};
     t->used++;
     return (Py_ssize_t)i;
 }
@@ -122,6 +128,7 @@ static void seq_remove(SeqTable *t, uint32_t token) {
     if (found < 0) return;
     size_t i = (size_t)found;
     Py_DECREF(t->entries[i].key);
+    Py_XDECREF(t->entries[i].cached);
     t->used--;
     for (size_t j = i;;) {
         j = (j + 1) & t->mask;
@@ -133,7 +140,7 @@ static void seq_remove(SeqTable *t, uint32_t token) {
         t->entries[i] = t->entries[j];
         i = j;
     }
-    t->entries[i] = (SeqEntry){NULL, 0, 0, 0};
+    t->entries[i] = (SeqEntry){NULL, 0, 0, NULL, 0, 0};
 }
 
 typedef struct {
@@ -141,6 +148,11 @@ typedef struct {
     Layout *layouts[MAX_LENGTH];
     SeqTable seqs;
     PyObject *claimed; /* tokens whose packets are published; NULL: all */
+    /* The last-value cache dict's version after the last call, and the generation of the
+     * entries' ``cached`` that may be trusted: bumped whenever the call's dict is in
+     * another state (changed by anyone but this encoder, or another dict: versions are
+     * unique across dicts too). */
+    uint64_t latest_version, gen;
     Py_ssize_t unclaimed; /* packets skipped: their token was not in ``claimed`` */
     uint64_t epoch;
     char command[64]; /* "*3\r\n$7\r\nPUBLISH\r\n" */
@@ -294,38 +306,60 @@ static inline char *put_uint(char *out, uint64_t v) {
     return out;
 }
 
-/* The version of the claimed container: CPython (before 3.12) gives every dict a tag that
- * changes with each insertion, deletion or update, so a token found claimed under a tag is
- * still claimed while the tag stands, and its lookup can be skipped. 0: no such tag (any
- * other container, or a Python without it): look up every time. */
-static inline uint64_t claimed_version(PyObject *claimed) {
+/* The version of a dict: CPython (before 3.12) gives every dict a tag that changes with
+ * each insertion, deletion or update, from one counter for all dicts (a new dict takes the
+ * next one too), so no two states of any dicts share one. So a token found
+ * claimed under a tag is still claimed while the tag stands, and a value this encoder put
+ * in the cache is still there. 0: no such tag (any other container, or a Python without
+ * it): look up every time. */
+static inline uint64_t dict_version(PyObject *dict) {
 #if PY_VERSION_HEX < 0x030C0000
-    if (claimed != NULL && PyDict_CheckExact(claimed)) return ((PyDictObject *)claimed)->ma_version_tag;
+    if (dict != NULL && PyDict_CheckExact(dict)) return ((PyDictObject *)dict)->ma_version_tag;
 #endif
-    (void)claimed;
+    (void)dict;
     return 0;
 }
 
-/* latest[key] = payload. The value before is overwritten in place when the dict holds the
- * only reference to it and it has the same length (a token's payloads in one mode all
- * do): no allocation, free or insertion per tick. Bytes are immutable to whoever can see
- * them, and here nobody else can; the cached hash is reset all the same. */
-static int set_latest(PyObject *latest, PyObject *key, const unsigned char *payload, Py_ssize_t len) {
-    PyObject *old = PyDict_GetItemWithError(latest, key);
-    if (old != NULL && PyBytes_CheckExact(old) && Py_REFCNT(old) == 1 && PyBytes_GET_SIZE(old) == len) {
-        memcpy(PyBytes_AS_STRING(old), payload, len);
+static inline void overwrite(PyObject *bytes, const unsigned char *payload, Py_ssize_t len) {
+    memcpy(PyBytes_AS_STRING(bytes), payload, len);
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-        ((PyBytesObject *)old)->ob_shash = -1;
+    ((PyBytesObject *)bytes)->ob_shash = -1;
 #pragma GCC diagnostic pop
+}
+
+/* latest[key] = payload, for the token of entry ``e``. The value before is overwritten in
+ * place when only the dict and the entry hold it and it has the same length (a token's
+ * payloads in one mode all do): no allocation, free or insertion per tick. Bytes are
+ * immutable to whoever can see them, and here nobody else can; the cached hash is reset
+ * all the same. While the dict has not changed since this encoder's last write (``gen``),
+ * the entry's ``cached`` is the dict's value and the dict is not even looked in. */
+static int set_latest(Encoder *self, PyObject *latest, SeqEntry *e, const unsigned char *payload,
+                      Py_ssize_t len) {
+    PyObject *cached = e->cached;
+    if (cached != NULL && e->cached_gen == self->gen && Py_REFCNT(cached) == 2
+        && PyBytes_GET_SIZE(cached) == len) {
+        overwrite(cached, payload, len);
         return 0;
     }
-    if (old == NULL && PyErr_Occurred()) return -1;
-    PyObject *value = PyBytes_FromStringAndSize((const char *)payload, len);
-    if (value == NULL) return -1;
-    int failed = PyDict_SetItem(latest, key, value);
-    Py_DECREF(value);
-    return failed;
+    PyObject *value = PyDict_GetItemWithError(latest, e->key);
+    if (value == NULL && PyErr_Occurred()) return -1;
+    if (value != NULL && PyBytes_CheckExact(value) && Py_REFCNT(value) == 1 + (value == cached)
+        && PyBytes_GET_SIZE(value) == len) {
+        overwrite(value, payload, len);
+        Py_INCREF(value);
+    } else {
+        value = PyBytes_FromStringAndSize((const char *)payload, len);
+        if (value == NULL) return -1;
+        if (PyDict_SetItem(latest, e->key, value) < 0) {
+            Py_DECREF(value);
+            return -1;
+        }
+    }
+    e->cached = value; /* the reference made above */
+    e->cached_gen = self->gen;
+    Py_XDECREF(cached);
+    return 0;
 }
 
 /* encode(frame, received_at_ns, latest) -> (publishes, fields, ticks, malformed) */
@@ -341,6 +375,10 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     }
     uint64_t received = PyLong_AsUnsignedLongLong(args[1]);
     if (received == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    uint64_t latest_version = dict_version(latest);
+    if (latest_version == 0 || latest_version != self->latest_version)
+        self->gen++; /* no entry's cached payload is known to be the dict's any more */
+    self->latest_version = 0; /* until this call has finished its writes */
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
     const unsigned char *frame = view.buf;
@@ -375,7 +413,7 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     char *fout = PyBytes_AS_STRING(fields);
 
     /* Pass 2: write each known packet's payload and its PUBLISH. */
-    uint64_t version = claimed_version(self->claimed); /* nothing below changes the dict */
+    uint64_t version = dict_version(self->claimed); /* nothing below changes the dict */
     uint64_t vals[2 * MAX_FIELDS + 5]; /* raw fields, prices, then the derived values */
     pos = 2;
     Py_ssize_t known = ticks;
@@ -471,11 +509,12 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
         fout += l->payload_len;
         *fout++ = '\r'; *fout++ = '\n';
 
-        if (set_latest(latest, key, payload, l->payload_len) < 0) goto done;
+        if (set_latest(self, latest, &self->seqs.entries[slot], payload, l->payload_len) < 0) goto done;
     }
     if (_PyBytes_Resize(&resp, out - PyBytes_AS_STRING(resp)) < 0) goto done;
     if (_PyBytes_Resize(&fields, fout - PyBytes_AS_STRING(fields)) < 0) goto done;
     result = Py_BuildValue("(OOnn)", resp, fields, ticks, malformed);
+    self->latest_version = dict_version(latest);
 done:
     Py_XDECREF(resp);
     Py_XDECREF(fields);

@@ -273,7 +273,7 @@ def test_a_cached_payload_someone_holds_is_never_changed(path: str) -> None:
     enc, latest = _fresh(path), {}
     enc.encode(_ltp(5), 1, latest)
     held = latest[5]
-    copy = bytes(held)
+    copy = bytearray(held)  # bytes(held) would be held itself
     enc.encode(_ltp(5), 2, latest)
     assert held == copy and msgpack.unpackb(held)["seq"] == 1
     assert msgpack.unpackb(latest[5])["seq"] == 2
@@ -305,3 +305,64 @@ def test_compiled_and_python_agree_across_releases_and_claims(steps) -> None:
             frame = _ltp(*tokens)
             assert python.encode(frame, 3, {}) == compiled.encode(frame, 3, {})
         assert (python.tracked(), python.unclaimed) == (compiled.tracked(), compiled.unclaimed)
+
+
+@both_paths
+def test_a_payload_taken_out_of_the_cache_is_never_changed(path: str) -> None:
+    """The compiled path skips the cache dict while the dict has not changed since its own
+    last write; a payload someone popped, or replaced, in between must stay as it was, and
+    the dict must get the newest."""
+    enc, latest = _fresh(path), {}
+    enc.encode(_ltp(5, 6), 1, latest)
+    popped = latest.pop(5)  # the popper's reference and the encoder's: no one else's
+    enc.encode(_ltp(5, 6), 2, latest)
+    assert msgpack.unpackb(popped)["seq"] == 1
+    assert [msgpack.unpackb(latest[t])["seq"] for t in (5, 6)] == [2, 2]
+    replaced = latest[6]
+    latest[6] = b"someone else's"
+    enc.encode(_ltp(6), 3, latest)
+    assert msgpack.unpackb(replaced)["seq"] == 2 and msgpack.unpackb(latest[6])["seq"] == 3
+    other: dict[int, bytes] = {}
+    enc.encode(_ltp(6), 4, other)  # another dict: neither is written through the other
+    assert msgpack.unpackb(latest[6])["seq"] == 3 and msgpack.unpackb(other[6])["seq"] == 4
+
+
+_CACHE_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("encode"), st.lists(st.integers(1, 6), max_size=8), st.booleans()),
+        st.tuples(st.sampled_from(["pop", "hold", "replace", "release"]), st.integers(1, 6), st.booleans()),
+    ),
+    max_size=40,
+)
+
+
+def _take(cache: dict[int, bytes], step: str, token: int) -> tuple[bytes, bytearray]:
+    """Pop, hold or replace a token's cached payload: the object taken and a copy of it."""
+    value = cache.pop(token) if step == "pop" else cache[token]
+    if step == "replace":
+        cache[token] = b"replaced"
+    return value, bytearray(value)  # a copy: bytes(value) is value itself
+
+
+@needs_compiled
+@settings(max_examples=300)
+@given(_CACHE_STEPS)
+def test_compiled_and_python_keep_the_same_cache_whatever_else_touches_it(steps) -> None:
+    """Whatever happens to the cache dict between calls (a pop, a held value, a value
+    replaced, a release, another dict), both paths leave the same dicts, and every bytes
+    object anyone took out of them keeps its value."""
+    paths = {name: (_fresh(name), {}, {}) for name in ("python", "compiled")}
+    held: dict[str, list[tuple[bytes, bytearray]]] = {name: [] for name in paths}
+    for step, arg, flag in steps:
+        for name, (enc, latest, other) in paths.items():
+            target = other if flag else latest
+            if step == "encode":
+                enc.encode(_ltp(*arg), 9, target)
+            elif step == "release":
+                enc.release([arg])
+            elif arg in target:
+                held[name].append(_take(target, step, arg))  # no local name keeps it alive
+        python, compiled = paths["python"], paths["compiled"]
+        assert (python[1], python[2]) == (compiled[1], compiled[2])
+        for name in paths:
+            assert all(value == copy for value, copy in held[name])
