@@ -194,9 +194,10 @@ static int slot_code_of(PyObject *code) {
 static const int SLOT_WIDTH[] = {4, 2, 8, 8, 1};
 static const int SLOT_GROUP[] = {1, 2, 0, 0, 3}; /* index of the width in Layout.nwidth */
 
-/* One layout from a tuple: (field_offsets, price_fields, has_ohlc, last_k, close_k,
- * chunks, slot_specs), each as kitewire/codec.py's _PayloadWriter holds them. */
-static Layout *layout_from(PyObject *spec) {
+/* One layout of packets ``length`` bytes long from a tuple: (field_offsets, price_fields,
+ * has_ohlc, last_k, close_k, chunks, slot_specs), each as kitewire/codec.py's
+ * _PayloadWriter holds them. Every index and offset is checked: encode() trusts them. */
+static Layout *layout_from(PyObject *spec, long length) {
     PyObject *offsets, *prices, *chunks, *slots;
     int has_ohlc, last_k, close_k;
     if (!PyArg_ParseTuple(spec, "OOpiiOO", &offsets, &prices, &has_ohlc, &last_k, &close_k,
@@ -213,12 +214,26 @@ static Layout *layout_from(PyObject *spec) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "layout program out of bounds");
         goto fail;
     }
-    for (int i = 0; i < l->nfields; i++)
+    for (int i = 0; i < l->nfields; i++) {
         if (!PyArg_ParseTuple(PyList_GET_ITEM(offsets, i), "ii", &l->offsets[i], &l->widths[i]))
             goto fail;
+        if ((l->widths[i] != 2 && l->widths[i] != 4) || l->offsets[i] < 0
+            || l->offsets[i] + l->widths[i] > length || (i == 0 && (l->offsets[0] != 0 || l->widths[0] != 4))) {
+            PyErr_SetString(PyExc_ValueError, "field outside the packet (the first must be the token)");
+            goto fail;
+        }
+    }
+    if (l->nfields == 0) {
+        PyErr_SetString(PyExc_ValueError, "a layout without fields");
+        goto fail;
+    }
     for (int i = 0; i < l->nprices; i++) {
         l->prices[i] = (int)PyLong_AsLong(PyList_GET_ITEM(prices, i));
         if (PyErr_Occurred()) goto fail;
+        if (l->prices[i] < 0 || l->prices[i] >= l->nfields) {
+            PyErr_SetString(PyExc_ValueError, "price field out of range");
+            goto fail;
+        }
     }
     int nsources = l->nfields + l->nprices + 5; /* + tradable, change, received, seq, epoch */
     Py_ssize_t total = 0;
@@ -284,7 +299,7 @@ static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwds) {
             PyErr_SetString(PyExc_ValueError, "packet length out of range");
             return -1;
         }
-        Layout *l = layout_from(value);
+        Layout *l = layout_from(value, length);
         if (l == NULL) return -1;
         PyMem_Free(self->layouts[length]);
         self->layouts[length] = l;

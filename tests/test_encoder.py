@@ -366,3 +366,25 @@ def test_compiled_and_python_keep_the_same_cache_whatever_else_touches_it(steps)
         assert (python[1], python[2]) == (compiled[1], compiled[2])
         for name in paths:
             assert all(value == copy for value, copy in held[name])
+
+
+@needs_compiled
+def test_the_compiled_encoder_refuses_a_program_that_reads_outside_its_packet() -> None:
+    """encode() trusts its programs' offsets, so the constructor checks every one."""
+    from kitewire import _speedups
+
+    programs = encoder._programs()
+    length = min(programs)  # ltp: 8 bytes
+    offsets, prices, *rest = programs[length]
+    bad = {
+        "a field past the packet's end": ([*offsets[:-1], (length - 2, 4)], prices),
+        "a field at a negative offset": ([*offsets[:-1], (-1, 4)], prices),
+        "a field 3 bytes wide": ([*offsets[:-1], (offsets[-1][0], 3)], prices),
+        "the token not first": ([offsets[-1], offsets[0]], prices),
+        "a price that is no field": (offsets, [len(offsets)]),
+    }
+    for why, (bad_offsets, bad_prices) in bad.items():
+        with pytest.raises(ValueError):
+            _speedups.Encoder({length: (bad_offsets, bad_prices, *rest)}, b"PUBLISH", PREFIX)
+            pytest.fail(why)
+    assert _speedups.Encoder({length: (offsets, prices, *rest)}, b"PUBLISH", PREFIX).tracked() == 0
