@@ -167,11 +167,13 @@ async def strategy_main(url: str, cluster: bool, name: str) -> None:
     ``report`` (once quiet) prints per phase what it received and the latencies."""
     from consumers.subscriber import TickSubscriber
 
-    spec = json.loads(sys.stdin.readline())
-    os.nice(spec["nice"])
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    # the spec through the same reader: a buffered sys.stdin would read ahead and keep the
+    # driver's next command from it
+    spec = json.loads(await reader.readline())
+    os.nice(spec["nice"])
     delays: dict[int, array[int]] = {phase: array("I") for phase in spec["phases"]}
     async with TickSubscriber(url, client=name, namespace=NS, cluster=cluster) as sub:
         await sub.subscribe(spec["tokens"], mode="full")
