@@ -419,6 +419,12 @@ async def start_publisher(
     return await asyncio.create_subprocess_exec(sys.executable, *args, env=env)
 
 
+async def stop(publisher: asyncio.subprocess.Process) -> None:
+    """Stop a publisher and wait for it to end."""
+    publisher.terminate()
+    await publisher.wait()
+
+
 async def bench(args: argparse.Namespace) -> None:
     tokens = [(n << 8) | 1 for n in range(1, args.tokens + 1)]
     cluster = LocalCluster(3) if args.cluster else None
@@ -456,7 +462,7 @@ async def bench(args: argparse.Namespace) -> None:
           f"Python {platform.python_version()}, redis {version}; speedups={'C' if SPEEDUPS else 'off'}")
     print(f"# {args.tokens} tokens over 3 connections; bursts of {per_connection * 3:,} ticks "
           f"(500 packets a frame); {where}, the pub/sub output-buffer limit lifted")
-    rows: dict[tuple[str, str, str], dict] = {}
+    rows: dict[tuple[str, str, str, str], dict] = {}
     limits = {}
     publisher = None
     try:
@@ -464,48 +470,45 @@ async def bench(args: argparse.Namespace) -> None:
             limits[mode] = await bus_limit(run, sizes[mode], cluster)
         kinds = ["kitebus"] + ([] if args.skip_null or cluster else ["null"])
         rss = 0.0
-        for kind in kinds:
-            publisher = await start_publisher(kind, env, modes[0], args.tokens)
-            for mode in modes:
-                if kind == "null":  # the prebuilt chunk has the mode's payload
-                    publisher.terminate()
-                    await publisher.wait()
+        bursts: dict[tuple[str, str, str, str], list[dict]] = {}
+        # kitebus and the null take turns, a round of one burst of each kind at a time, so
+        # that a machine that slows down for a minute slows both down
+        for mode in modes:
+            for _ in range(args.repeat):
+                for kind in kinds:
                     publisher = await start_publisher(kind, env, mode, args.tokens)
-                result = await control.subscribe(tokens, mode=mode, client="bench", timeout=60)
-                assert result.ok, result.error
-                assert (await control.set_mode(tokens, mode, client="bench", timeout=60)).ok
-                await asyncio.wait_for(ask(feed, f"wait {mode} {args.tokens}"), 60)
-                for feed_kind in feeds:
-                    for shape in ("sequential", "interleaved"):
-                        runs = [
-                            await burst(
+                    result = await control.subscribe(tokens, mode=mode, client="bench", timeout=60)
+                    assert result.ok, result.error
+                    assert (await control.set_mode(tokens, mode, client="bench", timeout=60)).ok
+                    await asyncio.wait_for(ask(feed, f"wait {mode} {args.tokens}"), 60)
+                    for feed_kind in feeds:
+                        for shape in ("sequential", "interleaved"):
+                            one = await burst(
                                 run, feed, publisher.pid, redis_pids, per_connection, shape, FEEDS[feed_kind]
                             )
-                            for _ in range(args.repeat)
-                        ]
-                        total = {k: sum(r[k] for r in runs) for k in runs[0] if k not in ("rate", "busy")}
-                        cpus = sorted(r["cpu"] / max(r["received"], 1) * 1e7 for r in runs)
-                        rows[(mode, feed_kind, shape, kind)] = {
-                            **total, "rates": sorted(r["rate"] for r in runs), "cpus": cpus,
-                            "busy": statistics.median(r["busy"] for r in runs),
-                        }
-            if not args.skip_latency and "full" in modes:
-                if kind == "null":  # the latency probe: the null publisher carrying each frame's stamp
-                    publisher.terminate()
-                    await publisher.wait()
-                    publisher = await start_publisher(kind, env, "full", args.tokens, stamped=True)
+                            bursts.setdefault((mode, feed_kind, shape, kind), []).append(one)
+                    if kind == "kitebus":
+                        rss = max(rss, peak_rss_mb(publisher.pid))
+                    await stop(publisher)
+                    publisher = None
+        for key, runs in sorted(bursts.items(), key=lambda item: kinds.index(item[0][3])):
+            total = {k: sum(r[k] for r in runs) for k in runs[0] if k not in ("rate", "busy")}
+            rows[key] = {
+                **total, "rates": sorted(r["rate"] for r in runs),
+                "cpus": sorted(r["cpu"] / max(r["received"], 1) * 1e7 for r in runs),
+                "busy": statistics.median(r["busy"] for r in runs),
+            }  # fmt: skip
+        if not args.skip_latency and "full" in modes:
+            for kind in kinds:  # null: the latency probe, the null publisher carrying each frame's stamp
+                publisher = await start_publisher(kind, env, "full", args.tokens, stamped=kind == "null")
                 await control.set_mode(tokens, "full", client="bench", timeout=60)
                 await asyncio.wait_for(ask(feed, f"wait full {args.tokens}"), 60)
                 for rate in map(int, args.rates.split(",")):
                     consumer = await run.consumer(10**9, latency=True)
                     await ask(feed, f"steady {rate} {args.seconds}")
-                    got = await run.result(consumer)
-                    rows[("latency", "", str(rate), kind)] = got
-            if kind == "kitebus":
-                rss = peak_rss_mb(publisher.pid)
-            publisher.terminate()
-            await publisher.wait()
-            publisher = None
+                    rows[("latency", "", str(rate), kind)] = await run.result(consumer)
+                await stop(publisher)
+                publisher = None
         report(rows, limits, modes, rss)
     finally:
         if publisher is not None and publisher.returncode is None:
