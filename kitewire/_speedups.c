@@ -218,7 +218,7 @@ static Layout *layout_from(PyObject *spec, long length) {
         if (!PyArg_ParseTuple(PyList_GET_ITEM(offsets, i), "ii", &l->offsets[i], &l->widths[i]))
             goto fail;
         if ((l->widths[i] != 2 && l->widths[i] != 4) || l->offsets[i] < 0
-            || l->offsets[i] + l->widths[i] > length || (i == 0 && (l->offsets[0] != 0 || l->widths[0] != 4))) {
+            || l->offsets[i] > length - l->widths[i] || (i == 0 && (l->offsets[0] != 0 || l->widths[0] != 4))) {
             PyErr_SetString(PyExc_ValueError, "field outside the packet (the first must be the token)");
             goto fail;
         }
@@ -347,10 +347,23 @@ static inline void overwrite(PyObject *bytes, const unsigned char *payload, Py_s
  * place when only the dict and the entry hold it and it has the same length (a token's
  * payloads in one mode all do): no allocation, free or insertion per tick. Bytes are
  * immutable to whoever can see them, and here nobody else can; the cached hash is reset
- * all the same. While the dict has not changed since this encoder's last write (``gen``),
- * the entry's ``cached`` is the dict's value and the dict is not even looked in. */
+ * all the same.
+ *
+ * The dict is not even looked in while its version is the one this encoder last saw and
+ * the entry's ``cached`` was found or put there under that version (``gen``): then it is
+ * still the dict's value. Any other change to the dict, between calls or by Python code
+ * run inside one (a garbage collector's callback, a container's ``__contains__``, a key's
+ * ``__eq__``), gives it a new version, and every entry must be looked up again. The
+ * version is taken only where no Python code can have run since it was read: after the
+ * encoder's own insertion (which may drop the value it replaces, and run its finaliser)
+ * it is left stale on purpose. */
 static int set_latest(Encoder *self, PyObject *latest, SeqEntry *e, const unsigned char *payload,
                       Py_ssize_t len) {
+    uint64_t version = dict_version(latest);
+    if (version == 0 || version != self->latest_version) {
+        self->gen++; /* no entry's cached payload is known to be the dict's any more */
+        self->latest_version = version;
+    }
     PyObject *cached = e->cached;
     if (cached != NULL && e->cached_gen == self->gen && Py_REFCNT(cached) == 2
         && PyBytes_GET_SIZE(cached) == len) {
@@ -359,6 +372,7 @@ static int set_latest(Encoder *self, PyObject *latest, SeqEntry *e, const unsign
     }
     PyObject *value = PyDict_GetItemWithError(latest, e->key);
     if (value == NULL && PyErr_Occurred()) return -1;
+    int untouched = version != 0 && dict_version(latest) == version; /* no key's __eq__ changed it */
     if (value != NULL && PyBytes_CheckExact(value) && Py_REFCNT(value) == 1 + (value == cached)
         && PyBytes_GET_SIZE(value) == len) {
         overwrite(value, payload, len);
@@ -370,7 +384,9 @@ static int set_latest(Encoder *self, PyObject *latest, SeqEntry *e, const unsign
             Py_DECREF(value);
             return -1;
         }
+        untouched = 0;
     }
+    if (!untouched) self->latest_version = 0; /* the next call starts a new generation */
     e->cached = value; /* the reference made above */
     e->cached_gen = self->gen;
     Py_XDECREF(cached);
@@ -390,14 +406,12 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     }
     uint64_t received = PyLong_AsUnsignedLongLong(args[1]);
     if (received == (uint64_t)-1 && PyErr_Occurred()) return NULL;
-    uint64_t latest_version = dict_version(latest);
-    if (latest_version == 0 || latest_version != self->latest_version)
-        self->gen++; /* no entry's cached payload is known to be the dict's any more */
-    self->latest_version = 0; /* until this call has finished its writes */
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
-    const unsigned char *frame = view.buf;
-    Py_ssize_t size = view.len;
+    /* bytes, because the frame is read twice and Python code can run in between (see
+     * set_latest): a bytearray changed between the passes would outgrow the output's bound */
+    PyObject *frame_bytes = PyBytes_FromObject(args[0]); /* bytes itself: a new reference */
+    if (frame_bytes == NULL) return NULL;
+    const unsigned char *frame = (const unsigned char *)PyBytes_AS_STRING(frame_bytes);
+    Py_ssize_t size = PyBytes_GET_SIZE(frame_bytes);
     PyObject *resp = NULL, *fields = NULL, *result = NULL;
     Py_ssize_t ticks = 0, malformed = 0, bound = 0, fields_bound = 0;
     unsigned count = size >= 2 ? ((unsigned)frame[0] << 8 | frame[1]) : 0;
@@ -529,11 +543,10 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     if (_PyBytes_Resize(&resp, out - PyBytes_AS_STRING(resp)) < 0) goto done;
     if (_PyBytes_Resize(&fields, fout - PyBytes_AS_STRING(fields)) < 0) goto done;
     result = Py_BuildValue("(OOnn)", resp, fields, ticks, malformed);
-    self->latest_version = dict_version(latest);
 done:
     Py_XDECREF(resp);
     Py_XDECREF(fields);
-    PyBuffer_Release(&view);
+    Py_DECREF(frame_bytes);
     return result;
 }
 

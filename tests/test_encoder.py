@@ -282,7 +282,7 @@ def test_a_cached_payload_someone_holds_is_never_changed(path: str) -> None:
     enc.encode(_ltp(5), 3, latest)
     newest = latest[5]
     assert msgpack.unpackb(newest)["seq"] == 3 and msgpack.unpackb(newest)["received_at_ns"] == 3
-    assert hash(newest) == hash(bytes(newest))  # the cached hash was reset with the bytes
+    assert hash(newest) == hash(bytes(bytearray(newest)))  # the cached hash was reset with the bytes
 
 
 @needs_compiled
@@ -325,6 +325,86 @@ def test_a_payload_taken_out_of_the_cache_is_never_changed(path: str) -> None:
     other: dict[int, bytes] = {}
     enc.encode(_ltp(6), 4, other)  # another dict: neither is written through the other
     assert msgpack.unpackb(latest[6])["seq"] == 3 and msgpack.unpackb(other[6])["seq"] == 4
+
+
+class _Meddler:
+    """Claims every token, and on its ``when``-th question runs ``act``: Python code run in
+    the middle of encode(), as a garbage collector's callback or a finaliser can be."""
+
+    def __init__(self, when: int, act) -> None:
+        self.asked, self.when, self.act = 0, when, act
+
+    def __contains__(self, token: object) -> bool:
+        self.asked += 1
+        if self.asked == self.when:
+            self.act()
+        return True
+
+
+@both_paths
+def test_a_payload_taken_out_of_the_cache_during_a_call_is_never_changed(path: str) -> None:
+    """Python code run inside encode() that pops a payload and keeps it must not have its
+    change taken for the encoder's own: the payload stays, the dict gets the newest."""
+    enc, latest = _fresh(path), {}
+    enc.encode(_ltp(5, 6), 1, latest)
+    enc.encode(_ltp(5, 6), 2, latest)  # both cached and known to be the dict's
+    taken: list[tuple[bytes, bytearray]] = []
+    enc.set_claimed(_Meddler(2, lambda: taken.append(_take(latest, "pop", 5))))
+    enc.encode(_ltp(5, 6, 5), 3, latest)  # 5 is popped while 6 is asked about
+    enc.encode(_ltp(5, 6), 4, latest)
+    (popped, copy), = taken
+    assert popped == copy and msgpack.unpackb(popped)["seq"] == 3  # the first 5 of the frame
+    assert [msgpack.unpackb(latest[t])["seq"] for t in (5, 6)] == [5, 4]
+
+
+@both_paths
+def test_a_garbage_collector_callback_that_touches_the_cache_changes_nothing_it_holds(path: str) -> None:
+    """The same, from a gc callback: any allocation of a container inside encode() (its
+    result's tuple, say) may run one."""
+    import gc
+
+    enc, latest = _fresh(path), {}
+    for at in (1, 2):
+        enc.encode(_ltp(*range(1, 7)), at, latest)
+    taken: list[tuple[bytes, bytearray]] = []
+
+    def meddle(phase: str, info: dict) -> None:
+        if phase == "start" and not taken:
+            taken.append(_take(latest, "pop", 3))
+            taken.append(_take(latest, "replace", 4))
+
+    frame = _ltp(*range(1, 7))  # made before: the first collection is to come inside encode()
+    # 4-tuples held, so the result's tuple cannot come from the free list (which the
+    # collector does not count) and triggers a collection after all the call's writes
+    emptied = [tuple(range(i, i + 4)) for i in range(3000)]
+    gc.callbacks.append(meddle)
+    threshold = gc.get_threshold()
+    gc.set_threshold(1)  # a collection at (nearly) every allocation of a container
+    results = []  # kept, so each result's tuple counts towards the next collection
+    try:
+        for at in range(3, 8):
+            results.append(enc.encode(frame, at, latest))
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(meddle)
+    assert taken and all(value == copy for value, copy in taken) and len(emptied) == 3000
+    assert [msgpack.unpackb(latest[t])["seq"] for t in range(1, 7)] == [7] * 6
+
+
+@both_paths
+def test_a_frame_changed_during_the_call_is_encoded_as_it_was(path: str) -> None:
+    """A bytearray frame rewritten by Python code run inside encode() (a longer packet
+    length, say) must not be read twice: the output is the frame's as it was passed."""
+    original = _ltp(5, 6, 7)
+    expected = _fresh(path).encode(original, 1, {})
+    frame = bytearray(original)
+
+    def rewrite() -> None:  # asked about the first packet: the second is still to be read
+        frame[12:14] = (184).to_bytes(2, "big")  # now it claims to be a full one
+
+    enc = _fresh(path)
+    enc.set_claimed(_Meddler(1, rewrite))
+    assert enc.encode(frame, 1, {}) == expected
 
 
 _CACHE_STEPS = st.lists(
@@ -382,6 +462,8 @@ def test_the_compiled_encoder_refuses_a_program_that_reads_outside_its_packet() 
         "a field 3 bytes wide": ([*offsets[:-1], (offsets[-1][0], 3)], prices),
         "the token not first": ([offsets[-1], offsets[0]], prices),
         "a price that is no field": (offsets, [len(offsets)]),
+        "a field so far out its end overflows": ([*offsets[:-1], (2**31 - 2, 4)], prices),
+        "no fields at all": ([], []),
     }
     for why, (bad_offsets, bad_prices) in bad.items():
         with pytest.raises(ValueError):
