@@ -24,26 +24,34 @@ def measured_on() -> str:
     return f"commit {sha}" + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+_THREAD_NS: dict[int, dict[str, int]] = {}  # pid -> thread id -> its last schedstat reading
+_ENDED_NS: dict[int, int] = {}  # pid -> nanoseconds of its threads whose id was taken again
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time a running process has used, all its threads. ``/proc/<pid>/stat`` counts the
     whole process (ended threads too) but in clock ticks (10 ms), too coarse for a short
     burst's ratio; the scheduler's nanosecond count (``/proc/<pid>/task/*/schedstat``)
-    is exact but only for the threads still alive. The larger of the two is the nearest."""
+    is exact for each thread, and a thread that has ended keeps the count it had when this
+    function last saw it. The larger of the two is the nearest."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    exact = 0
+    seen = _THREAD_NS.setdefault(pid, {})
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return ticks
+        tasks = []
     for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
-                exact += int(schedstat.read().split()[0])
+                ns = int(schedstat.read().split()[0])
         except (OSError, ValueError, IndexError):  # a thread that has just ended; no schedstat
             continue
-    return max(ticks, exact / 1e9)
+        if ns < seen.get(task, 0):  # a new thread under an ended one's id
+            _ENDED_NS[pid] = _ENDED_NS.get(pid, 0) + seen[task]
+        seen[task] = ns
+    return max(ticks, (sum(seen.values()) + _ENDED_NS.get(pid, 0)) / 1e9)
 
 
 async def start_simulator(rate: float) -> tuple[asyncio.subprocess.Process, str]:
