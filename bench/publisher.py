@@ -419,10 +419,10 @@ async def start_publisher(
     return await asyncio.create_subprocess_exec(sys.executable, *args, env=env)
 
 
-async def stop(publisher: asyncio.subprocess.Process) -> None:
-    """Stop a publisher and wait for it to end."""
-    publisher.terminate()
-    await publisher.wait()
+async def stop(process: asyncio.subprocess.Process) -> None:
+    """Stop a publisher (or the feed) and wait for it to end."""
+    process.terminate()
+    await process.wait()
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -511,12 +511,9 @@ async def bench(args: argparse.Namespace) -> None:
                 publisher = None
         report(rows, limits, modes, rss)
     finally:
-        if publisher is not None and publisher.returncode is None:
-            publisher.terminate()
-            await publisher.wait()
-        if feed.returncode is None:
-            feed.terminate()
-            await feed.wait()
+        for process in (publisher, feed):
+            if process is not None and process.returncode is None:
+                await stop(process)
         await rds.aclose()
         server.stop()
 
@@ -575,7 +572,7 @@ def report(rows: dict, limits: dict, modes: list[str], rss: float) -> None:
                 print(f"  {'':>7}  of which publisher read -> consumer: p50 {p50:.2f}  p99 {p99:.2f}"
                       f"  p99.9 {p999:.2f}  max {top:.2f}")  # fmt: skip
     print()
-    print(f"publisher peak RSS {rss:.0f} MB")
+    print(f"publisher peak RSS {rss:.0f} MB (over the bursts; the latency runs' publishers are not counted)")
 
 
 def _quantiles(us: list[int]) -> list[float]:
