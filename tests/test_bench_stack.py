@@ -2,37 +2,66 @@
 
 from __future__ import annotations
 
-import os
-import threading
-import time
+import subprocess
+import sys
+import textwrap
 
 from bench.stack import cpu_seconds
 
+# A fresh process (no thread of it has ended before the first reading, as in a publisher
+# the benchmarks start): on each line read it does the next step and answers with its own
+# process_time (every thread, the kernel's nanosecond count).
+_CHILD = textwrap.dedent(
+    """
+    import sys, threading, time
 
-def _spin(seconds: float) -> None:
-    end = time.thread_time() + seconds
-    while time.thread_time() < end:
-        pass
+    def spin(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
 
+    def answer():
+        print(time.process_time(), flush=True)
 
-def test_cpu_seconds_counts_every_thread_to_the_millisecond() -> None:
-    pid = os.getpid()
-    before, process_before = cpu_seconds(pid), time.process_time()
     spun, done = threading.Event(), threading.Event()
 
-    def worker() -> None:
-        _spin(0.05)
+    def worker():
+        spin(0.05)
         spun.set()
         done.wait(10)
 
+    answer()
+    sys.stdin.readline()
     thread = threading.Thread(target=worker)
     thread.start()
-    _spin(0.05)
-    assert spun.wait(10)
-    used, process_used = cpu_seconds(pid) - before, time.process_time() - process_before
-    assert used >= 0.095  # both threads' 50 ms: the worker's is not missed
-    assert abs(used - process_used) < 0.003  # the process's own nanosecond clock agrees
+    spin(0.05)
+    spun.wait(10)
+    answer()
+    sys.stdin.readline()
     done.set()
     thread.join()
-    after = cpu_seconds(pid) - before
-    assert used <= after < used + 0.05  # the ended thread keeps what it had used, exactly
+    answer()
+    sys.stdin.readline()
+    """
+)
+
+
+def test_cpu_seconds_counts_every_thread_to_the_millisecond() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        readings = []
+        for _ in range(3):  # idle, both threads spun, the worker ended
+            own = float(child.stdout.readline())
+            readings.append((cpu_seconds(child.pid), own))
+            child.stdin.write("\n")
+            child.stdin.flush()
+        (before, own_before), (spun, own_spun), (ended, own_ended) = readings
+        assert spun - before >= 0.095  # both threads' 50 ms: the worker's is not missed
+        assert abs((spun - before) - (own_spun - own_before)) < 0.003  # to the millisecond
+        assert abs((ended - before) - (own_ended - own_before)) < 0.003  # the ended thread kept
+    finally:
+        child.kill()
+        child.wait()
