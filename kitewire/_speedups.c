@@ -148,11 +148,15 @@ typedef struct {
     Layout *layouts[MAX_LENGTH];
     SeqTable seqs;
     PyObject *claimed; /* tokens whose packets are published; NULL: all */
-    /* The last-value cache dict's version after the last call, and the generation of the
-     * entries' ``cached`` that may be trusted: bumped whenever the call's dict is in
-     * another state (changed by anyone but this encoder, or another dict: versions are
-     * unique across dicts too). */
+    /* The last-value cache dict's version when the current generation of the entries'
+     * ``cached`` began, and that generation: a new one begins whenever the dict is found in
+     * another state (changed by anyone, this encoder's own insertions included, or another
+     * dict: versions are unique across dicts too). */
     uint64_t latest_version, gen;
+    /* inside encode(): Python code it runs (a container's __contains__, a finaliser, a gc
+     * callback) may not call encode, release, set_claimed or __init__ of this encoder,
+     * which would change the table and layouts under the call's pointers */
+    int busy;
     Py_ssize_t unclaimed; /* packets skipped: their token was not in ``claimed`` */
     uint64_t epoch;
     char command[64]; /* "*3\r\n$7\r\nPUBLISH\r\n" */
@@ -198,13 +202,19 @@ static const int SLOT_GROUP[] = {1, 2, 0, 0, 3}; /* index of the width in Layout
  * has_ohlc, last_k, close_k, chunks, slot_specs), each as kitewire/codec.py's
  * _PayloadWriter holds them. Every index and offset is checked: encode() trusts them. */
 static Layout *layout_from(PyObject *spec, long length) {
-    PyObject *offsets, *prices, *chunks, *slots;
+    PyObject *given[4], *offsets = NULL, *prices = NULL, *chunks = NULL, *slots = NULL;
     int has_ohlc, last_k, close_k;
-    if (!PyArg_ParseTuple(spec, "OOpiiOO", &offsets, &prices, &has_ohlc, &last_k, &close_k,
-                          &chunks, &slots))
+    if (!PyArg_ParseTuple(spec, "O!O!piiO!O!", &PyList_Type, &given[0], &PyList_Type, &given[1],
+                          &has_ohlc, &last_k, &close_k, &PyList_Type, &given[2], &PyList_Type, &given[3]))
         return NULL;
     Layout *l = PyMem_Calloc(1, sizeof(Layout));
     if (l == NULL) { PyErr_NoMemory(); return NULL; }
+    /* copies nobody else holds: an item's __index__ could change the lists given */
+    if ((offsets = PyList_GetSlice(given[0], 0, PY_SSIZE_T_MAX)) == NULL
+        || (prices = PyList_GetSlice(given[1], 0, PY_SSIZE_T_MAX)) == NULL
+        || (chunks = PyList_GetSlice(given[2], 0, PY_SSIZE_T_MAX)) == NULL
+        || (slots = PyList_GetSlice(given[3], 0, PY_SSIZE_T_MAX)) == NULL)
+        goto fail;
     l->has_ohlc = has_ohlc; l->last_k = last_k; l->close_k = close_k;
     l->nfields = (int)PyList_Size(offsets);
     l->nprices = (int)PyList_Size(prices);
@@ -259,10 +269,22 @@ static Layout *layout_from(PyObject *spec, long length) {
     }
     l->payload_len = total;
     l->bulk_header_len = snprintf(l->bulk_header, sizeof l->bulk_header, "$%zd\r\n", total);
-    return l;
+    goto done;
 fail:
     PyMem_Free(l);
-    return NULL;
+    l = NULL;
+done:
+    Py_XDECREF(offsets);
+    Py_XDECREF(prices);
+    Py_XDECREF(chunks);
+    Py_XDECREF(slots);
+    return l;
+}
+
+static int refuse_if_busy(Encoder *self) {
+    if (!self->busy) return 0;
+    PyErr_SetString(PyExc_RuntimeError, "the encoder was called from inside its own encode()");
+    return -1;
 }
 
 static void Encoder_dealloc(Encoder *self) {
@@ -281,6 +303,7 @@ static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwds) {
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!y#y#|K", kwlist, &PyDict_Type, &layouts, &command,
                                      &command_len, &prefix, &prefix_len, &epoch))
         return -1;
+    if (refuse_if_busy(self) < 0) return -1;
     self->epoch = epoch;
     if (command_len > 40 || prefix_len > 200) {
         PyErr_SetString(PyExc_ValueError, "command or channel prefix too long");
@@ -290,21 +313,27 @@ static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwds) {
                                  command_len, (int)command_len, command);
     memcpy(self->prefix, prefix, prefix_len);
     self->prefix_len = (int)prefix_len;
-    PyObject *key, *value;
-    Py_ssize_t pos = 0;
-    while (PyDict_Next(layouts, &pos, &key, &value)) {
-        long length = PyLong_AsLong(key);
-        if (PyErr_Occurred()) return -1;
+    /* a copy of the items: a key's __index__ could change the dict under PyDict_Next */
+    PyObject *items = PyDict_Items(layouts);
+    if (items == NULL) return -1;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *item = PyList_GET_ITEM(items, i); /* a (length, spec) tuple */
+        long length = PyLong_AsLong(PyTuple_GET_ITEM(item, 0));
+        if (length == -1 && PyErr_Occurred()) goto fail;
         if (length <= 0 || length >= MAX_LENGTH) {
             PyErr_SetString(PyExc_ValueError, "packet length out of range");
-            return -1;
+            goto fail;
         }
-        Layout *l = layout_from(value, length);
-        if (l == NULL) return -1;
+        Layout *l = layout_from(PyTuple_GET_ITEM(item, 1), length);
+        if (l == NULL) goto fail;
         PyMem_Free(self->layouts[length]);
         self->layouts[length] = l;
     }
+    Py_DECREF(items);
     return 0;
+fail:
+    Py_DECREF(items);
+    return -1;
 }
 
 static inline int u32_digits(uint32_t v) {
@@ -349,14 +378,12 @@ static inline void overwrite(PyObject *bytes, const unsigned char *payload, Py_s
  * immutable to whoever can see them, and here nobody else can; the cached hash is reset
  * all the same.
  *
- * The dict is not even looked in while its version is the one this encoder last saw and
- * the entry's ``cached`` was found or put there under that version (``gen``): then it is
- * still the dict's value. Any other change to the dict, between calls or by Python code
- * run inside one (a garbage collector's callback, a container's ``__contains__``, a key's
- * ``__eq__``), gives it a new version, and every entry must be looked up again. The
- * version is taken only where no Python code can have run since it was read: after the
- * encoder's own insertion (which may drop the value it replaces, and run its finaliser)
- * it is left stale on purpose. */
+ * The dict is not even looked in while its version has not changed since the current
+ * generation began and the entry's ``cached`` was found or put there in it: then it is
+ * still the dict's value. Any change to the dict, by Python code between calls or inside
+ * one (a gc callback, a container's ``__contains__``, a key's ``__eq__``, the finaliser of
+ * a value this insertion dropped) or by this encoder's own insertion, gives it a new
+ * version, so the next write begins a new generation and looks the dict up again. */
 static int set_latest(Encoder *self, PyObject *latest, SeqEntry *e, const unsigned char *payload,
                       Py_ssize_t len) {
     uint64_t version = dict_version(latest);
@@ -372,7 +399,6 @@ static int set_latest(Encoder *self, PyObject *latest, SeqEntry *e, const unsign
     }
     PyObject *value = PyDict_GetItemWithError(latest, e->key);
     if (value == NULL && PyErr_Occurred()) return -1;
-    int untouched = version != 0 && dict_version(latest) == version; /* no key's __eq__ changed it */
     if (value != NULL && PyBytes_CheckExact(value) && Py_REFCNT(value) == 1 + (value == cached)
         && PyBytes_GET_SIZE(value) == len) {
         overwrite(value, payload, len);
@@ -384,9 +410,7 @@ static int set_latest(Encoder *self, PyObject *latest, SeqEntry *e, const unsign
             Py_DECREF(value);
             return -1;
         }
-        untouched = 0;
     }
-    if (!untouched) self->latest_version = 0; /* the next call starts a new generation */
     e->cached = value; /* the reference made above */
     e->cached_gen = self->gen;
     Py_XDECREF(cached);
@@ -406,10 +430,16 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     }
     uint64_t received = PyLong_AsUnsignedLongLong(args[1]);
     if (received == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    if (!PyObject_CheckBuffer(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "frame must be bytes-like");
+        return NULL;
+    }
+    if (refuse_if_busy(self) < 0) return NULL;
     /* bytes, because the frame is read twice and Python code can run in between (see
      * set_latest): a bytearray changed between the passes would outgrow the output's bound */
     PyObject *frame_bytes = PyBytes_FromObject(args[0]); /* bytes itself: a new reference */
     if (frame_bytes == NULL) return NULL;
+    self->busy = 1;
     const unsigned char *frame = (const unsigned char *)PyBytes_AS_STRING(frame_bytes);
     Py_ssize_t size = PyBytes_GET_SIZE(frame_bytes);
     PyObject *resp = NULL, *fields = NULL, *result = NULL;
@@ -442,7 +472,6 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     char *fout = PyBytes_AS_STRING(fields);
 
     /* Pass 2: write each known packet's payload and its PUBLISH. */
-    uint64_t version = dict_version(self->claimed); /* nothing below changes the dict */
     uint64_t vals[2 * MAX_FIELDS + 5]; /* raw fields, prices, then the derived values */
     pos = 2;
     Py_ssize_t known = ticks;
@@ -459,6 +488,8 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
             vals[i] = l->widths[i] == 4 ? be32(p) : ((uint32_t)p[0] << 8 | p[1]);
         }
         uint32_t token = (uint32_t)vals[0];
+        /* read again for every packet: Python code run by the last one may have changed it */
+        uint64_t version = dict_version(self->claimed);
         Py_ssize_t slot = seq_find(&self->seqs, token);
         PyObject *key = slot >= 0 ? self->seqs.entries[slot].key : PyLong_FromUnsignedLong(token);
         if (key == NULL) goto done;
@@ -547,10 +578,12 @@ done:
     Py_XDECREF(resp);
     Py_XDECREF(fields);
     Py_DECREF(frame_bytes);
+    self->busy = 0;
     return result;
 }
 
 static PyObject *Encoder_set_claimed(Encoder *self, PyObject *claimed) {
+    if (refuse_if_busy(self) < 0) return NULL;
     PyObject *old = self->claimed;
     if (claimed == Py_None) {
         self->claimed = NULL;
@@ -563,6 +596,7 @@ static PyObject *Encoder_set_claimed(Encoder *self, PyObject *claimed) {
 }
 
 static PyObject *Encoder_release(Encoder *self, PyObject *tokens) {
+    if (refuse_if_busy(self) < 0) return NULL;
     PyObject *it = PyObject_GetIter(tokens);
     if (it == NULL) return NULL;
     PyObject *item;

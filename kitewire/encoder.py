@@ -75,11 +75,18 @@ class PyFrameEncoder:
         self._bulk = {length: b"$%d\r\n" % w.payload_length for length, w in PAYLOAD_WRITERS.items()}
         self._claimed: Container[int] | None = None
         self.unclaimed = 0
+        self._busy = False  # inside encode(): refuse the calls the compiled encoder refuses
+
+    def _refuse_if_busy(self) -> None:
+        if self._busy:
+            raise RuntimeError("the encoder was called from inside its own encode()")
 
     def set_claimed(self, claimed: Container[int] | None) -> None:
+        self._refuse_if_busy()
         self._claimed = claimed
 
     def release(self, tokens: Iterable[int]) -> None:
+        self._refuse_if_busy()
         for token in tokens:
             self._seqs.pop(token, None)
             self._heads.pop(token, None)
@@ -88,6 +95,18 @@ class PyFrameEncoder:
         return len(self._seqs)
 
     def encode(
+        self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
+    ) -> tuple[bytes, bytes, int, int]:
+        self._refuse_if_busy()
+        if type(frame) is not bytes:  # a copy: Python code run inside the call may change it
+            frame = bytes(memoryview(frame))
+        self._busy = True
+        try:
+            return self._encode(frame, received_at_ns, latest)
+        finally:
+            self._busy = False
+
+    def _encode(
         self, frame: bytes, received_at_ns: int, latest: dict[int, bytes]
     ) -> tuple[bytes, bytes, int, int]:
         packets, malformed = scan_frame(frame)
