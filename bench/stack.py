@@ -24,20 +24,26 @@ def measured_on() -> str:
     return f"commit {sha}" + (" + changes" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-_THREAD_NS: dict[int, dict[str, int]] = {}  # pid -> thread id -> its last schedstat reading
-_ENDED_NS: dict[int, int] = {}  # pid -> nanoseconds of its threads whose id was taken again
+_Process = tuple[int, str]  # pid and start time: a pid is used again by later processes
+_THREAD_NS: dict[_Process, dict[str, int]] = {}  # thread id -> its last schedstat reading
+_ENDED_NS: dict[_Process, int] = {}  # nanoseconds of threads whose id was taken again
+_FIRST: dict[_Process, tuple[float, float]] = {}  # (clock ticks, exact) at the first reading
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time a running process has used, all its threads. ``/proc/<pid>/stat`` counts the
-    whole process (ended threads too) but in clock ticks (10 ms), too coarse for a short
-    burst's ratio; the scheduler's nanosecond count (``/proc/<pid>/task/*/schedstat``)
-    is exact for each thread, and a thread that has ended keeps the count it had when this
-    function last saw it. The larger of the two is the nearest."""
+    """CPU time a running process has used, all its threads, to the nanosecond wherever it
+    can be: the scheduler's count of each thread (``/proc/<pid>/task/*/schedstat``), a thread
+    that has ended keeping what it had when this function last saw it. A thread that
+    started and ended between two readings is seen only by the process's own count
+    (``/proc/<pid>/stat``), in clock ticks with user and system time each rounded down:
+    where that count has grown by more than two ticks beyond the exact one since the first
+    reading, the excess counts too. Differences of readings are what the benchmarks use."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    ticks = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    seen = _THREAD_NS.setdefault(pid, {})
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    ticks = (int(fields[11]) + int(fields[12])) * tick
+    process = (pid, fields[19])
+    seen = _THREAD_NS.setdefault(process, {})
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -49,9 +55,12 @@ def cpu_seconds(pid: int) -> float:
         except (OSError, ValueError, IndexError):  # a thread that has just ended; no schedstat
             continue
         if ns < seen.get(task, 0):  # a new thread under an ended one's id
-            _ENDED_NS[pid] = _ENDED_NS.get(pid, 0) + seen[task]
+            _ENDED_NS[process] = _ENDED_NS.get(process, 0) + seen[task]
         seen[task] = ns
-    return max(ticks, (sum(seen.values()) + _ENDED_NS.get(pid, 0)) / 1e9)
+    exact = (sum(seen.values()) + _ENDED_NS.get(process, 0)) / 1e9
+    first_ticks, first_exact = _FIRST.setdefault(process, (ticks, exact))
+    unseen = (ticks - first_ticks) - (exact - first_exact) - 2 * tick
+    return exact + max(0.0, unseen)
 
 
 async def start_simulator(rate: float) -> tuple[asyncio.subprocess.Process, str]:
