@@ -471,6 +471,44 @@ def test_code_run_inside_encode_cannot_call_the_encoder(path: str) -> None:
     assert _seqs(enc.encode(_ltp(5), 3, latest)[0]) == [(5, 2)] and enc.tracked() == 1
 
 
+class _Collider:
+    """A key with a token's hash: first in that token's probe sequence, so every lookup of
+    the token in the dict asks it, and it counts the questions."""
+
+    def __init__(self, token: int) -> None:
+        self.token, self.asked = token, 0
+
+    def __hash__(self) -> int:
+        return self.token
+
+    def __eq__(self, other: object) -> bool:
+        self.asked += 1
+        return False
+
+
+@needs_compiled
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="no dict version tag to trust there")
+def test_the_compiled_path_does_not_look_in_unchanged_dicts() -> None:
+    """The point of the version tags: a steady token's claim and cached payload are not
+    looked up again while neither dict changes (and are, once one does)."""
+    enc, latest = _fresh("compiled"), {}
+    in_latest, in_claimed = _Collider(5), _Collider(5)
+    latest[in_latest] = b"first in 5's way"  # type: ignore[index]
+    claimed = {in_claimed: 0, 5: 0}
+    enc.set_claimed(claimed)
+    for at in (1, 2):  # the insertion, then the lookup that finds the encoder's own payload
+        enc.encode(_ltp(5), at, latest)
+    looked = (in_latest.asked, in_claimed.asked)
+    for at in range(3, 10):
+        enc.encode(_ltp(5), at, latest)
+    assert looked[0] >= 1 and looked[1] >= 1 and (in_latest.asked, in_claimed.asked) == looked
+    assert msgpack.unpackb(latest[5])["seq"] == 9
+    latest[6] = b"a change"
+    claimed[6] = 0
+    enc.encode(_ltp(5), 10, latest)
+    assert in_latest.asked > looked[0] and in_claimed.asked > looked[1]
+
+
 _CACHE_STEPS = st.lists(
     st.one_of(
         st.tuples(st.just("encode"), st.lists(st.integers(1, 6), max_size=8), st.booleans()),
