@@ -31,13 +31,14 @@ _FIRST: dict[_Process, tuple[float, float]] = {}  # (clock ticks, exact) at the 
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time a running process has used, all its threads, to the nanosecond wherever it
-    can be: the scheduler's count of each thread (``/proc/<pid>/task/*/schedstat``), a thread
-    that has ended keeping what it had when this function last saw it. A thread that
-    started and ended between two readings is seen only by the process's own count
-    (``/proc/<pid>/stat``), in clock ticks with user and system time each rounded down:
-    where that count has grown by more than two ticks beyond the exact one since the first
-    reading, the excess counts too. Differences of readings are what the benchmarks use."""
+    """CPU time a running process has used, all its threads: the scheduler's nanosecond
+    count of each thread (``/proc/<pid>/task/*/schedstat``), a thread that has ended keeping
+    what it had when this function last saw it. A thread that started and ended between two
+    readings is seen only by the process's own count (``/proc/<pid>/stat``), in clock ticks
+    with user and system time each rounded down: where that count has grown by more than two
+    ticks beyond the exact one since the first reading, the excess counts too. So readings
+    are exact until such a thread is missed, and to a clock tick or two after it (the
+    benchmarks' publishers, Redis and consumers start none during a burst)."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     tick = 1 / os.sysconf("SC_CLK_TCK")

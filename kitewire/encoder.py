@@ -67,6 +67,8 @@ class PyFrameEncoder:
     """The pure-Python encoder: the reference the compiled one must match byte for byte."""
 
     def __init__(self, channel_prefix: bytes, command: bytes = b"PUBLISH", epoch: int = 0) -> None:
+        if getattr(self, "_busy", False):
+            self._refuse_if_busy()
         self._header = command_header(command)
         self._epoch = epoch
         self._seqs: dict[int, int] = {}  # token -> the last sequence number given

@@ -48,7 +48,7 @@ _CHILD = textwrap.dedent(
     answer()  # the worker ended
     for _ in range(5):
         spin(0.013)
-        answer()  # the main thread alone, in steps finer than a clock tick
+        answer()  # the main thread alone, in steps that are no whole number of clock ticks
     burst = threading.Thread(target=spin, args=(0.1,))
     burst.start()
     burst.join()
